@@ -1,0 +1,1 @@
+"""Pydantic models shared at every service boundary."""

@@ -1,0 +1,21 @@
+"""Run a service app under uvicorn with edgeorch's logging set up."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from fastapi import FastAPI
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One log format for every edgeorch process."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Serve ``app`` until interrupted. Access logs are off: they cost per-hop time."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=False, timeout_keep_alive=60)
