@@ -1,0 +1,41 @@
+"""Per-session KV cache of one stage, in the shape Hugging Face attention expects.
+
+HF attention modules call ``cache.update(key, value, layer_idx, kwargs=...)``
+and attend over what it returns. This class keeps only the layers of one
+stage, counts its bytes so the worker can enforce a memory cap, and knows its
+length so a request at the wrong position is refused instead of corrupting it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StageKVCache:
+    """Keys and values per layer index for one session on one stage."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+        self.seq_len = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs=None, **_):
+        """Append this step's key/value for ``layer_idx``; return the full history."""
+        if layer_idx in self._keys:
+            key = torch.cat([self._keys[layer_idx], key], dim=-2)
+            value = torch.cat([self._values[layer_idx], value], dim=-2)
+        self._keys[layer_idx] = key
+        self._values[layer_idx] = value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens held (the same for every layer once a step has finished)."""
+        return self.seq_len
+
+    def advance(self, n_tokens: int) -> None:
+        """Record that a step of ``n_tokens`` went through every layer."""
+        self.seq_len += n_tokens
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values."""
+        return sum(t.numel() * t.element_size() for d in (self._keys, self._values) for t in d.values())

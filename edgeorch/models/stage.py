@@ -1,0 +1,72 @@
+"""A stage: a contiguous unit range of one model, loaded and ready to run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeorch.models import adapter_for, load_config
+from edgeorch.models.adapter import FamilyAdapter, StageInput
+from edgeorch.models.checkpoint import CheckpointReader
+
+
+@dataclass
+class LoadedStage:
+    """Units ``[start, end)`` of a model, with what it cost to load them."""
+
+    model_dir: Path
+    adapter: FamilyAdapter
+    start: int
+    end: int
+    units: list[tuple[int, nn.Module]]
+    bytes_read: int
+    load_s: float
+    tensors_read: list[str] = field(default_factory=list)
+
+    @property
+    def first(self) -> bool:
+        """True when this stage starts at the embedding (input is token ids)."""
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        """True when this stage ends with the head (output is logits or a pooled vector)."""
+        return self.end == self.adapter.num_units
+
+    @property
+    def has_layers(self) -> bool:
+        """True when the stage holds at least one transformer layer (and so a KV cache)."""
+        return any(1 <= u <= self.adapter.num_layers for u, _ in self.units)
+
+    def param_bytes(self) -> int:
+        """Bytes of weights this stage holds."""
+        return sum(p.numel() * p.element_size() for _, m in self.units for p in m.parameters())
+
+    @torch.inference_mode()
+    def run(self, inp: StageInput, cache=None) -> torch.Tensor:
+        """Run every unit of the stage on ``inp``."""
+        return self.adapter.run(self.units, inp, cache)
+
+
+def load_stage(model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> LoadedStage:
+    """Load units ``[start, end)`` from ``model_dir``, reading only their tensors."""
+    t0 = time.perf_counter()
+    adapter = adapter_for(load_config(model_dir))
+    if not 0 <= start < end <= adapter.num_units:
+        raise ValueError(f"stage [{start}, {end}) is not inside the model's units [0, {adapter.num_units})")
+    reader = CheckpointReader(model_dir)
+    units = [(u, adapter.load_unit(u, reader, dtype)) for u in range(start, end)]
+    return LoadedStage(
+        model_dir=model_dir,
+        adapter=adapter,
+        start=start,
+        end=end,
+        units=units,
+        bytes_read=reader.bytes_read,
+        load_s=time.perf_counter() - t0,
+        tensors_read=list(reader.names_read),
+    )
