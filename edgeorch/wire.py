@@ -32,6 +32,9 @@ CONTENT_TYPE = "application/x-edgeorch-frame"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 16
 MAX_NDIM = 8
+# Bounds shapes with a zero dimension too, which carry no bytes but still
+# reach torch.empty: huge dims there overflow its stride arithmetic.
+MAX_ELEMENTS = 2**48
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 
 # Wire names are numpy-style strings so a non-Python peer can read frames too.
@@ -95,6 +98,7 @@ def encode_frame(frame: Frame) -> bytes:
         raise FrameError(f"frame metadata is not JSON-safe: {exc}") from exc
     if len(header) > MAX_HEADER_BYTES:
         raise FrameError(f"frame header is {len(header)} bytes; the limit is {MAX_HEADER_BYTES}")
+    _parse_header(header)  # refuse here whatever the receiving decoder would refuse
     parts = [_PREFIX.pack(MAGIC, len(header)), header]
     parts.extend(_tensor_bytes(t) for t in frame.tensors.values())
     return b"".join(parts)
@@ -107,10 +111,14 @@ def write_frame(stream: BinaryIO, frame: Frame) -> int:
     return len(data)
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _parse_header(raw: bytes) -> tuple[dict[str, Any], list[tuple[str, torch.dtype, tuple[int, ...], int]]]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, NaN, huge ints, deep nesting
         raise FrameError(f"frame header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or set(header) != {"meta", "tensors"}:
         raise FrameError("frame header must be an object with exactly the keys 'meta' and 'tensors'")
@@ -132,7 +140,7 @@ def _parse_spec(i: int, spec: Any, seen: set[str]) -> tuple[str, torch.dtype, tu
     if not isinstance(name, str) or not 0 < len(name) <= 64 or name in seen:
         raise FrameError(f"tensor {i}: name must be a unique string of 1 to 64 characters")
     seen.add(name)
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FrameError(f"tensor {name!r}: unknown dtype {dtype!r}; supported: {sorted(DTYPES)}")
     if (
         not isinstance(shape, list)
@@ -140,13 +148,15 @@ def _parse_spec(i: int, spec: Any, seen: set[str]) -> tuple[str, torch.dtype, tu
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise FrameError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} non-negative integers")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise FrameError(f"tensor {name!r}: shape {shape} is larger than {MAX_ELEMENTS} elements")
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     return name, DTYPES[dtype], tuple(shape), math.prod(shape) * itemsize
 
 
 def decode_frame(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
     """Parse and validate a frame; raises FrameError on anything inconsistent."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
     if len(view) > max_bytes:
         raise FrameError(f"frame is {len(view)} bytes; the limit is {max_bytes}")
     if len(view) < _PREFIX.size:
@@ -169,6 +179,8 @@ def decode_frame(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_
         # outlives the request body.
         buf = bytearray(view[offset : offset + nbytes])
         flat = torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        if dtype == torch.bool and nbytes and int(flat.max()) > 1:
+            raise FrameError(f"tensor {name!r}: bool bytes must be 0 or 1")
         tensors[name] = flat.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
         offset += nbytes
     return Frame(meta=meta, tensors=tensors)
