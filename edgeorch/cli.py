@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _add_serve_args(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -13,12 +14,92 @@ def _add_serve_args(p: argparse.ArgumentParser, default_port: int) -> None:
 
 
 def _run_splitter(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
     from services.splitter.app import SplitterSettings, create_app
+
+    from edgeorch.serve import serve, setup_logging
 
     setup_logging(args.log_level)
     serve(create_app(SplitterSettings()), args.host, args.port, args.log_level)
     return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgeorch.serve import serve, setup_logging
+    from services.worker.app import WorkerSettings, create_app
+
+    setup_logging(args.log_level)
+    overrides = {"node_id": args.node_id} if args.node_id else {}
+    if args.threads is not None:
+        overrides["torch_threads"] = args.threads
+    settings = WorkerSettings(**overrides)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    serve(create_app(settings), args.host, args.port, args.log_level)
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    from edgeorch.models.store import ModelStore
+    from edgeorch.settings import CommonSettings
+
+    return ModelStore(Path(args.store) if args.store else CommonSettings().model_store)
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from edgeorch.models.store import ModelStoreError
+    from edgeorch.serve import setup_logging
+
+    setup_logging("INFO")
+    store = _store(args)
+    try:
+        built = store.prepare(args.only or None, force=args.force)
+    except ModelStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model store {store.root}: built {built or 'nothing (all prepared)'}; ready: {store.prepared()}")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for name in store.prepared():
+        info = store.info(name)
+        print(f"{name:16} {info['family']:6} {info['kind']:8} {info.get('source', '')}")
+    return 0
+
+
+def _run_chain(args: argparse.Namespace) -> int:
+    from edgeorch.chain_command import run_chain_command
+
+    return run_chain_command(args, _store(args))
+
+
+def _add_models(sub) -> None:
+    models = sub.add_parser("models", help="the local model store")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    p = msub.add_parser("prepare", help="build the model store (idempotent)")
+    p.add_argument("--store", help="store directory (default: EDGEORCH_MODEL_STORE or ~/.cache/edgeorch/models)")
+    p.add_argument("--only", nargs="*", help="only these models")
+    p.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    p.set_defaults(func=_models_prepare)
+    p = msub.add_parser("list", help="list prepared models")
+    p.add_argument("--store")
+    p.set_defaults(func=_models_list)
+
+
+def _add_chain(sub) -> None:
+    p = sub.add_parser("chain", help="run a prompt through a static split on local workers")
+    p.add_argument("--model", required=True, help="store name, e.g. smollm2-135m, minilm-l6")
+    p.add_argument("--stages", required=True, help="unit ranges, e.g. 0:11,11:21,21:32")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.add_argument("--store")
+    p.add_argument("--log-dir", help="where worker logs go (default: a temporary directory)")
+    p.set_defaults(func=_run_chain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("splitter", help="serve the Split Revision planner (POST /v1/plan)")
     _add_serve_args(p, 8002)
     p.set_defaults(func=_run_splitter)
+
+    p = sub.add_parser("worker", help="serve model stages on this node")
+    _add_serve_args(p, 8100)
+    p.add_argument("--node-id", help="node id (default: EDGEORCH_NODE_ID or host-pid)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: EDGEORCH_TORCH_THREADS)")
+    p.set_defaults(func=_run_worker)
+
+    _add_models(sub)
+    _add_chain(sub)
     return parser
 
 

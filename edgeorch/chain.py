@@ -1,0 +1,116 @@
+"""A static chain of stages on local workers: `edgeorch chain`.
+
+Starts one worker process per stage on loopback, loads the stages with each
+pointing at the next, runs a prompt through with greedy decoding (or embeds
+it, for an encoder), and stops the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from edgeorch.client import ChainClient, Generation
+from edgeorch.launcher import LocalWorkers
+
+log = logging.getLogger(__name__)
+
+
+class ChainSpecError(ValueError):
+    """The --stages argument does not describe a valid split of the model."""
+
+
+def parse_stages(text: str, num_units: int) -> list[tuple[int, int]]:
+    """Parse "0:11,11:21,21:32" into ranges that must tile [0, num_units) exactly."""
+    ranges = []
+    for part in text.split(","):
+        try:
+            a, b = (int(v) for v in part.strip().split(":"))
+        except ValueError:
+            raise ChainSpecError(f"stage {part!r} is not START:END") from None
+        ranges.append((a, b))
+    expected = 0
+    for a, b in ranges:
+        if a != expected or b <= a:
+            raise ChainSpecError(f"stages must be contiguous and non-empty from 0; {a}:{b} does not follow {expected}")
+        expected = b
+    if expected != num_units:
+        raise ChainSpecError(f"stages end at {expected} but the model has {num_units} units (0..{num_units - 1})")
+    return ranges
+
+
+@dataclass
+class Chain:
+    """Loaded stages on running workers, and a client for the first one."""
+
+    workers: LocalWorkers
+    stage_ids: list[str]
+    client: ChainClient
+
+    def close(self) -> None:
+        """Stop the client and the workers."""
+        self.client.close()
+        self.workers.stop()
+
+
+def load_chain(workers: LocalWorkers, model: str, ranges: list[tuple[int, int]], prefix: str = "chain") -> list[str]:
+    """PUT one stage per worker, each pointing at the next; returns the stage ids."""
+    if len(workers.workers) < len(ranges):
+        raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
+    ids = [f"{prefix}.s{i}" for i in range(len(ranges))]
+    for i, (a, b) in reversed(list(enumerate(ranges))):
+        nxt = None
+        if i + 1 < len(ranges):
+            nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1]}
+        resp = httpx.put(
+            f"{workers.workers[i].url}/v1/stages/{ids[i]}",
+            json={"model": model, "start": a, "end": b, "next": nxt},
+            timeout=300,
+        )
+        if resp.status_code not in (200, 201):
+            raise RuntimeError(f"loading stage {ids[i]} [{a}, {b}) failed: {resp.status_code} {resp.text}")
+        log.info("stage %s [%d, %d) on %s", ids[i], a, b, workers.workers[i].url)
+    return ids
+
+
+def start_chain(
+    model: str,
+    ranges: list[tuple[int, int]],
+    model_store: Path | None = None,
+    threads: int = 0,
+    log_dir: Path | None = None,
+) -> Chain:
+    """Start len(ranges) workers, load the stages, return a ready chain."""
+    workers = LocalWorkers(len(ranges), model_store=model_store, threads=threads, log_dir=log_dir)
+    try:
+        ids = load_chain(workers, model, ranges)
+    except BaseException:
+        workers.stop()
+        raise
+    return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0]))
+
+
+def hop_summary(gen: Generation) -> list[dict]:
+    """Per stage: mean compute time, and the overhead of reaching it (transfer + framing)."""
+    if not gen.steps:
+        return []
+    n = len(gen.steps[0].hops)
+    out = []
+    for i in range(n):
+        compute = [s.hops[i]["compute_s"] for s in gen.steps[1:] or gen.steps]
+        if i == 0:
+            overhead = [s.wall_s - s.hops[0]["handler_s"] for s in gen.steps[1:] or gen.steps]
+        else:
+            overhead = [s.hops[i - 1]["downstream_s"] - s.hops[i]["handler_s"] for s in gen.steps[1:] or gen.steps]
+        out.append({
+            "stage": gen.steps[0].hops[i]["stage"],
+            "node": gen.steps[0].hops[i]["node"],
+            "decode_compute_ms": 1000 * statistics.median(compute),
+            "hop_overhead_ms": 1000 * statistics.median(overhead),
+            "bytes_in_decode": gen.steps[-1].hops[i - 1].get("bytes_out") if i else gen.steps[-1].bytes_sent,
+        })  # fmt: skip
+    return out

@@ -1,0 +1,1 @@
+"""The worker's data plane: hosted stages, session KV caches, sampling, emulation."""

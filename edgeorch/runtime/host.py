@@ -1,0 +1,259 @@
+"""A worker's stages: load them, run a step, pass the result down the chain.
+
+The worker service is a thin HTTP shell around :class:`StageHost`. Compute
+runs on one dedicated thread (torch uses its own intra-op threads; two
+concurrent forwards on two cores would only fight), so the event loop keeps
+accepting and forwarding other sessions' frames while a step computes —
+which is what lets several sessions pipeline through the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from edgeorch import wire
+from edgeorch.models.adapter import StageInput
+from edgeorch.models.stage import LoadedStage, load_stage
+from edgeorch.models.store import ModelStore
+from edgeorch.runtime.checks import check_input
+from edgeorch.runtime.metrics import WorkerMetrics
+from edgeorch.runtime.sampling import sample_token
+from edgeorch.runtime.sessions import SessionStore
+from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
+
+log = logging.getLogger(__name__)
+
+HOPS_HEADER = "x-edgeorch-hops"
+
+
+class StageNotFound(LookupError):
+    """No stage with this id is loaded here."""
+
+
+class StageConflict(Exception):
+    """A stage id is already loaded with a different spec."""
+
+
+class DownstreamError(Exception):
+    """The next stage failed or could not be reached; carries the status to answer with."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class HostedStage:
+    """A loaded stage and the spec it was loaded from."""
+
+    stage_id: str
+    spec: StageSpec
+    loaded: LoadedStage
+    kv_bytes_per_token: float
+
+    def forward_url(self) -> str | None:
+        """Where this stage's output goes, or None for the last stage."""
+        if self.spec.next is None:
+            return None
+        return f"{str(self.spec.next.url).rstrip('/')}/v1/stages/{self.spec.next.stage_id}/forward"
+
+
+class StageHost:
+    """Every stage one worker serves, with their sessions and emulated capacity."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        sessions: SessionStore,
+        metrics: WorkerMetrics,
+        node_id: str,
+        forward_timeout_s: float = 120.0,
+        emulation: Emulation | None = None,
+    ):
+        self.store = store
+        self.sessions = sessions
+        self.metrics = metrics
+        self.node_id = node_id
+        self.forward_timeout_s = forward_timeout_s
+        self.emulation = emulation or Emulation()
+        self.stages: dict[str, HostedStage] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._load_lock = asyncio.Lock()
+        # One transmitter per worker: concurrent sends share the emulated link.
+        self._link_lock = asyncio.Lock()
+        self.client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        """Open the keep-alive client used to reach the next stages."""
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.forward_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    async def close(self) -> None:
+        """Close the client and stop the compute thread."""
+        if self.client is not None:
+            await self.client.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ----- stage lifecycle -------------------------------------------------
+
+    async def load(self, stage_id: str, spec: StageSpec) -> tuple[StageInfo, bool]:
+        """Load a stage (idempotent for an identical spec); returns (info, newly loaded)."""
+        async with self._load_lock:
+            existing = self.stages.get(stage_id)
+            if existing is not None:
+                if existing.spec == spec:
+                    return self.info(stage_id), False
+                raise StageConflict(f"stage {stage_id!r} is already loaded with another spec; delete it first")
+            model_dir = self.store.path(spec.model)
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(self._executor, load_stage, model_dir, spec.start, spec.end)
+            kv = sum(loaded.adapter.kv_bytes_per_token(u, 4) for u in range(spec.start, spec.end))
+            self.stages[stage_id] = HostedStage(stage_id, spec, loaded, kv)
+            log.info(
+                "loaded stage %s: %s units [%d, %d) in %.2fs (%d bytes read)",
+                stage_id, spec.model, spec.start, spec.end, loaded.load_s, loaded.bytes_read,
+            )  # fmt: skip
+            return self.info(stage_id), True
+
+    def unload(self, stage_id: str) -> None:
+        """Forget a stage and its sessions."""
+        if self.stages.pop(stage_id, None) is None:
+            raise StageNotFound(f"stage {stage_id!r} is not loaded on node {self.node_id}")
+        self.sessions.drop_stage(stage_id)
+
+    def info(self, stage_id: str) -> StageInfo:
+        """What a loaded stage holds."""
+        hosted = self._get(stage_id)
+        ld = hosted.loaded
+        return StageInfo(
+            stage_id=stage_id, model=hosted.spec.model, start=ld.start, end=ld.end, next=hosted.spec.next,
+            num_units=ld.adapter.num_units, param_bytes=ld.param_bytes(), bytes_read=ld.bytes_read,
+            load_s=ld.load_s, sessions=self.sessions.count(stage_id),
+        )  # fmt: skip
+
+    def _get(self, stage_id: str) -> HostedStage:
+        hosted = self.stages.get(stage_id)
+        if hosted is None:
+            raise StageNotFound(f"stage {stage_id!r} is not loaded on node {self.node_id}")
+        return hosted
+
+    # ----- data plane ------------------------------------------------------
+
+    async def forward(self, stage_id: str, body: bytes, max_frame_bytes: int) -> tuple[bytes, list[dict]]:
+        """Run one step on a stage and return the chain's answer plus per-hop timings."""
+        t_start = time.perf_counter()
+        hosted = self._get(stage_id)
+        frame = wire.decode_frame(body, max_frame_bytes)
+        meta = ForwardMeta.model_validate(frame.meta)
+        inp = check_input(hosted.loaded, meta, frame)
+        self.metrics.bytes_in.labels(stage_id).inc(len(body))
+        t_queued = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        out, compute_s, queue_s = await loop.run_in_executor(
+            self._executor, self._compute, hosted, meta, inp, t_queued
+        )
+        hop = {"stage": stage_id, "node": self.node_id, "compute_s": compute_s, "queue_s": queue_s}
+        self.metrics.observe_compute(stage_id, compute_s, len(hosted.loaded.units))
+        url = hosted.forward_url()
+        if url is None:
+            answer = wire.encode_frame(out)
+            hop["handler_s"] = time.perf_counter() - t_start
+            return answer, [hop]
+        payload = wire.encode_frame(out)
+        hop["bytes_out"] = len(payload)
+        self.metrics.bytes_out.labels(stage_id).inc(len(payload))
+        t0 = time.perf_counter()
+        answer, downstream_hops = await self._send(hosted, url, payload)
+        hop["downstream_s"] = time.perf_counter() - t0
+        hop["handler_s"] = time.perf_counter() - t_start
+        return answer, [hop, *downstream_hops]
+
+    def _compute(self, hosted: HostedStage, meta: ForwardMeta, inp: StageInput, t_queued: float):
+        """Runs on the compute thread: the units, the cache bookkeeping, the emulated slowdown."""
+        t0 = time.perf_counter()
+        loaded = hosted.loaded
+        cache = None
+        q_len = inp.x.shape[1]
+        if loaded.adapter.is_decoder and loaded.has_layers:
+            new_bytes = int(hosted.kv_bytes_per_token * q_len * inp.x.shape[0])
+            cache = self.sessions.acquire(hosted.stage_id, meta.session, meta.position, new_bytes)
+        h = loaded.run(inp, cache)
+        if cache is not None:
+            cache.advance(q_len)
+            if meta.release:
+                self.sessions.release(hosted.stage_id, meta.session)
+        elapsed = time.perf_counter() - t0
+        if self.emulation.slowdown > 1.0:
+            # A k-times slower node holds its compute k times as long.
+            time.sleep(elapsed * (self.emulation.slowdown - 1.0))
+        compute_s = time.perf_counter() - t0
+        return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
+
+    @staticmethod
+    def _output(loaded: LoadedStage, meta: ForwardMeta, inp: StageInput, h: torch.Tensor) -> wire.Frame:
+        out_meta = meta.model_dump()
+        if not loaded.last:
+            tensors = {"x": h}
+            if inp.attention_mask is not None:
+                tensors["attention_mask"] = inp.attention_mask
+            return wire.Frame(meta=out_meta, tensors=tensors)
+        if meta.mode == "encode":
+            return wire.Frame(meta={"session": meta.session}, tensors={"embedding": h})
+        if meta.mode == "logits":
+            return wire.Frame(meta={"session": meta.session}, tensors={"logits": h})
+        last_position = meta.position + inp.x.shape[1] - 1
+        token = sample_token(h, meta.sampling, last_position)
+        return wire.Frame(meta={"session": meta.session, "token": token, "position": last_position + 1})
+
+    async def _send(self, hosted: HostedStage, url: str, payload: bytes) -> tuple[bytes, list[dict]]:
+        emu = self.emulation
+        if emu.bandwidth_mbps:
+            async with self._link_lock:
+                await asyncio.sleep(len(payload) * 8 / (emu.bandwidth_mbps * 1e6))
+        if emu.rtt_ms:
+            await asyncio.sleep(emu.rtt_ms / 2000.0)
+        if self.client is None:
+            raise RuntimeError("StageHost.start() was not awaited")
+        next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"
+        try:
+            resp = await self.client.post(url, content=payload, headers={"content-type": wire.CONTENT_TYPE})
+        except httpx.TimeoutException as exc:
+            raise DownstreamError(504, f"next hop {next_id!r} at {url} timed out: {exc!r}") from exc
+        except httpx.HTTPError as exc:
+            raise DownstreamError(502, f"next hop {next_id!r} at {url} unreachable: {exc!r}") from exc
+        if emu.rtt_ms:
+            await asyncio.sleep(emu.rtt_ms / 2000.0)
+        if resp.status_code != 200:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except (json.JSONDecodeError, AttributeError):
+                detail = resp.text[:500]
+            status = resp.status_code if resp.status_code < 500 else 502
+            raise DownstreamError(status, f"next hop {next_id!r} at {url} answered {resp.status_code}: {detail}")
+        hops = json.loads(resp.headers.get(HOPS_HEADER, "[]"))
+        return resp.content, hops
+
+    async def release(self, stage_id: str, session: str) -> list[str]:
+        """Free a session's cache here and, best effort, on every later stage."""
+        hosted = self._get(stage_id)
+        released = [stage_id] if self.sessions.release(stage_id, session) else []
+        url = hosted.forward_url()
+        if url is not None and self.client is not None:
+            try:
+                resp = await self.client.delete(url.removesuffix("/forward") + f"/sessions/{session}")
+                if resp.status_code == 200:
+                    released += resp.json().get("released", [])
+            except httpx.HTTPError as exc:
+                log.warning("could not release session %s downstream of %s: %r", session, stage_id, exc)
+        return released

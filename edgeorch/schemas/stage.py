@@ -1,0 +1,79 @@
+"""What workers accept: stage specs, per-request metadata, emulation settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+# Stage and session ids travel in URLs and metric labels: keep them plain.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+class NextHop(BaseModel):
+    """Where a stage sends its output: the next worker and the stage id there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: HttpUrl
+    stage_id: str = Field(pattern=ID_PATTERN)
+
+
+class StageSpec(BaseModel):
+    """Load units ``[start, end)`` of ``model`` on this worker as stage ``stage_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256, description="store name or checkpoint directory")
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    next: NextHop | None = Field(default=None, description="the next stage; null for the last stage")
+    dtype: Literal["float32"] = "float32"
+
+
+class StageInfo(BaseModel):
+    """A loaded stage as the worker reports it."""
+
+    stage_id: str
+    model: str
+    start: int
+    end: int
+    next: NextHop | None
+    num_units: int
+    param_bytes: int
+    bytes_read: int
+    load_s: float
+    sessions: int
+
+
+class Sampling(BaseModel):
+    """How the last stage of a decoder picks the next token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class ForwardMeta(BaseModel):
+    """Metadata of a forward frame; the tensors are in the frame body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str = Field(pattern=ID_PATTERN)
+    position: int = Field(default=0, ge=0, description="sequence position of the first token in this step")
+    mode: Literal["generate", "logits", "encode"] = "generate"
+    logits: Literal["last", "all"] = "last"
+    sampling: Sampling = Field(default_factory=Sampling)
+    release: bool = Field(default=False, description="free this session's KV cache after this step")
+
+
+class Emulation(BaseModel):
+    """Emulated node capacity: compute k× slower, outgoing activations paced and delayed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slowdown: float = Field(default=1.0, ge=1.0, le=1000.0, allow_inf_nan=False)
+    bandwidth_mbps: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    rtt_ms: float = Field(default=0.0, ge=0.0, le=60_000.0, allow_inf_nan=False)

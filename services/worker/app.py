@@ -1,0 +1,90 @@
+"""The worker service: serves model stages and forwards activations down the chain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from pydantic import Field
+
+from edgeorch.http_app import base_app
+from edgeorch.models.store import ModelStore
+from edgeorch.runtime.host import StageHost
+from edgeorch.runtime.metrics import WorkerMetrics
+from edgeorch.runtime.sessions import SessionStore
+from edgeorch.schemas.stage import Emulation
+from edgeorch.settings import CommonSettings
+from services.worker.routes import router
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSettings(CommonSettings):
+    """Worker knobs (EDGEORCH_* environment variables)."""
+
+    node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    kv_cache_max_bytes: int = Field(default=1 << 30, gt=0, description="cap on all session KV caches together")
+    session_ttl_s: float = Field(default=300.0, gt=0, description="a session unused this long is dropped")
+    max_frame_bytes: int = Field(default=64 << 20, gt=0, description="largest forward body accepted")
+    forward_timeout_s: float = Field(default=120.0, gt=0, description="how long to wait for the next stage")
+    emulation_slowdown: float = Field(default=1.0, ge=1.0)
+    emulation_bandwidth_mbps: float | None = Field(default=None, gt=0)
+    emulation_rtt_ms: float = Field(default=0.0, ge=0)
+
+
+async def _sweep_sessions(host: StageHost, every_s: float) -> None:
+    """Drop expired sessions now and then, even when no traffic arrives."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            dropped = host.sessions.evict_expired()
+            if dropped:
+                log.info("dropped %d expired sessions", dropped)
+            host.metrics.kv_bytes.set(host.sessions.total_bytes())
+            host.metrics.sessions.set(host.sessions.count())
+        except Exception:  # a sweep must never kill the worker
+            log.exception("session sweep failed")
+
+
+def create_app(settings: WorkerSettings) -> FastAPI:
+    """Build a worker app; nothing is loaded until a stage is PUT."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await host.start()
+        sweeper = asyncio.create_task(_sweep_sessions(host, min(5.0, settings.session_ttl_s / 2)))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await host.close()
+
+    app, registry = base_app(
+        "worker",
+        description="Runs contiguous unit ranges of a model and forwards activations to the next stage.",
+        lifespan=lifespan,
+    )
+    host = StageHost(
+        store=ModelStore(settings.model_store),
+        sessions=SessionStore(settings.kv_cache_max_bytes, settings.session_ttl_s),
+        metrics=WorkerMetrics(registry),
+        node_id=settings.node_id,
+        forward_timeout_s=settings.forward_timeout_s,
+        emulation=Emulation(
+            slowdown=settings.emulation_slowdown,
+            bandwidth_mbps=settings.emulation_bandwidth_mbps,
+            rtt_ms=settings.emulation_rtt_ms,
+        ),
+    )
+    app.state.host = host
+    app.state.settings = settings
+    app.include_router(router)
+    return app

@@ -1,0 +1,126 @@
+"""Worker HTTP routes: stage admin, the forward data path, emulation."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
+from pydantic import ValidationError
+
+from edgeorch import wire
+from edgeorch.models.store import ModelStoreError
+from edgeorch.runtime.checks import InputMismatch
+from edgeorch.runtime.host import HOPS_HEADER, DownstreamError, StageConflict, StageHost, StageNotFound
+from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
+from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
+
+router = APIRouter()
+
+
+def get_host(request: Request) -> StageHost:
+    return request.app.state.host
+
+
+Host = Annotated[StageHost, Depends(get_host)]
+StageId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+@router.put("/v1/stages/{stage_id}", response_model=StageInfo, tags=["stages"])
+async def put_stage(stage_id: StageId, spec: StageSpec, host: Host, response: Response) -> StageInfo:
+    """Load units [start, end) of a model as a stage (idempotent for the same spec)."""
+    try:
+        info, created = await host.load(stage_id, spec)
+    except ModelStoreError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except StageConflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    response.status_code = 201 if created else 200
+    return info
+
+
+@router.get("/v1/stages", response_model=list[StageInfo], tags=["stages"])
+async def list_stages(host: Host) -> list[StageInfo]:
+    """Every stage loaded on this worker."""
+    return [host.info(s) for s in list(host.stages)]
+
+
+@router.get("/v1/stages/{stage_id}", response_model=StageInfo, tags=["stages"])
+async def get_stage(stage_id: StageId, host: Host) -> StageInfo:
+    """One loaded stage."""
+    try:
+        return host.info(stage_id)
+    except StageNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@router.delete("/v1/stages/{stage_id}", tags=["stages"])
+async def delete_stage(stage_id: StageId, host: Host) -> dict[str, str]:
+    """Unload a stage and drop its sessions."""
+    try:
+        host.unload(stage_id)
+    except StageNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    return {"deleted": stage_id}
+
+
+@router.post("/v1/stages/{stage_id}/forward", tags=["data plane"])
+async def forward(stage_id: StageId, request: Request, host: Host) -> Response:
+    """Run one step (a frame of tokens or activations) and return the chain's answer as a frame."""
+    limit = request.app.state.settings.max_frame_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        host.metrics.errors.labels("too_large").inc()
+        raise HTTPException(413, f"frame of {declared} bytes exceeds the limit of {limit}")
+    body = await request.body()
+    try:
+        answer, hops = await host.forward(stage_id, body, limit)
+    except StageNotFound as exc:
+        raise _fail(host, stage_id, 404, "unknown_stage", exc) from exc
+    except wire.FrameError as exc:
+        raise _fail(host, stage_id, 413 if "limit" in str(exc) else 400, "bad_frame", exc) from exc
+    except ValidationError as exc:
+        raise _fail(host, stage_id, 422, "bad_meta", f"frame metadata: {exc.errors(include_url=False)}") from exc
+    except InputMismatch as exc:
+        raise _fail(host, stage_id, 422, "bad_input", exc) from exc
+    except UnknownSession as exc:
+        raise _fail(host, stage_id, 404, "unknown_session", exc) from exc
+    except PositionMismatch as exc:
+        raise _fail(host, stage_id, 409, "position", exc) from exc
+    except CacheFull as exc:
+        raise _fail(host, stage_id, 503, "cache_full", exc) from exc
+    except DownstreamError as exc:
+        raise _fail(host, stage_id, exc.status, "downstream", exc.detail) from exc
+    host.metrics.requests.labels(stage_id, "200").inc()
+    return Response(answer, media_type=wire.CONTENT_TYPE, headers={HOPS_HEADER: json.dumps(hops)})
+
+
+def _fail(host: StageHost, stage_id: str, status: int, kind: str, detail) -> HTTPException:
+    host.metrics.errors.labels(kind).inc()
+    if stage_id in host.stages:
+        host.metrics.requests.labels(stage_id, str(status)).inc()
+    return HTTPException(status, str(detail))
+
+
+@router.delete("/v1/stages/{stage_id}/sessions/{session}", tags=["data plane"])
+async def release_session(stage_id: StageId, session: Annotated[str, Path(pattern=ID_PATTERN)], host: Host) -> dict:
+    """Free a session's KV cache on this stage and every later one."""
+    try:
+        return {"released": await host.release(stage_id, session)}
+    except StageNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@router.get("/v1/admin/emulation", response_model=Emulation, tags=["admin"])
+async def get_emulation(host: Host) -> Emulation:
+    """The emulated capacity in force."""
+    return host.emulation
+
+
+@router.post("/v1/admin/emulation", response_model=Emulation, tags=["admin"])
+async def set_emulation(emulation: Emulation, host: Host) -> Emulation:
+    """Change the emulated compute slowdown, outgoing bandwidth and RTT at run time."""
+    host.emulation = emulation
+    return emulation
