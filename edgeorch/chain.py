@@ -36,10 +36,14 @@ def parse_stages(text: str, num_units: int) -> list[tuple[int, int]]:
     expected = 0
     for a, b in ranges:
         if a != expected or b <= a:
-            raise ChainSpecError(f"stages must be contiguous and non-empty from 0; {a}:{b} does not follow {expected}")
+            raise ChainSpecError(
+                f"stages must be contiguous and non-empty from 0; {a}:{b} does not follow {expected}"
+            )
         expected = b
     if expected != num_units:
-        raise ChainSpecError(f"stages end at {expected} but the model has {num_units} units (0..{num_units - 1})")
+        raise ChainSpecError(
+            f"stages end at {expected} but the model has {num_units} units (0..{num_units - 1})"
+        )
     return ranges
 
 
@@ -57,7 +61,9 @@ class Chain:
         self.workers.stop()
 
 
-def load_chain(workers: LocalWorkers, model: str, ranges: list[tuple[int, int]], prefix: str = "chain") -> list[str]:
+def load_chain(
+    workers: LocalWorkers, model: str, ranges: list[tuple[int, int]], prefix: str = "chain"
+) -> list[str]:
     """PUT one stage per worker, each pointing at the next; returns the stage ids."""
     if len(workers.workers) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
@@ -105,7 +111,9 @@ def hop_summary(gen: Generation) -> list[dict]:
         if i == 0:
             overhead = [s.wall_s - s.hops[0]["handler_s"] for s in gen.steps[1:] or gen.steps]
         else:
-            overhead = [s.hops[i - 1]["downstream_s"] - s.hops[i]["handler_s"] for s in gen.steps[1:] or gen.steps]
+            overhead = [
+                s.hops[i - 1]["downstream_s"] - s.hops[i]["handler_s"] for s in gen.steps[1:] or gen.steps
+            ]
         out.append({
             "stage": gen.steps[0].hops[i]["stage"],
             "node": gen.steps[0].hops[i]["node"],

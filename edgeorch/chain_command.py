@@ -25,7 +25,9 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
         return 2
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     print(f"starting {len(ranges)} workers for {args.model} stages {args.stages} ...", file=sys.stderr)
-    chain = start_chain(args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir)
+    chain = start_chain(
+        args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir
+    )
     try:
         if adapter.is_decoder:
             result = _generate(chain, tokenizer, args)
@@ -50,7 +52,9 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
 def _generate(chain, tokenizer, args: argparse.Namespace) -> dict:
     messages = [{"role": "user", "content": args.prompt}]
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
     else:
         ids = tokenizer(args.prompt)["input_ids"]
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

@@ -80,7 +80,9 @@ def _add_models(sub) -> None:
     models = sub.add_parser("models", help="the local model store")
     msub = models.add_subparsers(dest="models_command", required=True)
     p = msub.add_parser("prepare", help="build the model store (idempotent)")
-    p.add_argument("--store", help="store directory (default: EDGEORCH_MODEL_STORE or ~/.cache/edgeorch/models)")
+    p.add_argument(
+        "--store", help="store directory (default: EDGEORCH_MODEL_STORE or ~/.cache/edgeorch/models)"
+    )
     p.add_argument("--only", nargs="*", help="only these models")
     p.add_argument("--force", action="store_true", help="rebuild even if prepared")
     p.set_defaults(func=_models_prepare)

@@ -38,7 +38,9 @@ def base_app(
     """
     from edgeorch import __version__
 
-    app = FastAPI(title=f"edgeorch {service}", version=__version__, description=description, lifespan=lifespan)
+    app = FastAPI(
+        title=f"edgeorch {service}", version=__version__, description=description, lifespan=lifespan
+    )
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
 

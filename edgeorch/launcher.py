@@ -53,7 +53,9 @@ class LocalService:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, n_chars: int = 4000) -> str:
         """The end of the process log."""
@@ -96,7 +98,9 @@ class LocalWorkers:
         try:
             for i in range(n):
                 node_env = {**env, "EDGEORCH_NODE_ID": f"worker-{i}"}
-                self.workers.append(LocalService(f"worker-{i}", ["worker"], free_port(), node_env, self.log_dir))
+                self.workers.append(
+                    LocalService(f"worker-{i}", ["worker"], free_port(), node_env, self.log_dir)
+                )
             for w in self.workers:
                 w.wait_healthy()
         except BaseException:

@@ -18,4 +18,6 @@ def setup_logging(level: str = "INFO") -> None:
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve ``app`` until interrupted. Access logs are off: they cost per-hop time."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=False, timeout_keep_alive=60)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level.lower(), access_log=False, timeout_keep_alive=60
+    )

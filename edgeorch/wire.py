@@ -91,7 +91,9 @@ def encode_frame(frame: Frame) -> bytes:
     """Serialise a frame to bytes."""
     if len(frame.tensors) > MAX_TENSORS:
         raise FrameError(f"a frame holds at most {MAX_TENSORS} tensors, got {len(frame.tensors)}")
-    specs = [{"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in frame.tensors.items()]
+    specs = [
+        {"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in frame.tensors.items()
+    ]
     try:
         header = json.dumps({"meta": frame.meta, "tensors": specs}, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:

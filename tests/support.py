@@ -25,7 +25,9 @@ def free_port() -> int:
 class ServiceProcess:
     """`edgeorch <service> --port P` as a child process, stopped on exit."""
 
-    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None, log_path: Path | None = None):
+    def __init__(
+        self, args: list[str], port: int, env: dict[str, str] | None = None, log_path: Path | None = None
+    ):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path

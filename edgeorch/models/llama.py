@@ -11,8 +11,18 @@ from edgeorch.models.adapter import FamilyAdapter, StageInput, causal_mask
 
 # model_type -> (module, decoder layer class, RMSNorm class, rotary class)
 _ARCH = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRMSNorm", "LlamaRotaryEmbedding"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding"),
+    "llama": (
+        "transformers.models.llama.modeling_llama",
+        "LlamaDecoderLayer",
+        "LlamaRMSNorm",
+        "LlamaRotaryEmbedding",
+    ),
+    "qwen2": (
+        "transformers.models.qwen2.modeling_qwen2",
+        "Qwen2DecoderLayer",
+        "Qwen2RMSNorm",
+        "Qwen2RotaryEmbedding",
+    ),
     "mistral": (
         "transformers.models.mistral.modeling_mistral",
         "MistralDecoderLayer",

@@ -176,7 +176,9 @@ class ModelStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / MARKER).exists())
 
-    def prepare(self, names: list[str] | None = None, force: bool = False, progress: bool = True) -> list[str]:
+    def prepare(
+        self, names: list[str] | None = None, force: bool = False, progress: bool = True
+    ) -> list[str]:
         """Build the named models (default: every default recipe); returns those built now."""
         from tqdm import tqdm
 

@@ -59,7 +59,9 @@ def check_input(stage: LoadedStage, meta: ForwardMeta, frame: wire.Frame) -> Sta
     """The stage input carried by ``frame``, or InputMismatch saying what is wrong."""
     unknown = set(frame.tensors) - {"x", "attention_mask"}
     if unknown or "x" not in frame.tensors:
-        raise InputMismatch(f"a forward frame carries tensor 'x' and optionally 'attention_mask'; got {sorted(frame.tensors)}")
+        raise InputMismatch(
+            f"a forward frame carries tensor 'x' and optionally 'attention_mask'; got {sorted(frame.tensors)}"
+        )
     decoder = stage.adapter.is_decoder
     if decoder and meta.mode == "encode":
         raise InputMismatch("mode 'encode' is for encoder models; this stage is a decoder")

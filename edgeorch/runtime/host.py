@@ -114,7 +114,9 @@ class StageHost:
             if existing is not None:
                 if existing.spec == spec:
                     return self.info(stage_id), False
-                raise StageConflict(f"stage {stage_id!r} is already loaded with another spec; delete it first")
+                raise StageConflict(
+                    f"stage {stage_id!r} is already loaded with another spec; delete it first"
+                )
             model_dir = self.store.path(spec.model)
             loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(self._executor, load_stage, model_dir, spec.start, spec.end)
@@ -240,7 +242,9 @@ class StageHost:
             except (json.JSONDecodeError, AttributeError):
                 detail = resp.text[:500]
             status = resp.status_code if resp.status_code < 500 else 502
-            raise DownstreamError(status, f"next hop {next_id!r} at {url} answered {resp.status_code}: {detail}")
+            raise DownstreamError(
+                status, f"next hop {next_id!r} at {url} answered {resp.status_code}: {detail}"
+            )
         hops = json.loads(resp.headers.get(HOPS_HEADER, "[]"))
         return resp.content, hops
 

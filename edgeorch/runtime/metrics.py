@@ -19,13 +19,21 @@ class WorkerMetrics:
             "edgeorch_worker_unit_compute_seconds", "Compute time of one step divided by the stage's units",
             ["stage"], registry=registry, buckets=_COMPUTE_BUCKETS,
         )  # fmt: skip
-        self.bytes_in = Counter("edgeorch_worker_bytes_in", "Frame bytes received", ["stage"], registry=registry)
-        self.bytes_out = Counter("edgeorch_worker_bytes_out", "Frame bytes sent downstream", ["stage"], registry=registry)
+        self.bytes_in = Counter(
+            "edgeorch_worker_bytes_in", "Frame bytes received", ["stage"], registry=registry
+        )
+        self.bytes_out = Counter(
+            "edgeorch_worker_bytes_out", "Frame bytes sent downstream", ["stage"], registry=registry
+        )
         self.requests = Counter(
             "edgeorch_worker_requests", "Forward requests by outcome", ["stage", "status"], registry=registry
         )
-        self.errors = Counter("edgeorch_worker_errors", "Rejected or failed requests by kind", ["kind"], registry=registry)
-        self.kv_bytes = Gauge("edgeorch_worker_kv_cache_bytes", "Bytes held by session KV caches", registry=registry)
+        self.errors = Counter(
+            "edgeorch_worker_errors", "Rejected or failed requests by kind", ["kind"], registry=registry
+        )
+        self.kv_bytes = Gauge(
+            "edgeorch_worker_kv_cache_bytes", "Bytes held by session KV caches", registry=registry
+        )
         self.sessions = Gauge("edgeorch_worker_sessions", "Live decoder sessions", registry=registry)
 
     def observe_compute(self, stage_id: str, seconds: float, units: int) -> None:

@@ -58,7 +58,9 @@ class SessionStore:
             if position == 0:
                 entry = self._entries[key] = _Entry(StageKVCache())
             elif entry is None:
-                raise UnknownSession(f"session {session!r} is unknown on stage {stage_id!r} (expired or never started)")
+                raise UnknownSession(
+                    f"session {session!r} is unknown on stage {stage_id!r} (expired or never started)"
+                )
             elif entry.cache.seq_len != position:
                 raise PositionMismatch(
                     f"session {session!r} on stage {stage_id!r} is at position {entry.cache.seq_len}, "

@@ -18,9 +18,13 @@ class UnitProfile(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     param_bytes: int = Field(ge=0, description="bytes of weights this unit holds, at the stored dtype")
-    flops_per_token: float = Field(ge=0, allow_inf_nan=False, description="floating-point operations per token")
+    flops_per_token: float = Field(
+        ge=0, allow_inf_nan=False, description="floating-point operations per token"
+    )
     out_bytes_per_token: float = Field(
-        ge=0, allow_inf_nan=False, description="bytes this unit hands to the next one per token, at the wire dtype"
+        ge=0,
+        allow_inf_nan=False,
+        description="bytes this unit hands to the next one per token, at the wire dtype",
     )
     kv_bytes_per_token: float = Field(
         ge=0, allow_inf_nan=False, description="KV-cache bytes per token of context (0 for encoders)"

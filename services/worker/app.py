@@ -29,7 +29,9 @@ class WorkerSettings(CommonSettings):
 
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
-    kv_cache_max_bytes: int = Field(default=1 << 30, gt=0, description="cap on all session KV caches together")
+    kv_cache_max_bytes: int = Field(
+        default=1 << 30, gt=0, description="cap on all session KV caches together"
+    )
     session_ttl_s: float = Field(default=300.0, gt=0, description="a session unused this long is dropped")
     max_frame_bytes: int = Field(default=64 << 20, gt=0, description="largest forward body accepted")
     forward_timeout_s: float = Field(default=120.0, gt=0, description="how long to wait for the next stage")

@@ -82,7 +82,9 @@ async def forward(stage_id: StageId, request: Request, host: Host) -> Response:
     except wire.FrameError as exc:
         raise _fail(host, stage_id, 413 if "limit" in str(exc) else 400, "bad_frame", exc) from exc
     except ValidationError as exc:
-        raise _fail(host, stage_id, 422, "bad_meta", f"frame metadata: {exc.errors(include_url=False)}") from exc
+        raise _fail(
+            host, stage_id, 422, "bad_meta", f"frame metadata: {exc.errors(include_url=False)}"
+        ) from exc
     except InputMismatch as exc:
         raise _fail(host, stage_id, 422, "bad_input", exc) from exc
     except UnknownSession as exc:
@@ -105,7 +107,9 @@ def _fail(host: StageHost, stage_id: str, status: int, kind: str, detail) -> HTT
 
 
 @router.delete("/v1/stages/{stage_id}/sessions/{session}", tags=["data plane"])
-async def release_session(stage_id: StageId, session: Annotated[str, Path(pattern=ID_PATTERN)], host: Host) -> dict:
+async def release_session(
+    stage_id: StageId, session: Annotated[str, Path(pattern=ID_PATTERN)], host: Host
+) -> dict:
     """Free a session's KV cache on this stage and every later one."""
     try:
         return {"released": await host.release(stage_id, session)}

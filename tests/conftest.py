@@ -1,0 +1,22 @@
+"""Shared fixtures: the model store (prepared once), and real worker processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgeorch.models.store import ModelStore
+from edgeorch.settings import CommonSettings
+
+
+@pytest.fixture(scope="session")
+def store() -> ModelStore:
+    """The model store the tests use, prepared if it is not yet (idempotent)."""
+    root = Path(os.environ.get("EDGEORCH_MODEL_STORE") or CommonSettings().model_store)
+    s = ModelStore(root)
+    s.prepare(progress=False)
+    # Child processes (workers) must see the same store.
+    os.environ["EDGEORCH_MODEL_STORE"] = str(s.root)
+    return s
