@@ -25,3 +25,20 @@ class CommonSettings(BaseSettings):
 
     model_store: Path = Field(default_factory=default_model_store, description="local model store directory")
     log_level: str = Field(default="INFO", description="logging level name")
+
+
+def default_state_dir() -> Path:
+    """Where services keep their SQLite files unless a database URL is given."""
+    return Path.home() / ".local" / "state" / "edgeorch"
+
+
+class ServiceSettings(CommonSettings):
+    """Knobs of the control-plane services that keep state and publish events."""
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for pub/sub and live state")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: a SQLite file per service"
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir, description="directory for default SQLite files"
+    )

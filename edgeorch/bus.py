@@ -1,0 +1,87 @@
+"""Every Redis pub/sub channel edgeorch uses, named in one place, and a publisher that survives Redis outages.
+
+Redis carries notifications only; the durable record of anything published
+lives in the publishing service's SQL tables, so a message lost while Redis
+is away is caught up by the subscriber pulling state over REST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "edgeorch"
+MONITOR_EVENTS = f"{PREFIX}.monitor.events"  # node joined/lost, speed/link changed, profiled
+ROLLOUTS = f"{PREFIX}.broadcast.rollouts"  # signed PREPARE/COMMIT/RELEASE/ABORT messages
+ORCHESTRATOR_EVENTS = f"{PREFIX}.orchestrator.events"  # control decisions
+
+CHANNELS = (MONITOR_EVENTS, ROLLOUTS, ORCHESTRATOR_EVENTS)
+
+
+def live_key(*parts: str) -> str:
+    """A namespaced key for short-lived live state, e.g. live_key("node", "a")."""
+    return ":".join((PREFIX, *parts))
+
+
+class ResilientPublisher:
+    """Publishes JSON messages; while Redis is unreachable it queues them (bounded) and retries.
+
+    ``publish`` never raises for a Redis outage: the caller's work must not
+    depend on the notification path being up.
+    """
+
+    def __init__(self, url: str, max_queued: int = 10_000):
+        self.url = url
+        self._redis = aioredis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        self._queue: deque[tuple[str, str]] = deque(maxlen=max_queued)
+        self._flush_lock = asyncio.Lock()
+        self.connected = True
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The underlying client, for live-state reads and writes."""
+        return self._redis
+
+    async def publish(self, channel: str, message: dict[str, Any]) -> bool:
+        """Publish now if possible; otherwise queue. True when delivered to Redis."""
+        if channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; add it to edgeorch.bus")
+        self._queue.append((channel, json.dumps(message)))
+        return await self.flush()
+
+    async def flush(self) -> bool:
+        """Send what is queued; True when the queue is empty afterwards."""
+        async with self._flush_lock:
+            while self._queue:
+                channel, data = self._queue[0]
+                try:
+                    await self._redis.publish(channel, data)
+                except (RedisError, OSError) as exc:
+                    if self.connected:
+                        log.warning("redis unreachable at %s (%r); queueing notifications", self.url, exc)
+                    self.connected = False
+                    return False
+                self._queue.popleft()
+            if not self.connected:
+                log.info("redis reachable again; queued notifications sent")
+            self.connected = True
+            return True
+
+    async def ping(self) -> bool:
+        """Whether Redis answers right now."""
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
