@@ -94,6 +94,7 @@ class LocalWorkers:
             env["EDGEORCH_MODEL_STORE"] = str(model_store)
         if threads:
             env["EDGEORCH_TORCH_THREADS"] = str(threads)
+        self._env = env
         self.workers: list[LocalService] = []
         try:
             for i in range(n):
@@ -106,6 +107,20 @@ class LocalWorkers:
         except BaseException:
             self.stop()
             raise
+
+    def add_worker(self, node_id: str, env: dict[str, str] | None = None, wait: bool = False) -> LocalService:
+        """Start one more worker (e.g. a node joining); returns it."""
+        port = free_port()
+        node_env = {
+            **(env if env is not None else self._env),
+            "EDGEORCH_NODE_ID": node_id,
+            "EDGEORCH_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+        }
+        w = LocalService(node_id, ["worker"], port, node_env, self.log_dir)
+        self.workers.append(w)
+        if wait:
+            w.wait_healthy()
+        return w
 
     def stop(self) -> None:
         """Stop every worker."""

@@ -28,6 +28,10 @@ class WorkerSettings(CommonSettings):
     """Worker knobs (EDGEORCH_* environment variables)."""
 
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    advertise_url: str | None = Field(
+        default=None, description="how peers and the control plane reach this worker (set by the launcher)"
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for control-plane notifications")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     kv_cache_max_bytes: int = Field(
         default=1 << 30, gt=0, description="cap on all session KV caches together"
