@@ -23,6 +23,30 @@ def _run_splitter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_monitor(args: argparse.Namespace) -> int:
+    from edgeorch.serve import serve, setup_logging
+    from services.monitor.app import MonitorSettings, create_app
+
+    setup_logging(args.log_level)
+    serve(create_app(MonitorSettings()), args.host, args.port, args.log_level)
+    return 0
+
+
+def _run_broadcast(args: argparse.Namespace) -> int:
+    from edgeorch.rollout.signing import InsecureSecretError
+    from edgeorch.serve import serve, setup_logging
+    from services.broadcast.app import BroadcastSettings, create_app
+
+    setup_logging(args.log_level)
+    try:
+        app = create_app(BroadcastSettings(), bind_host=args.host)
+    except InsecureSecretError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     import torch
 
@@ -34,6 +58,14 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.threads is not None:
         overrides["torch_threads"] = args.threads
     settings = WorkerSettings(**overrides)
+    if settings.broadcast_url:
+        from edgeorch.rollout.signing import InsecureSecretError, resolve_secret
+
+        try:  # refuse to take rollout orders beyond loopback without a shared secret
+            settings.rollout_secret = resolve_secret(settings.rollout_secret, args.host)
+        except InsecureSecretError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     serve(create_app(settings), args.host, args.port, args.log_level)
@@ -112,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("splitter", help="serve the Split Revision planner (POST /v1/plan)")
     _add_serve_args(p, 8002)
     p.set_defaults(func=_run_splitter)
+
+    p = sub.add_parser("monitor", help="serve Monitoring & Capacity Profiling")
+    _add_serve_args(p, 8001)
+    p.set_defaults(func=_run_monitor)
+
+    p = sub.add_parser("broadcast", help="serve the Reconfiguration Broadcast (POST /v1/rollouts)")
+    _add_serve_args(p, 8003)
+    p.set_defaults(func=_run_broadcast)
 
     p = sub.add_parser("worker", help="serve model stages on this node")
     _add_serve_args(p, 8100)

@@ -98,10 +98,7 @@ class LocalWorkers:
         self.workers: list[LocalService] = []
         try:
             for i in range(n):
-                node_env = {**env, "EDGEORCH_NODE_ID": f"worker-{i}"}
-                self.workers.append(
-                    LocalService(f"worker-{i}", ["worker"], free_port(), node_env, self.log_dir)
-                )
+                self.add_worker(f"worker-{i}", env)
             for w in self.workers:
                 w.wait_healthy()
         except BaseException:

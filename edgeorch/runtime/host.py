@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,12 +22,13 @@ import torch
 
 from edgeorch import wire
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import LoadedStage, load_stage
+from edgeorch.models.stage import LoadedStage
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
 from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import SessionStore
+from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class HostedStage:
     spec: StageSpec
     loaded: LoadedStage
     kv_bytes_per_token: float
+    units_shared: int = 0  # units this stage found already loaded by another stage
 
     def forward_url(self) -> str | None:
         """Where this stage's output goes, or None for the last stage."""
@@ -87,10 +90,18 @@ class StageHost:
         self.emulation = emulation or Emulation()
         self.stages: dict[str, HostedStage] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Loads read checkpoints on their own thread, so a rollout's PREPARE
+        # does not stall the sessions this worker is serving.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        self.units = UnitCache()
         self._load_lock = asyncio.Lock()
         # One transmitter per worker: concurrent sends share the emulated link.
         self._link_lock = asyncio.Lock()
         self.client: httpx.AsyncClient | None = None
+        # Called after every forward with what it measured (the monitor agent
+        # turns these into passive speed and link samples).
+        self.observers: list[Callable[[dict], None]] = []
+        self.in_flight = 0
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""
@@ -104,6 +115,7 @@ class StageHost:
         if self.client is not None:
             await self.client.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     # ----- stage lifecycle -------------------------------------------------
 
@@ -119,20 +131,37 @@ class StageHost:
                 )
             model_dir = self.store.path(spec.model)
             loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(self._executor, load_stage, model_dir, spec.start, spec.end)
+            got = await loop.run_in_executor(
+                self._loader, self.units.acquire_stage, model_dir, spec.start, spec.end
+            )
+            loaded = got.stage
             kv = sum(loaded.adapter.kv_bytes_per_token(u, 4) for u in range(spec.start, spec.end))
-            self.stages[stage_id] = HostedStage(stage_id, spec, loaded, kv)
+            self.stages[stage_id] = HostedStage(stage_id, spec, loaded, kv, got.units_shared)
             log.info(
-                "loaded stage %s: %s units [%d, %d) in %.2fs (%d bytes read)",
-                stage_id, spec.model, spec.start, spec.end, loaded.load_s, loaded.bytes_read,
+                "loaded stage %s: %s units [%d, %d) in %.2fs (%d bytes read, %d units shared)",
+                stage_id, spec.model, spec.start, spec.end, loaded.load_s, loaded.bytes_read, got.units_shared,
             )  # fmt: skip
             return self.info(stage_id), True
 
     def unload(self, stage_id: str) -> None:
         """Forget a stage and its sessions."""
-        if self.stages.pop(stage_id, None) is None:
+        hosted = self.stages.pop(stage_id, None)
+        if hosted is None:
             raise StageNotFound(f"stage {stage_id!r} is not loaded on node {self.node_id}")
         self.sessions.drop_stage(stage_id)
+        # A step still computing on this stage keeps its modules alive through `hosted`.
+        freed = self.units.release_stage(hosted.loaded)
+        log.info("unloaded stage %s (%d units freed, %d still held)", stage_id, freed, self.units.held_units())
+
+    async def warm(self, stage_id: str) -> float:
+        """Run one dummy token through a stage's own units (no next hop, no cache); returns seconds."""
+        ld = self._get(stage_id).loaded
+        if ld.first:
+            x = torch.zeros((1, 1), dtype=torch.int64)
+        else:
+            x = torch.zeros((1, 1, ld.adapter.hidden_size), dtype=torch.float32)
+        _, seconds = await self.run_compute(lambda: ld.run(StageInput(x=x)), emulate=False)
+        return seconds
 
     def info(self, stage_id: str) -> StageInfo:
         """What a loaded stage holds."""
@@ -141,7 +170,7 @@ class StageHost:
         return StageInfo(
             stage_id=stage_id, model=hosted.spec.model, start=ld.start, end=ld.end, next=hosted.spec.next,
             num_units=ld.adapter.num_units, param_bytes=ld.param_bytes(), bytes_read=ld.bytes_read,
-            load_s=ld.load_s, sessions=self.sessions.count(stage_id),
+            load_s=ld.load_s, sessions=self.sessions.count(stage_id), units_shared=hosted.units_shared,
         )  # fmt: skip
 
     def _get(self, stage_id: str) -> HostedStage:
@@ -154,6 +183,13 @@ class StageHost:
 
     async def forward(self, stage_id: str, body: bytes, max_frame_bytes: int) -> tuple[bytes, list[dict]]:
         """Run one step on a stage and return the chain's answer plus per-hop timings."""
+        self.in_flight += 1
+        try:
+            return await self._forward(stage_id, body, max_frame_bytes)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(self, stage_id: str, body: bytes, max_frame_bytes: int) -> tuple[bytes, list[dict]]:
         t_start = time.perf_counter()
         hosted = self._get(stage_id)
         frame = wire.decode_frame(body, max_frame_bytes)
@@ -168,9 +204,12 @@ class StageHost:
         hop = {"stage": stage_id, "node": self.node_id, "compute_s": compute_s, "queue_s": queue_s}
         self.metrics.observe_compute(stage_id, compute_s, len(hosted.loaded.units))
         url = hosted.forward_url()
+        sample = {"stage": stage_id, "model": hosted.spec.model, "start": hosted.loaded.start,
+                  "end": hosted.loaded.end, "q_len": int(inp.x.shape[1]), "compute_s": compute_s}  # fmt: skip
         if url is None:
             answer = wire.encode_frame(out)
             hop["handler_s"] = time.perf_counter() - t_start
+            self._notify(sample)
             return answer, [hop]
         payload = wire.encode_frame(out)
         hop["bytes_out"] = len(payload)
@@ -179,7 +218,50 @@ class StageHost:
         answer, downstream_hops = await self._send(hosted, url, payload)
         hop["downstream_s"] = time.perf_counter() - t0
         hop["handler_s"] = time.perf_counter() - t_start
+        if downstream_hops and "handler_s" in downstream_hops[0]:
+            sample.update(next_url=str(hosted.spec.next.url), bytes_out=len(payload),
+                          hop_s=hop["downstream_s"] - downstream_hops[0]["handler_s"])  # fmt: skip
+        self._notify(sample)
         return answer, [hop, *downstream_hops]
+
+    def _notify(self, sample: dict) -> None:
+        for observer in self.observers:
+            try:
+                observer(sample)
+            except Exception:  # an observer must never break the data path
+                log.exception("forward observer failed")
+
+    async def run_compute(self, fn: Callable[[], object], emulate: bool = True) -> tuple[object, float]:
+        """Run ``fn`` on the compute thread (under the emulated slowdown); returns (result, seconds)."""
+
+        def timed():
+            t0 = time.perf_counter()
+            result = fn()
+            if emulate:
+                self._emulate_slowdown(time.perf_counter() - t0)
+            return result, time.perf_counter() - t0
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    def _emulate_slowdown(self, elapsed_s: float) -> None:
+        if self.emulation.slowdown > 1.0:
+            # A k-times slower node holds its compute k times as long.
+            time.sleep(elapsed_s * (self.emulation.slowdown - 1.0))
+
+    async def paced_post(self, url: str, payload: bytes, **kwargs) -> httpx.Response:
+        """POST through this node's emulated outgoing link (bandwidth, then RTT)."""
+        emu = self.emulation
+        if emu.bandwidth_mbps:
+            async with self._link_lock:
+                await asyncio.sleep(len(payload) * 8 / (emu.bandwidth_mbps * 1e6))
+        if emu.rtt_ms:
+            await asyncio.sleep(emu.rtt_ms / 2000.0)
+        if self.client is None:
+            raise RuntimeError("StageHost.start() was not awaited")
+        resp = await self.client.post(url, content=payload, **kwargs)
+        if emu.rtt_ms:
+            await asyncio.sleep(emu.rtt_ms / 2000.0)
+        return resp
 
     def _compute(self, hosted: HostedStage, meta: ForwardMeta, inp: StageInput, t_queued: float):
         """Runs on the compute thread: the units, the cache bookkeeping, the emulated slowdown."""
@@ -195,10 +277,7 @@ class StageHost:
             cache.advance(q_len)
             if meta.release:
                 self.sessions.release(hosted.stage_id, meta.session)
-        elapsed = time.perf_counter() - t0
-        if self.emulation.slowdown > 1.0:
-            # A k-times slower node holds its compute k times as long.
-            time.sleep(elapsed * (self.emulation.slowdown - 1.0))
+        self._emulate_slowdown(time.perf_counter() - t0)
         compute_s = time.perf_counter() - t0
         return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
 
@@ -219,23 +298,13 @@ class StageHost:
         return wire.Frame(meta={"session": meta.session, "token": token, "position": last_position + 1})
 
     async def _send(self, hosted: HostedStage, url: str, payload: bytes) -> tuple[bytes, list[dict]]:
-        emu = self.emulation
-        if emu.bandwidth_mbps:
-            async with self._link_lock:
-                await asyncio.sleep(len(payload) * 8 / (emu.bandwidth_mbps * 1e6))
-        if emu.rtt_ms:
-            await asyncio.sleep(emu.rtt_ms / 2000.0)
-        if self.client is None:
-            raise RuntimeError("StageHost.start() was not awaited")
         next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"
         try:
-            resp = await self.client.post(url, content=payload, headers={"content-type": wire.CONTENT_TYPE})
+            resp = await self.paced_post(url, payload, headers={"content-type": wire.CONTENT_TYPE})
         except httpx.TimeoutException as exc:
             raise DownstreamError(504, f"next hop {next_id!r} at {url} timed out: {exc!r}") from exc
         except httpx.HTTPError as exc:
             raise DownstreamError(502, f"next hop {next_id!r} at {url} unreachable: {exc!r}") from exc
-        if emu.rtt_ms:
-            await asyncio.sleep(emu.rtt_ms / 2000.0)
         if resp.status_code != 200:
             try:
                 detail = resp.json().get("detail", resp.text)

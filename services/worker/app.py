@@ -9,16 +9,22 @@ import os
 import socket
 from contextlib import asynccontextmanager
 
+import psutil
 from fastapi import FastAPI
 from pydantic import Field
 
 from edgeorch.http_app import base_app
 from edgeorch.models.store import ModelStore
+from edgeorch.rollout.signing import resolve_secret
+from edgeorch.runtime.agent import AgentConfig, MonitorAgent
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.metrics import WorkerMetrics
+from edgeorch.runtime.rollout_agent import RolloutAgent, RolloutAgentConfig
 from edgeorch.runtime.sessions import SessionStore
+from edgeorch.schemas.monitor import NodeCapacity
 from edgeorch.schemas.stage import Emulation
 from edgeorch.settings import CommonSettings
+from services.worker.probe_routes import router as probe_router
 from services.worker.routes import router
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,21 @@ class WorkerSettings(CommonSettings):
     emulation_slowdown: float = Field(default=1.0, ge=1.0)
     emulation_bandwidth_mbps: float | None = Field(default=None, gt=0)
     emulation_rtt_ms: float = Field(default=0.0, ge=0)
+    # Monitoring: the agent runs only when monitor_url is set.
+    monitor_url: str | None = Field(default=None, description="the monitor service; unset: no agent")
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    speed_probe_interval_s: float = Field(default=0.25, gt=0)
+    link_probe_interval_s: float = Field(default=0.5, gt=0)
+    cores: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="static capacity")
+    memory_bytes: int = Field(default_factory=lambda: psutil.virtual_memory().total, ge=0)
+    device: str = "cpu"
+    trusted: bool = False
+    watts: float = Field(default=10.0, ge=0)
+    # Reconfiguration Broadcast: the rollout agent runs only when broadcast_url is set.
+    broadcast_url: str | None = Field(default=None, description="the broadcast service; unset: no rollout agent")
+    rollout_secret: str = Field(default="", description="shared HMAC secret, the same as the broadcast service's")
+    rollout_pull_interval_s: float = Field(default=5.0, gt=0, description="desired-state pull period")
+    rollout_max_age_s: float = Field(default=300.0, gt=0, description="older rollout messages are refused")
 
 
 async def _sweep_sessions(host: StageHost, every_s: float) -> None:
@@ -65,9 +86,21 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         await host.start()
         sweeper = asyncio.create_task(_sweep_sessions(host, min(5.0, settings.session_ttl_s / 2)))
+        agent = _make_agent(host, settings)
+        app.state.agent = agent
+        if agent is not None:
+            await agent.start()
+        rollout_agent = _make_rollout_agent(host, settings, registry)
+        app.state.rollout_agent = rollout_agent
+        if rollout_agent is not None:
+            await rollout_agent.start()
         try:
             yield
         finally:
+            if rollout_agent is not None:
+                await rollout_agent.stop()
+            if agent is not None:
+                await agent.stop()
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
@@ -93,4 +126,37 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     app.state.host = host
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(probe_router)
     return app
+
+
+def _make_agent(host: StageHost, settings: WorkerSettings) -> MonitorAgent | None:
+    if not settings.monitor_url:
+        return None
+    if not settings.advertise_url:
+        raise ValueError("EDGEORCH_ADVERTISE_URL must be set when EDGEORCH_MONITOR_URL is: peers must reach us")
+    capacity = NodeCapacity(
+        cores=settings.cores, memory_bytes=settings.memory_bytes, device=settings.device,
+        trusted=settings.trusted, watts=settings.watts,
+    )  # fmt: skip
+    return MonitorAgent(
+        host,
+        AgentConfig(
+            monitor_url=settings.monitor_url.rstrip("/"), node_id=settings.node_id,
+            advertise_url=settings.advertise_url, capacity=capacity,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            speed_probe_interval_s=settings.speed_probe_interval_s,
+            link_probe_interval_s=settings.link_probe_interval_s,
+        ),
+    )  # fmt: skip
+
+
+def _make_rollout_agent(host: StageHost, settings: WorkerSettings, registry) -> RolloutAgent | None:
+    if not settings.broadcast_url:
+        return None
+    cfg = RolloutAgentConfig(
+        node_id=settings.node_id, broadcast_url=settings.broadcast_url.rstrip("/"),
+        redis_url=settings.redis_url, secret=resolve_secret(settings.rollout_secret),
+        pull_interval_s=settings.rollout_pull_interval_s, max_age_s=settings.rollout_max_age_s,
+    )  # fmt: skip
+    return RolloutAgent(host, cfg, registry)

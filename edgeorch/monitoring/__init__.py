@@ -1,0 +1,1 @@
+"""Monitoring & Capacity Profiling: estimators, change detection, cluster state (pure, no I/O)."""

@@ -1,0 +1,211 @@
+"""The monitor's picture of the cluster, and the events its changes raise.
+
+Pure: every method takes ``now`` and returns the events it detected; the
+service persists and publishes them. That keeps the detection rules (what is
+"lost", what is a "significant" change) testable without clocks or Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeorch.monitoring.estimators import bandwidth_changed, relative_change, rtt_changed
+from edgeorch.schemas.monitor import (
+    Heartbeat,
+    LinkSample,
+    LinkView,
+    NodeCapacity,
+    NodeView,
+    ProfileReport,
+    Registration,
+    SpeedSample,
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a change is significant enough to publish."""
+
+    lost_after_s: float = 2.0
+    speed_rel: float = 0.3
+    bandwidth_rel: float = 0.3
+    rtt_rel: float = 0.5
+
+
+@dataclass
+class EventDraft:
+    """An event before it gets its id and timestamp from the store."""
+
+    kind: str
+    node_id: str | None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class UnknownNode(LookupError):
+    """A heartbeat from a node that has not registered (or that the monitor forgot)."""
+
+
+@dataclass
+class NodeRecord:
+    """One node: its registration, liveness, measurements."""
+
+    node_id: str
+    url: str
+    capacity: NodeCapacity
+    registered_at: float
+    last_seen: float | None = None
+    state: str = "alive"
+    live: dict[str, Any] = field(default_factory=dict)
+    speeds: dict[str, SpeedSample] = field(default_factory=dict)
+    # Speeds at the last published level, per model: the reference for "changed".
+    speed_baseline: dict[str, float] = field(default_factory=dict)
+    profiles: dict[str, ProfileReport] = field(default_factory=dict)
+
+
+@dataclass
+class LinkRecord:
+    """One directed link's latest estimate and its last published level."""
+
+    sample: LinkSample
+    updated_at: float
+    baseline_bw: float | None = None
+    baseline_rtt: float | None = None
+
+
+class ClusterState:
+    """Nodes and links as last measured; the rules that turn measurements into events."""
+
+    def __init__(self, thresholds: Thresholds | None = None):
+        self.t = thresholds or Thresholds()
+        self.nodes: dict[str, NodeRecord] = {}
+        self.links: dict[tuple[str, str], LinkRecord] = {}
+
+    def restore(self, reg: Registration, registered_at: float, now: float) -> None:
+        """Re-add a node from durable storage after a restart; it must heartbeat to stay alive."""
+        self.nodes[reg.node_id] = NodeRecord(reg.node_id, reg.url, reg.capacity, registered_at, last_seen=now)
+
+    def register(self, reg: Registration, now: float) -> list[EventDraft]:
+        """A node announces itself: joined (new), returned (was lost), or a refresh."""
+        rec = self.nodes.get(reg.node_id)
+        if rec is None:
+            self.nodes[reg.node_id] = NodeRecord(reg.node_id, reg.url, reg.capacity, now, last_seen=now)
+            return [EventDraft("node_joined", reg.node_id, {"url": reg.url, **reg.capacity.model_dump()})]
+        was_lost = rec.state == "lost"
+        rec.url, rec.capacity, rec.last_seen, rec.state = reg.url, reg.capacity, now, "alive"
+        return [EventDraft("node_returned", reg.node_id, {"url": reg.url})] if was_lost else []
+
+    def heartbeat(self, node_id: str, hb: Heartbeat, now: float) -> list[EventDraft]:
+        """Apply a heartbeat; returns speed, link, profile and liveness events."""
+        rec = self.nodes.get(node_id)
+        if rec is None:
+            raise UnknownNode(f"node {node_id!r} is not registered")
+        events: list[EventDraft] = []
+        if rec.state == "lost":
+            rec.state = "alive"
+            events.append(EventDraft("node_returned", node_id, {"url": rec.url}))
+        rec.last_seen = now
+        rec.live = hb.model_dump(
+            include={"cpu_percent", "memory_free_bytes", "queue_depth", "sessions", "stage_compute_s"}
+        )
+        for report in hb.profiles:
+            rec.profiles[report.model] = report
+            events.append(EventDraft("profiled", node_id, {
+                "model": report.model, "decode_flops_per_s": report.decode_flops_per_s,
+                "prefill_flops_per_s": report.prefill_flops_per_s, "took_s": report.took_s,
+            }))  # fmt: skip
+        for model, speed in hb.speeds.items():
+            rec.speeds[model] = speed
+            events.extend(self._speed_event(rec, model, speed))
+        for link in hb.links:
+            events.extend(self._link_event(node_id, link, now))
+        return events
+
+    def _speed_event(self, rec: NodeRecord, model: str, speed: SpeedSample) -> list[EventDraft]:
+        new = speed.decode_flops_per_s
+        if new is None:
+            return []
+        old = rec.speed_baseline.get(model)
+        if old is None:
+            rec.speed_baseline[model] = new
+            return []
+        if relative_change(old, new) <= self.t.speed_rel:
+            return []
+        rec.speed_baseline[model] = new
+        return [EventDraft("speed_changed", rec.node_id, {
+            "model": model, "old_flops_per_s": old, "new_flops_per_s": new, "ratio": new / old,
+        })]  # fmt: skip
+
+    def _link_event(self, src: str, s: LinkSample, now: float) -> list[EventDraft]:
+        key = (src, s.dst)
+        rec = self.links.get(key)
+        if rec is None:
+            self.links[key] = LinkRecord(s, now, s.bandwidth_bytes_per_s, s.rtt_s)
+            return []
+        rec.sample, rec.updated_at = s, now
+        changes: dict[str, Any] = {}
+        bw, rtt = s.bandwidth_bytes_per_s, s.rtt_s
+        if bw is not None and rec.baseline_bw is None:
+            rec.baseline_bw = bw
+        elif bw is not None and bandwidth_changed(
+            rec.baseline_bw, bw, self.t.bandwidth_rel, s.resolvable_bytes_per_s
+        ):
+            changes.update(old_bandwidth_bytes_per_s=rec.baseline_bw, new_bandwidth_bytes_per_s=bw)
+            rec.baseline_bw = bw
+        if rtt is not None and rec.baseline_rtt is None:
+            rec.baseline_rtt = rtt
+        elif rtt is not None and rtt_changed(rec.baseline_rtt, rtt, self.t.rtt_rel):
+            changes.update(old_rtt_s=rec.baseline_rtt, new_rtt_s=rtt)
+            rec.baseline_rtt = rtt
+        if not changes:
+            return []
+        return [EventDraft("link_changed", src, {"src": src, "dst": s.dst, **changes})]
+
+    def sweep(self, now: float) -> list[EventDraft]:
+        """Mark nodes silent for longer than ``lost_after_s`` as lost."""
+        events = []
+        for rec in self.nodes.values():
+            if (
+                rec.state == "alive"
+                and rec.last_seen is not None
+                and now - rec.last_seen > self.t.lost_after_s
+            ):
+                rec.state = "lost"
+                events.append(EventDraft("node_lost", rec.node_id, {"silent_s": now - rec.last_seen}))
+        return events
+
+    def peers_of(self, node_id: str) -> list[tuple[str, str]]:
+        """(id, url) of every other live node."""
+        return [
+            (r.node_id, r.url) for r in self.nodes.values() if r.node_id != node_id and r.state == "alive"
+        ]
+
+    def node_view(self, rec: NodeRecord, model: str | None = None) -> NodeView:
+        """A node in the shape GET /v1/nodes returns."""
+        speed = None
+        chosen = model or next(iter(rec.speeds or rec.profiles), None)
+        if chosen in rec.speeds and rec.speeds[chosen].decode_flops_per_s:
+            speed = rec.speeds[chosen].decode_flops_per_s
+        elif chosen in rec.profiles:
+            speed = rec.profiles[chosen].decode_flops_per_s
+        return NodeView(
+            node_id=rec.node_id, url=rec.url, state=rec.state, capacity=rec.capacity,
+            memory_bytes=rec.capacity.memory_bytes, trusted=rec.capacity.trusted, watts=rec.capacity.watts,
+            flops_per_s=speed, speeds=rec.speeds, profiles=rec.profiles, live=rec.live,
+            registered_at=rec.registered_at, last_seen=rec.last_seen,
+        )  # fmt: skip
+
+    def link_views(self, alive_only: bool = True) -> list[LinkView]:
+        """Every directed link estimate (between live nodes, by default)."""
+        out = []
+        for (src, dst), rec in sorted(self.links.items()):
+            if alive_only and any(
+                self.nodes.get(n) is None or self.nodes[n].state != "alive" for n in (src, dst)
+            ):
+                continue
+            s = rec.sample
+            out.append(LinkView(
+                src=src, dst=dst, bandwidth_bytes_per_s=s.bandwidth_bytes_per_s, rtt_s=s.rtt_s,
+                resolvable_bytes_per_s=s.resolvable_bytes_per_s, samples=s.samples, updated_at=rec.updated_at,
+            ))  # fmt: skip
+        return out

@@ -1,0 +1,266 @@
+"""The worker's monitoring agent: register, heartbeat, calibrate, probe speed and links.
+
+Every loop catches, logs and backs off, so a monitor or network outage never
+takes the worker down; when the monitor comes back (or forgets this node) the
+agent registers again and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+import psutil
+
+from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian
+from edgeorch.runtime.host import StageHost
+from edgeorch.runtime.probes import ModelProbe, calibrate, load_probe
+from edgeorch.schemas.monitor import (
+    Heartbeat,
+    HeartbeatReply,
+    LinkSample,
+    NodeCapacity,
+    ProfileReport,
+    Registration,
+    SpeedSample,
+)
+
+log = logging.getLogger(__name__)
+
+SMALL_PROBE_BYTES = 64
+# Large enough to be timed on a slow link, small enough that a probe never
+# hogs one: 256 KiB is 0.1 s at 20 Mbit/s and unresolvably fast on loopback.
+MIN_PROBE_BYTES, MAX_PROBE_BYTES = 32 * 1024, 256 * 1024
+PROBE_TRANSFER_TARGET_S = 0.025
+
+
+@dataclass
+class AgentConfig:
+    """How often the agent measures and reports."""
+
+    monitor_url: str
+    node_id: str
+    advertise_url: str
+    capacity: NodeCapacity
+    heartbeat_interval_s: float = 1.0
+    speed_probe_interval_s: float = 0.25
+    link_probe_interval_s: float = 0.5
+    speed_window: int = 9
+
+
+@dataclass
+class _Speed:
+    decode: RollingMedian
+    prefill: RollingMedian
+
+
+class MonitorAgent:
+    """Runs beside the worker's HTTP server for as long as the worker lives."""
+
+    def __init__(self, host: StageHost, cfg: AgentConfig):
+        self.host = host
+        self.cfg = cfg
+        self.http = httpx.AsyncClient(timeout=5.0)
+        self.probes: dict[str, ModelProbe] = {}
+        self.calibrations: dict[str, ProfileReport] = {}
+        self.speeds: dict[str, _Speed] = {}
+        self.links: dict[str, LinkEstimator] = {}
+        self.peers: dict[str, str] = {}  # node id -> url
+        self.pending_profiles: list[ProfileReport] = []
+        self._profiling: set[str] = set()
+        self._tasks: list[asyncio.Task] = []
+        self.registered = False
+        host.observers.append(self._on_forward)
+
+    async def start(self) -> None:
+        """Start the loops in the background."""
+        psutil.cpu_percent(None)  # the first call only primes the counter
+        for loop in (self._heartbeat_loop, self._speed_loop, self._link_loop):
+            self._tasks.append(asyncio.create_task(loop()))
+
+    async def stop(self) -> None:
+        """Cancel the loops and close the client."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.http.aclose()
+
+    # ----- reporting -------------------------------------------------------
+
+    async def _register(self) -> None:
+        reg = Registration(node_id=self.cfg.node_id, url=self.cfg.advertise_url, capacity=self.cfg.capacity)
+        resp = await self.http.post(f"{self.cfg.monitor_url}/v1/nodes", json=reg.model_dump())
+        resp.raise_for_status()
+        self.registered = True
+        log.info("registered with the monitor at %s as %s", self.cfg.monitor_url, self.cfg.node_id)
+
+    def heartbeat(self) -> Heartbeat:
+        """The heartbeat to send now."""
+        reports, self.pending_profiles = self.pending_profiles, []
+        return Heartbeat(
+            cpu_percent=psutil.cpu_percent(None),
+            memory_free_bytes=psutil.virtual_memory().available,
+            queue_depth=self.host.in_flight,
+            sessions=self.host.sessions.count(),
+            speeds={m: self._speed_sample(m) for m in self.calibrations},
+            links=[
+                LinkSample(
+                    dst=dst,
+                    rtt_s=e.rtt.value(),
+                    bandwidth_bytes_per_s=e.bandwidth.value(),
+                    resolvable_bytes_per_s=e.resolvable_bytes_per_s,
+                    samples=e.samples,
+                )
+                for dst, e in self.links.items()
+                if dst in self.peers
+            ],  # fmt: skip
+            profiles=reports,
+        )
+
+    async def _beat_once(self) -> None:
+        if not self.registered:
+            await self._register()
+        hb = self.heartbeat()
+        url = f"{self.cfg.monitor_url}/v1/nodes/{self.cfg.node_id}/heartbeat"
+        try:
+            resp = await self.http.post(url, json=hb.model_dump())
+        except httpx.HTTPError:
+            self.pending_profiles = hb.profiles + self.pending_profiles  # report them next time
+            raise
+        if resp.status_code == 404:  # the monitor forgot us (fresh database): register again
+            self.registered = False
+            self.pending_profiles = hb.profiles + self.pending_profiles
+            return
+        resp.raise_for_status()
+        reply = HeartbeatReply.model_validate(resp.json())
+        self.peers = {p.node_id: p.url for p in reply.peers}
+        for model in reply.profile_models:
+            if model not in self.probes and model not in self._profiling:
+                self._profiling.add(model)
+                self._tasks.append(asyncio.create_task(self._profile_in_background(model)))
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = self.cfg.heartbeat_interval_s
+        while True:
+            try:
+                await self._beat_once()
+                backoff = self.cfg.heartbeat_interval_s
+                await asyncio.sleep(self.cfg.heartbeat_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: log, back off, retry
+                log.warning(
+                    "heartbeat to %s failed (%r); retrying in %.1fs", self.cfg.monitor_url, exc, backoff
+                )
+                await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))
+                backoff = min(backoff * 2, 10.0)
+
+    # ----- speed -----------------------------------------------------------
+
+    async def profile(self, model: str) -> ProfileReport:
+        """Calibrate ``model`` on this node now, and keep probing its speed afterwards."""
+        model_dir = self.host.store.path(model)
+        probe = self.probes.get(model)
+        if probe is None:
+            probe, _ = await self.host.run_compute(lambda: load_probe(model, model_dir), emulate=False)
+            self.probes[model] = probe
+        slowdown = self.host.emulation.slowdown
+        report, _ = await self.host.run_compute(lambda: calibrate(probe, slowdown), emulate=False)
+        # The window restarts from probes taken under the new calibration.
+        speed = self._speed(model)
+        speed.decode.clear()
+        speed.prefill.clear()
+        self.calibrations[model] = report
+        log.info("calibrated %s: %.3g decode flop/s, %.3g prefill flop/s", model,
+                 report.decode_flops_per_s, report.prefill_flops_per_s)  # fmt: skip
+        return report
+
+    async def _profile_in_background(self, model: str) -> None:
+        try:
+            report = await self.profile(model)
+            # Not `pending.append(await ...)`: the heartbeat swaps the list
+            # while we wait, and the report would land in the old one.
+            self.pending_profiles.append(report)
+        except Exception:  # noqa: BLE001
+            log.exception("calibrating %s failed", model)
+        finally:
+            self._profiling.discard(model)
+
+    def _speed_sample(self, model: str) -> SpeedSample:
+        """Median of recent samples; the calibration until samples arrive."""
+        s, cal = self._speed(model), self.calibrations[model]
+        return SpeedSample(
+            decode_flops_per_s=s.decode.value() or cal.decode_flops_per_s,
+            prefill_flops_per_s=s.prefill.value() or cal.prefill_flops_per_s,
+            samples=len(s.decode),
+        )
+
+    def _speed(self, model: str) -> _Speed:
+        if model not in self.speeds:
+            w = self.cfg.speed_window
+            self.speeds[model] = _Speed(RollingMedian(w), RollingMedian(w))
+        return self.speeds[model]
+
+    async def _speed_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.speed_probe_interval_s)
+            for model, probe in list(self.probes.items()):
+                try:
+                    flops, seconds = await self.host.run_compute(probe.probe_step)
+                    self._speed(model).decode.add(flops / seconds)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001
+                    log.exception("speed probe of %s failed", model)
+
+    def _on_forward(self, sample: dict) -> None:
+        """Passive measurements from real traffic: stage speed and the hop to the next node."""
+        probe = self.probes.get(sample["model"])
+        cal = self.calibrations.get(sample["model"])
+        if probe is not None and cal is not None and sample["compute_s"] > 0:
+            # Scale the step to the probe's yardstick: how much slower or faster
+            # than at calibration did these units run?
+            expected = probe.expected_s(sample["start"], sample["end"], sample["q_len"])
+            if expected:
+                ratio = expected / sample["compute_s"]
+                speed = self._speed(probe.model)
+                if sample["q_len"] == 1:
+                    speed.decode.add(cal.decode_flops_per_s * ratio)
+                else:
+                    speed.prefill.add(cal.prefill_flops_per_s * ratio)
+        if "next_url" in sample:
+            dst = next(
+                (n for n, u in self.peers.items() if u.rstrip("/") == sample["next_url"].rstrip("/")), None
+            )
+            if dst is not None and sample["hop_s"] > 0:
+                self.links.setdefault(dst, LinkEstimator()).add(sample["bytes_out"], sample["hop_s"])
+
+    # ----- links -----------------------------------------------------------
+
+    async def _link_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.link_probe_interval_s)
+            for dst, url in list(self.peers.items()):
+                try:
+                    await self._probe_link(dst, url)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a dead peer is the monitor's business
+                    log.debug("link probe to %s failed: %r", dst, exc)
+
+    async def _probe_link(self, dst: str, url: str) -> None:
+        est = self.links.setdefault(dst, LinkEstimator())
+        sink = f"{url.rstrip('/')}/v1/probe/sink"
+        t0 = time.perf_counter()
+        (await self.host.paced_post(sink, b"\0" * SMALL_PROBE_BYTES)).raise_for_status()
+        t_small = time.perf_counter() - t0
+        bw = est.bandwidth.value()
+        size = MIN_PROBE_BYTES if bw is None else int(bw * PROBE_TRANSFER_TARGET_S)
+        size = max(MIN_PROBE_BYTES, min(MAX_PROBE_BYTES, size))
+        t0 = time.perf_counter()
+        (await self.host.paced_post(sink, b"\0" * size)).raise_for_status()
+        est.add_pair((SMALL_PROBE_BYTES, t_small), (size, time.perf_counter() - t0))

@@ -1,0 +1,133 @@
+"""Measure this node: seconds per unit of a model (calibration), live speed, links to peers.
+
+Calibration loads one unit of each kind (embedding, one layer, head) — every
+layer of a family has the same shape, so one stands for all — and times real
+prefill and decode steps on them through the worker's compute thread, so the
+figures include whatever slows that thread down (other work, the emulated
+slowdown). The same layer then serves as a cheap periodic speed probe.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edgeorch.models import adapter_for, load_config
+from edgeorch.models.adapter import FamilyAdapter, StageInput
+from edgeorch.models.checkpoint import CheckpointReader
+from edgeorch.models.kv import StageKVCache
+from edgeorch.schemas.monitor import ProfileReport, UnitProfileTiming
+
+PREFILL_TOKENS = 64
+DECODE_CONTEXT = 64
+PROBE_TARGET_S = 0.002  # long enough to rise above timer and scheduler noise
+REPEATS = 3
+
+
+@dataclass
+class ModelProbe:
+    """Loaded probe units of one model and what a probe step costs in flops."""
+
+    model: str
+    adapter: FamilyAdapter
+    units: dict[int, torch.nn.Module]
+    layer_flops_decode: float
+    repeats: int
+    base_cache: StageKVCache | None
+    # (prefill seconds for PREFILL_TOKENS, decode seconds) per probed unit, from calibration
+    timings: dict[int, tuple[float, float]] | None = None
+
+    def expected_s(self, start: int, end: int, q_len: int) -> float | None:
+        """What a step of units [start, end) over ``q_len`` tokens took at calibration."""
+        if self.timings is None:
+            return None
+        last = self.adapter.num_units - 1
+        n_layers = len(range(max(start, 1), min(end, last)))
+        phase = 1 if q_len == 1 else 0
+        scale = 1.0 if q_len == 1 else q_len / PREFILL_TOKENS
+        t = n_layers * self.timings[1][phase]
+        t += self.timings[0][phase] if start == 0 else 0.0
+        t += self.timings[last][phase] if end == last + 1 else 0.0
+        return t * scale
+
+    def probe_step(self) -> float:
+        """Run ``repeats`` decode steps of the probe layer; returns the flops done."""
+        layer = 1
+        with torch.inference_mode():
+            for _ in range(self.repeats):
+                x = torch.zeros(1, 1, self.adapter.hidden_size)
+                cache = _fork(self.base_cache)
+                self.adapter.run(
+                    [(layer, self.units[layer])], StageInput(x=x, position=DECODE_CONTEXT), cache
+                )
+        return self.layer_flops_decode * self.repeats
+
+
+def _fork(cache: StageKVCache | None) -> StageKVCache | None:
+    """A cache that starts from ``cache``'s contents without changing them."""
+    if cache is None:
+        return None
+    fork = StageKVCache()
+    fork._keys, fork._values, fork.seq_len = dict(cache._keys), dict(cache._values), cache.seq_len
+    return fork
+
+
+def load_probe(model: str, model_dir) -> ModelProbe:
+    """Load the embedding, one layer and the head of a model (blocking: run it off the event loop)."""
+    adapter = adapter_for(load_config(model_dir))
+    reader = CheckpointReader(model_dir)
+    last = adapter.num_units - 1
+    units = {u: adapter.load_unit(u, reader, torch.float32) for u in (0, 1, last)}
+    profile = adapter.profile(model, context_tokens=DECODE_CONTEXT)
+    base = None
+    if adapter.is_decoder:
+        base = StageKVCache()
+        with torch.inference_mode():
+            x = torch.zeros(1, DECODE_CONTEXT, adapter.hidden_size)
+            adapter.run([(1, units[1])], StageInput(x=x), base)
+        base.advance(DECODE_CONTEXT)
+    return ModelProbe(model, adapter, units, profile.units[1].flops_per_token, 1, base)
+
+
+def _time_unit(probe: ModelProbe, u: int, tokens: int, decode: bool) -> float:
+    adapter = probe.adapter
+    if u == 0:
+        x = torch.zeros(1, tokens, dtype=torch.int64)
+    else:
+        x = torch.zeros(1, tokens, adapter.hidden_size)
+    cache = _fork(probe.base_cache) if decode and 1 <= u <= adapter.num_layers else None
+    position = DECODE_CONTEXT if decode and adapter.is_decoder else 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        adapter.run([(u, probe.units[u])], StageInput(x=x, position=position), cache)
+    return time.perf_counter() - t0
+
+
+def calibrate(probe: ModelProbe, slowdown: float) -> ProfileReport:
+    """Time every unit kind for prefill and decode (blocking; call on the compute thread)."""
+    t_start = time.perf_counter()
+    adapter = probe.adapter
+    timings = {}
+    for u in sorted(probe.units):
+        _time_unit(probe, u, PREFILL_TOKENS, decode=False)  # warm
+        pre = statistics.median(_time_unit(probe, u, PREFILL_TOKENS, decode=False) for _ in range(REPEATS))
+        dec = statistics.median(_time_unit(probe, u, 1, decode=True) for _ in range(REPEATS))
+        timings[u] = (pre * slowdown, dec * slowdown)
+    probe.timings = timings
+    probe.repeats = max(1, min(50, math.ceil(PROBE_TARGET_S / max(timings[1][1] / slowdown, 1e-6))))
+    n_layers, last = adapter.num_layers, adapter.num_units - 1
+    decode_s = timings[0][1] + n_layers * timings[1][1] + timings[last][1]
+    # Speeds are quoted on one layer, the unit the periodic probe and the
+    # traffic samples are scaled to, so every speed figure of a node compares.
+    layer_flops = probe.layer_flops_decode
+    return ProfileReport(
+        model=probe.model, prefill_tokens=PREFILL_TOKENS, decode_context=DECODE_CONTEXT,
+        units=[UnitProfileTiming(unit=adapter.unit_name(u), prefill_s=p, decode_s=d) for u, (p, d) in timings.items()],
+        decode_flops_per_s=layer_flops / timings[1][1],
+        prefill_flops_per_s=layer_flops * PREFILL_TOKENS / timings[1][0],
+        seconds_per_token_decode=decode_s, took_s=time.perf_counter() - t_start,
+    )  # fmt: skip

@@ -1,0 +1,102 @@
+"""Monitor HTTP routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from edgeorch.monitoring.cluster import UnknownNode
+from edgeorch.schemas.monitor import Heartbeat, HeartbeatReply, LinkView, MonitorEvent, NodeView, Registration
+from edgeorch.schemas.stage import ID_PATTERN
+
+router = APIRouter()
+
+
+def get_monitor(request: Request):
+    return request.app.state.monitor
+
+
+Mon = Annotated[object, Depends(get_monitor)]
+NodeId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+@router.post("/v1/nodes", tags=["nodes"])
+async def register(reg: Registration, monitor: Mon) -> dict:
+    """Register a node (idempotent; a returning node is welcomed back)."""
+    await monitor.register(reg)
+    return {"node_id": reg.node_id, "registered": True}
+
+
+@router.post("/v1/nodes/{node_id}/heartbeat", response_model=HeartbeatReply, tags=["nodes"])
+async def heartbeat(node_id: NodeId, hb: Heartbeat, monitor: Mon) -> HeartbeatReply:
+    """Live load and fresh measurements from a node."""
+    try:
+        return await monitor.heartbeat(node_id, hb)
+    except UnknownNode as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@router.get("/v1/nodes", response_model=list[NodeView], tags=["nodes"])
+async def list_nodes(
+    monitor: Mon,
+    model: Annotated[str | None, Query(description="report flops_per_s for this model")] = None,
+    state: Literal["alive", "lost"] | None = None,
+) -> list[NodeView]:
+    """Every known node: static capacity, calibrated speed per model, live load, state."""
+    views = [monitor.cluster.node_view(r, model) for r in monitor.cluster.nodes.values()]
+    return [v for v in views if state is None or v.state == state]
+
+
+@router.get("/v1/nodes/{node_id}", response_model=NodeView, tags=["nodes"])
+async def get_node(node_id: NodeId, monitor: Mon, model: str | None = None) -> NodeView:
+    """One node."""
+    rec = monitor.cluster.nodes.get(node_id)
+    if rec is None:
+        raise HTTPException(404, f"node {node_id!r} is not registered")
+    return monitor.cluster.node_view(rec, model)
+
+
+@router.get("/v1/links", response_model=list[LinkView], tags=["links"])
+async def list_links(monitor: Mon, include_lost: bool = False) -> list[LinkView]:
+    """Measured bandwidth and RTT per directed pair of live nodes."""
+    return monitor.cluster.link_views(alive_only=not include_lost)
+
+
+@router.get("/v1/events", response_model=list[MonitorEvent], tags=["events"])
+async def list_events(
+    monitor: Mon,
+    since: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[MonitorEvent]:
+    """Detected changes, oldest first."""
+    return await run_in_threadpool(monitor.store.events, since, limit)
+
+
+class ProfileRequest(BaseModel):
+    """A model every node should calibrate."""
+
+    model: str = Field(min_length=1, max_length=256)
+
+
+@router.post("/v1/profiles", status_code=202, tags=["profiles"])
+async def request_profile(body: ProfileRequest, monitor: Mon) -> dict:
+    """Ask every node, now and as they join, to calibrate a model; results arrive as `profiled` events."""
+    await monitor.request_profile(body.model)
+    return {
+        "model": body.model,
+        "nodes": sorted(n for n, r in monitor.cluster.nodes.items() if r.state == "alive"),
+    }
+
+
+@router.get("/v1/profiles", tags=["profiles"])
+async def list_profiles(monitor: Mon) -> dict:
+    """Models being calibrated and the calibration of each node."""
+    return {
+        "models": monitor.profile_models,
+        "nodes": {
+            n: {m: p.model_dump() for m, p in r.profiles.items()} for n, r in monitor.cluster.nodes.items()
+        },
+    }

@@ -1,0 +1,270 @@
+"""The monitor with real worker processes, real Redis and real SQL.
+
+The workers calibrate the real SmolLM2 (one layer of it stands for all) and
+probe each other's links; the tests change their emulated capacity and time
+how long the monitor takes to say so.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import statistics
+import subprocess
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from edgeorch.launcher import LocalService, LocalWorkers, free_port
+
+MODEL = "smollm2-135m"
+
+
+def wait_for(predicate, timeout_s: float, every_s: float = 0.1):
+    """Poll until predicate() returns something truthy; return it, or fail after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def events(mon: LocalService, since: int = 0) -> list[dict]:
+    return httpx.get(f"{mon.url}/v1/events", params={"since": since}).json()
+
+
+def last_event_id(mon: LocalService) -> int:
+    evs = events(mon)
+    return evs[-1]["id"] if evs else 0
+
+
+def find_event(mon, since: int, kind: str, node: str | None = None, pred=lambda e: True):
+    def look():
+        for e in events(mon, since):
+            if e["kind"] == kind and (node is None or e["node_id"] == node) and pred(e):
+                return e
+        return None
+
+    return look
+
+
+def node_speed(mon: LocalService, node: str) -> float | None:
+    return httpx.get(f"{mon.url}/v1/nodes/{node}", params={"model": MODEL}).json()["flops_per_s"]
+
+
+def settled_speed(mon: LocalService, node: str, seconds: float = 2.0) -> float:
+    """Median of the reported speed over a few heartbeats."""
+    values = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        values.append(node_speed(mon, node))
+        time.sleep(0.25)
+    return statistics.median(v for v in values if v)
+
+
+def start_monitor(
+    tmp_path, db_url: str | None = None, redis_url: str = "redis://127.0.0.1:6379/0", port=None
+):
+    env = {
+        "EDGEORCH_DATABASE_URL": db_url or f"sqlite:///{tmp_path / 'monitor.db'}",
+        "EDGEORCH_REDIS_URL": redis_url,
+    }
+    mon = LocalService("monitor", ["monitor"], port or free_port(), env, tmp_path)
+    mon.wait_healthy()
+    return mon
+
+
+def set_emulation(worker, **kw) -> None:
+    httpx.post(f"{worker.url}/v1/admin/emulation", json=kw).raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def cluster(store, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("monitor")
+    mon = start_monitor(logs)
+    httpx.post(f"{mon.url}/v1/profiles", json={"model": MODEL}).raise_for_status()
+    workers = LocalWorkers(3, model_store=store.root, threads=1, log_dir=logs,
+                           extra_env={"EDGEORCH_MONITOR_URL": mon.url})  # fmt: skip
+    try:
+        for i in range(3):
+            wait_for(find_event(mon, 0, "profiled", f"worker-{i}"), 20)
+        yield mon, workers
+    finally:
+        workers.stop()
+        mon.stop()
+
+
+def test_nodes_are_registered_calibrated_and_linked(cluster) -> None:
+    mon, _ = cluster
+    nodes = {n["node_id"]: n for n in httpx.get(f"{mon.url}/v1/nodes", params={"model": MODEL}).json()}
+    assert set(nodes) == {"worker-0", "worker-1", "worker-2"}
+    for n in nodes.values():
+        assert n["state"] == "alive" and n["memory_bytes"] > 0 and n["flops_per_s"] > 0
+        profile = n["profiles"][MODEL]
+        assert {u["unit"] for u in profile["units"]} == {"embed", "layer0", "head"}
+        assert profile["seconds_per_token_decode"] > 0
+    links = wait_for(lambda: [lk for lk in httpx.get(f"{mon.url}/v1/links").json() if lk["rtt_s"]], 10)
+    pairs = {(lk["src"], lk["dst"]) for lk in links}
+    assert len(pairs) == 6  # every directed pair of three nodes
+    assert httpx.get(f"{mon.url}/v1/nodes/nope").status_code == 404
+    assert "edgeorch_monitor_heartbeats_total" in httpx.get(f"{mon.url}/metrics").text
+    assert httpx.get(f"{mon.url}/readyz").status_code == 200
+
+
+def test_heterogeneous_nodes_get_speeds_in_their_ratios(cluster) -> None:
+    mon, workers = cluster
+    for w, k in zip(workers.workers, (1.0, 2.0, 4.0), strict=True):
+        set_emulation(w, slowdown=k)
+    try:
+        time.sleep(3.0)  # let the probe windows fill with samples at the new speeds
+        s = [settled_speed(mon, f"worker-{i}") for i in range(3)]
+    finally:
+        for w in workers.workers:
+            set_emulation(w, slowdown=1.0)
+    assert s[0] / s[1] == pytest.approx(2.0, rel=0.2)
+    assert s[0] / s[2] == pytest.approx(4.0, rel=0.2)
+
+
+def test_slowdown_is_reported_within_3s_and_measured_within_20pct(cluster) -> None:
+    mon, workers = cluster
+    time.sleep(3.0)  # recover from earlier emulation
+    before = settled_speed(mon, "worker-1")
+    since = last_event_id(mon)
+    t0 = time.time()
+    set_emulation(workers.workers[1], slowdown=4.0)
+    try:
+        event = wait_for(
+            find_event(mon, since, "speed_changed", "worker-1", lambda e: e["data"]["ratio"] < 0.7), 5
+        )
+        after = (time.sleep(2.0), settled_speed(mon, "worker-1"))[1]
+    finally:
+        set_emulation(workers.workers[1], slowdown=1.0)
+    assert event["ts"] - t0 <= 3.0, f"reported after {event['ts'] - t0:.2f}s"
+    assert after == pytest.approx(before / 4, rel=0.2)
+
+
+def test_link_paced_to_20_mbit_is_measured_and_reported(cluster) -> None:
+    mon, workers = cluster
+    since = last_event_id(mon)
+    t0 = time.time()
+    set_emulation(workers.workers[2], bandwidth_mbps=20)
+    try:
+        event = wait_for(find_event(mon, since, "link_changed", "worker-2",
+                                    lambda e: "new_bandwidth_bytes_per_s" in e["data"]), 8)  # fmt: skip
+        time.sleep(2.0)
+        links = httpx.get(f"{mon.url}/v1/links").json()
+    finally:
+        set_emulation(workers.workers[2])
+    assert event["ts"] - t0 <= 5.0, f"reported after {event['ts'] - t0:.2f}s"
+    out = [lk["bandwidth_bytes_per_s"] for lk in links if lk["src"] == "worker-2"]
+    assert len(out) == 2
+    for bw in out:
+        assert bw == pytest.approx(20e6 / 8, rel=0.2)
+
+
+def test_killed_worker_is_lost_within_3s_and_a_new_one_joins_and_is_profiled(cluster) -> None:
+    mon, workers = cluster
+    since = last_event_id(mon)
+    t_kill = time.time()
+    workers.workers[0].stop(signal.SIGKILL)
+    lost = wait_for(find_event(mon, since, "node_lost", "worker-0"), 6)
+    assert lost["ts"] - t_kill <= 3.0, f"lost after {lost['ts'] - t_kill:.2f}s"
+    workers.add_worker("worker-new", wait=True)
+    t_join = time.time()  # the node is up (its imports done); from here it must be seen and calibrated
+    joined = wait_for(find_event(mon, since, "node_joined", "worker-new"), 10)
+    profiled = wait_for(find_event(mon, since, "profiled", "worker-new"), 12)
+    assert joined["ts"] - t_join <= 10.0 and profiled["ts"] - t_join <= 10.0
+    nodes = {n["node_id"]: n["state"] for n in httpx.get(f"{mon.url}/v1/nodes").json()}
+    assert nodes["worker-0"] == "lost" and nodes["worker-new"] == "alive"
+    # Links to the lost node are no longer offered to planners.
+    assert all("worker-0" not in (lk["src"], lk["dst"]) for lk in httpx.get(f"{mon.url}/v1/links").json())
+
+
+def _start_redis(port: int, tmp_path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_redis_outage_stops_nothing_and_loses_no_registration(store, tmp_path) -> None:
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis = _start_redis(port, tmp_path)
+    wait_for(lambda: _redis_up(port), 10)
+    mon = start_monitor(tmp_path, redis_url=redis_url)
+    env = {"EDGEORCH_MONITOR_URL": mon.url, "EDGEORCH_REDIS_URL": redis_url}
+    workers = LocalWorkers(2, model_store=store.root, threads=1, log_dir=tmp_path, extra_env=env)
+    try:
+        wait_for(lambda: len(httpx.get(f"{mon.url}/v1/nodes", params={"state": "alive"}).json()) == 2, 10)
+        redis.kill()
+        redis.wait()
+        wait_for(lambda: httpx.get(f"{mon.url}/readyz").status_code == 503, 5)
+        time.sleep(10)
+        for p in (mon, *workers.workers):
+            assert p.proc.poll() is None, f"{p.name} exited during the outage"
+        nodes = httpx.get(f"{mon.url}/v1/nodes").json()
+        assert {n["node_id"]: n["state"] for n in nodes} == {"worker-0": "alive", "worker-1": "alive"}
+        redis = _start_redis(port, tmp_path)
+        wait_for(lambda: httpx.get(f"{mon.url}/readyz").status_code == 200, 10)
+        seen = {n["node_id"]: n["last_seen"] for n in httpx.get(f"{mon.url}/v1/nodes").json()}
+        time.sleep(2.5)
+        again = {n["node_id"]: n["last_seen"] for n in httpx.get(f"{mon.url}/v1/nodes").json()}
+        assert all(again[k] > seen[k] for k in seen), "heartbeats resumed"
+    finally:
+        workers.stop()
+        mon.stop()
+        redis.kill()
+
+
+def _redis_up(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_monitor_restart_keeps_registrations_and_events(store, tmp_path, backend) -> None:
+    db_url, dbname = None, None
+    if backend == "postgresql":
+        dbname = f"edgeorch_test_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect("postgresql://root@127.0.0.1:5432/test", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {dbname}")
+        db_url = f"postgresql://root@127.0.0.1:5432/{dbname}"
+    port = free_port()
+    mon = start_monitor(tmp_path, db_url=db_url, port=port)
+    workers = LocalWorkers(1, model_store=store.root, threads=1, log_dir=tmp_path,
+                           extra_env={"EDGEORCH_MONITOR_URL": mon.url})  # fmt: skip
+    try:
+        wait_for(find_event(mon, 0, "node_joined", "worker-0"), 10)
+        mon.stop()
+        mon = start_monitor(tmp_path, db_url=db_url, port=port)
+        assert [e["kind"] for e in events(mon)][:1] == ["node_joined"]
+        node = httpx.get(f"{mon.url}/v1/nodes/worker-0").json()
+        assert node["url"] == workers.workers[0].url
+        # The worker keeps heartbeating into the restarted monitor: it stays alive.
+        time.sleep(3)
+        assert httpx.get(f"{mon.url}/v1/nodes/worker-0").json()["state"] == "alive"
+    finally:
+        workers.stop()
+        mon.stop()
+        if dbname:
+            with psycopg.connect("postgresql://root@127.0.0.1:5432/test", autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")

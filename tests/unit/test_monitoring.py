@@ -1,0 +1,114 @@
+"""Estimators and change detection of the monitor, with a hand-driven clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeorch.monitoring.cluster import ClusterState, Thresholds, UnknownNode
+from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian, bandwidth_changed, rtt_changed
+from edgeorch.schemas.monitor import Heartbeat, LinkSample, NodeCapacity, Registration, SpeedSample
+
+CAP = NodeCapacity(cores=2, memory_bytes=8 << 30, trusted=True, watts=7.5)
+
+
+def _hb(**kw) -> Heartbeat:
+    return Heartbeat(cpu_percent=10, memory_free_bytes=1 << 30, queue_depth=0, sessions=0, **kw)
+
+
+def _speed(flops: float) -> dict[str, SpeedSample]:
+    return {"m": SpeedSample(decode_flops_per_s=flops, samples=5)}
+
+
+def test_rolling_median_ignores_a_minority_of_outliers() -> None:
+    m = RollingMedian(5)
+    assert m.value() is None
+    for v in (10, 10, 10, 500, 0.1):
+        m.add(v)
+    assert m.value() == 10
+    for v in (2.5, 2.5, 2.5):  # a real change takes over once it is the majority
+        m.add(v)
+    assert m.value() == 2.5
+
+
+def test_link_estimator_separates_rtt_and_bandwidth() -> None:
+    est = LinkEstimator()
+    for _ in range(3):
+        est.add(64, 0.010)  # small probes: the RTT
+        est.add(250_000, 0.010 + 0.1)  # 250 kB in 100 ms on top of the RTT: 2.5 MB/s
+    assert est.rtt.value() == pytest.approx(0.010)
+    assert est.bandwidth.value() == pytest.approx(2.5e6)
+    # A large transfer hidden in the noise only bounds the bandwidth from below.
+    fast = LinkEstimator()
+    fast.add(64, 0.001)
+    fast.add(100_000, 0.0012)
+    assert fast.bandwidth.value() == pytest.approx(100_000 / 0.004)
+    assert fast.resolvable_bytes_per_s == pytest.approx(100_000 / 0.004)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "resolvable", "changed"),
+    [
+        (100e6, 2.5e6, 500e6, True),  # loopback to 20 Mbit/s
+        (2.5e6, 2.0e6, 500e6, False),  # 20 % is inside the threshold
+        (2.5e6, 1.2e6, 500e6, True),
+        (600e6, 900e6, 500e6, False),  # both beyond what the probe resolves
+        (100e6, 200e6, 5e9, False),  # 64 KiB changes by 0.3 ms: noise to a planner
+    ],
+)
+def test_bandwidth_change_rule(old, new, resolvable, changed) -> None:
+    assert bandwidth_changed(old, new, 0.3, resolvable) is changed
+
+
+def test_rtt_change_needs_relative_and_absolute_size() -> None:
+    assert rtt_changed(0.001, 0.0025, 0.5) is False  # 150 % but only 1.5 ms
+    assert rtt_changed(0.010, 0.030, 0.5) is True
+    assert rtt_changed(0.100, 0.120, 0.5) is False
+
+
+def test_join_lose_return() -> None:
+    c = ClusterState(Thresholds(lost_after_s=2.0))
+    reg = Registration(node_id="a", url="http://127.0.0.1:1", capacity=CAP)
+    assert [e.kind for e in c.register(reg, now=0.0)] == ["node_joined"]
+    assert c.register(reg, now=0.5) == []  # a refresh is not news
+    assert c.sweep(now=2.4) == []
+    assert [e.kind for e in c.sweep(now=2.6)] == ["node_lost"]
+    assert c.sweep(now=5.0) == []  # lost once, reported once
+    assert [e.kind for e in c.heartbeat("a", _hb(), now=6.0)] == ["node_returned"]
+    with pytest.raises(UnknownNode):
+        c.heartbeat("ghost", _hb(), now=6.0)
+
+
+def test_speed_change_is_reported_once_past_the_threshold() -> None:
+    c = ClusterState(Thresholds(speed_rel=0.3))
+    c.register(Registration(node_id="a", url="u", capacity=CAP), now=0)
+    assert c.heartbeat("a", _hb(speeds=_speed(1e9)), now=1) == []  # sets the baseline
+    assert c.heartbeat("a", _hb(speeds=_speed(0.8e9)), now=2) == []  # inside the threshold
+    events = c.heartbeat("a", _hb(speeds=_speed(0.25e9)), now=3)
+    assert [e.kind for e in events] == ["speed_changed"]
+    assert events[0].data["ratio"] == pytest.approx(0.25)
+    assert c.heartbeat("a", _hb(speeds=_speed(0.26e9)), now=4) == []  # the new level is the baseline
+    view = c.node_view(c.nodes["a"], "m")
+    assert view.flops_per_s == 0.26e9 and view.memory_bytes == 8 << 30 and view.trusted
+
+
+def test_link_change_and_views() -> None:
+    c = ClusterState()
+    for n in ("a", "b"):
+        c.register(Registration(node_id=n, url=f"http://{n}", capacity=CAP), now=0)
+    link = dict(dst="b", rtt_s=0.001, resolvable_bytes_per_s=500e6, samples=3)
+    assert c.heartbeat("a", _hb(links=[LinkSample(bandwidth_bytes_per_s=200e6, **link)]), now=1) == []
+    events = c.heartbeat("a", _hb(links=[LinkSample(bandwidth_bytes_per_s=2.5e6, **link)]), now=2)
+    assert [(e.kind, e.data["dst"]) for e in events] == [("link_changed", "b")]
+    assert [(lv.src, lv.dst, lv.bandwidth_bytes_per_s) for lv in c.link_views()] == [("a", "b", 2.5e6)]
+    assert c.peers_of("a") == [("b", "http://b")]
+    c.sweep(now=100)  # both lost: their links are no longer offered to planners
+    assert c.link_views() == [] and len(c.link_views(alive_only=False)) == 1
+
+
+def test_paired_probes_cancel_shared_overhead() -> None:
+    est = LinkEstimator()
+    # 8 ms of overhead on both, 20 ms of transfer for the extra 50 kB: 2.5 MB/s exactly.
+    for _ in range(3):
+        est.add_pair((64, 0.008), (50_064, 0.028))
+    assert est.bandwidth.value() == pytest.approx(2.5e6)
+    assert est.rtt.value() == pytest.approx(0.008)
