@@ -151,7 +151,9 @@ class StageHost:
         self.sessions.drop_stage(stage_id)
         # A step still computing on this stage keeps its modules alive through `hosted`.
         freed = self.units.release_stage(hosted.loaded)
-        log.info("unloaded stage %s (%d units freed, %d still held)", stage_id, freed, self.units.held_units())
+        log.info(
+            "unloaded stage %s (%d units freed, %d still held)", stage_id, freed, self.units.held_units()
+        )
 
     async def warm(self, stage_id: str) -> float:
         """Run one dummy token through a stage's own units (no next hop, no cache); returns seconds."""

@@ -41,9 +41,10 @@ class StageInfo(BaseModel):
     next: NextHop | None
     num_units: int
     param_bytes: int
-    bytes_read: int
+    bytes_read: int = Field(description="checkpoint bytes this load read (0 when every unit was shared)")
     load_s: float
     sessions: int
+    units_shared: int = Field(default=0, description="units reused from other stages on this worker")
 
 
 class Sampling(BaseModel):

@@ -59,8 +59,12 @@ class WorkerSettings(CommonSettings):
     trusted: bool = False
     watts: float = Field(default=10.0, ge=0)
     # Reconfiguration Broadcast: the rollout agent runs only when broadcast_url is set.
-    broadcast_url: str | None = Field(default=None, description="the broadcast service; unset: no rollout agent")
-    rollout_secret: str = Field(default="", description="shared HMAC secret, the same as the broadcast service's")
+    broadcast_url: str | None = Field(
+        default=None, description="the broadcast service; unset: no rollout agent"
+    )
+    rollout_secret: str = Field(
+        default="", description="shared HMAC secret, the same as the broadcast service's"
+    )
     rollout_pull_interval_s: float = Field(default=5.0, gt=0, description="desired-state pull period")
     rollout_max_age_s: float = Field(default=300.0, gt=0, description="older rollout messages are refused")
 

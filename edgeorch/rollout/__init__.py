@@ -1,0 +1,1 @@
+"""Reconfiguration Broadcast core: plan versions, signing, the rollout state machine (DESIGN.md §6.3)."""

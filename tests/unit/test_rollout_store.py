@@ -1,0 +1,116 @@
+"""The broadcast store on SQLite: versions only grow, phases follow the state machine, acks are checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeorch.rollout.plan import desired_for_node
+from edgeorch.rollout.state import IllegalTransition
+from edgeorch.schemas.rollout import AckRequest, RolloutRequest
+from edgeorch.storage import make_engine
+from services.broadcast.store import Base, Conflict, NotFound, RolloutStore
+
+
+def _req(version=None, model="tiny-llama", nodes=("a", "b")) -> RolloutRequest:
+    stages = [{"node_id": nodes[0], "url": "http://a:1", "start": 0, "end": 3},
+              {"node_id": nodes[1], "url": "http://b:1", "start": 3, "end": 6}]  # fmt: skip
+    return RolloutRequest.model_validate({"deployment": "d", "version": version,
+                                          "plan": {"model": model, "stages": stages}})  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path) -> RolloutStore:
+    engine, sessions = make_engine(f"sqlite:///{tmp_path / 'b.db'}", Base)
+    yield RolloutStore(sessions)
+    engine.dispose()
+
+
+def _ack(rid: str, node: str, ok: bool = True) -> AckRequest:
+    return AckRequest(rollout_id=rid, node_id=node, ok=ok, prepare_s=0.5, bytes_read=10)
+
+
+def test_a_rollout_goes_from_prepare_to_commit_to_complete(store) -> None:
+    r = store.create_rollout(_req(), "r1", now=100.0, prepare_timeout_s=30)
+    assert (r.phase, r.version, r.from_version, r.nodes) == ("preparing", 1, None, ["a", "b"])
+    assert r.prepare_deadline == 130.0
+    with pytest.raises(NotFound):
+        store.deployment("d")  # nothing committed yet
+    store.add_ack(_ack("r1", "a"), now=101.0)
+    assert store.get_rollout("r1").acked_at is None
+    r = store.add_ack(_ack("r1", "b"), now=102.0)
+    assert r.acked_at == 102.0 and r.prepare_s == 2.0
+    r = store.commit("r1", now=102.5)
+    assert r.phase == "committed" and r.commit_s == 0.5
+    dep = store.deployment("d")
+    assert dep.active_version == 1 and dep.entry.stage_id == "d.v1.s0"
+    assert store.complete("r1", "nothing to drain", now=103.0).phase == "completed"
+    assert [r.id for r in store.in_flight()] == []
+
+
+def test_versions_must_grow_and_one_rollout_at_a_time(store) -> None:
+    store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+    with pytest.raises(Conflict, match="still preparing"):
+        store.create_rollout(_req(), "r2", now=0, prepare_timeout_s=30)
+    store.abort("r1", "test", now=1)
+    with pytest.raises(Conflict, match="not newer than version 1"):
+        store.create_rollout(_req(version=1), "r2", now=2, prepare_timeout_s=30)
+    r = store.create_rollout(_req(), "r2", now=2, prepare_timeout_s=30)
+    assert r.version == 2  # an aborted version's number is never reused
+    for n in ("a", "b"):
+        store.add_ack(_ack("r2", n), now=3)
+    store.commit("r2", now=4)
+    with pytest.raises(Conflict, match="still committed"):
+        store.create_rollout(_req(), "r3", now=5, prepare_timeout_s=30)
+    store.complete("r2", "drained", now=6)
+    with pytest.raises(Conflict, match="serves model"):
+        store.create_rollout(_req(model="tiny-gpt2"), "r3", now=7, prepare_timeout_s=30)
+    r = store.create_rollout(_req(version=10), "r3", now=7, prepare_timeout_s=30)
+    assert (r.version, r.from_version) == (10, 2)
+
+
+def test_acks_are_checked_against_the_rollout(store) -> None:
+    store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+    with pytest.raises(NotFound):
+        store.add_ack(_ack("nope", "a"), now=1)
+    with pytest.raises(Conflict, match="no stage in rollout"):
+        store.add_ack(_ack("r1", "z"), now=1)
+    store.add_ack(_ack("r1", "a", ok=False), now=1)
+    r = store.add_ack(_ack("r1", "a", ok=True), now=2)  # a retried ack replaces the earlier one
+    assert [(a.node_id, a.ok) for a in r.acks] == [("a", True)]
+    store.abort("r1", "b died", now=3)
+    with pytest.raises(Conflict, match="only while preparing"):
+        store.add_ack(_ack("r1", "b"), now=4)
+
+
+def test_illegal_transitions_are_refused_and_change_nothing(store) -> None:
+    store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+    with pytest.raises(IllegalTransition):
+        store.complete("r1", "too early", now=1)
+    store.commit("r1", now=1)
+    with pytest.raises(IllegalTransition):
+        store.abort("r1", "too late", now=2)
+    assert store.get_rollout("r1").phase == "committed"
+    assert store.deployment("d").active_version == 1
+
+
+def test_snapshots_feed_the_desired_state_through_a_whole_rollout(store) -> None:
+    def stages(node: str) -> list[str]:
+        [entry] = desired_for_node(node, store.snapshots())
+        return [s["stage_id"] for s in entry["stages"]]
+
+    store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+    assert stages("a") == ["d.v1.s0"]
+    for n in ("a", "b"):
+        store.add_ack(_ack("r1", n), now=1)
+    store.commit("r1", now=1)
+    store.complete("r1", "first", now=1)
+    store.create_rollout(_req(nodes=("a", "c")), "r2", now=2, prepare_timeout_s=30)
+    assert stages("b") == ["d.v1.s1"] and stages("c") == ["d.v2.s1"]
+    for n in ("a", "c"):
+        store.add_ack(_ack("r2", n), now=3)
+    store.commit("r2", now=3)
+    assert stages("b") == ["d.v1.s1"]  # draining
+    assert [v.status for v in store.deployment("d").versions] == ["draining", "active"]
+    store.complete("r2", "drained", now=4)
+    assert stages("b") == [] and stages("a") == ["d.v2.s0"]
+    assert [v.status for v in store.deployment("d").versions] == ["retired", "active"]
