@@ -67,6 +67,7 @@ class MonitorAgent:
         self.http = httpx.AsyncClient(timeout=5.0)
         self.probes: dict[str, ModelProbe] = {}
         self.calibrations: dict[str, ProfileReport] = {}
+        self.stage_times: dict[str, RollingMedian] = {}
         self.speeds: dict[str, _Speed] = {}
         self.links: dict[str, LinkEstimator] = {}
         self.peers: dict[str, str] = {}  # node id -> url
@@ -106,6 +107,9 @@ class MonitorAgent:
             memory_free_bytes=psutil.virtual_memory().available,
             queue_depth=self.host.in_flight,
             sessions=self.host.sessions.count(),
+            stage_compute_s={
+                st: m.value() for st, m in self.stage_times.items() if st in self.host.stages and m.value()
+            },
             speeds={m: self._speed_sample(m) for m in self.calibrations},
             links=[
                 LinkSample(
@@ -219,6 +223,9 @@ class MonitorAgent:
 
     def _on_forward(self, sample: dict) -> None:
         """Passive measurements from real traffic: stage speed and the hop to the next node."""
+        self.stage_times.setdefault(sample["stage"], RollingMedian(self.cfg.speed_window)).add(
+            sample["compute_s"]
+        )
         probe = self.probes.get(sample["model"])
         cal = self.calibrations.get(sample["model"])
         if probe is not None and cal is not None and sample["compute_s"] > 0:

@@ -18,6 +18,8 @@ import httpx
 import psycopg
 import pytest
 
+from edgeorch.chain import load_chain
+from edgeorch.client import ChainClient
 from edgeorch.launcher import LocalService, LocalWorkers, free_port
 
 MODEL = "smollm2-135m"
@@ -112,8 +114,26 @@ def test_nodes_are_registered_calibrated_and_linked(cluster) -> None:
     pairs = {(lk["src"], lk["dst"]) for lk in links}
     assert len(pairs) == 6  # every directed pair of three nodes
     assert httpx.get(f"{mon.url}/v1/nodes/nope").status_code == 404
+    assert all(n["live"]["cpu_percent"] >= 0 and n["live"]["memory_free_bytes"] > 0 for n in nodes.values())
     assert "edgeorch_monitor_heartbeats_total" in httpx.get(f"{mon.url}/metrics").text
     assert httpx.get(f"{mon.url}/readyz").status_code == 200
+
+
+def test_real_traffic_feeds_stage_times_and_link_samples(cluster) -> None:
+    mon, workers = cluster
+    ids = load_chain(workers, MODEL, [(0, 11), (11, 21), (21, 32)], prefix="mon")
+    with ChainClient(workers.workers[0].url, ids[0]) as client:
+        client.generate([1, 504, 3575, 282], 8)
+    # The heartbeat after the traffic carries each stage's recent compute time.
+    for i, stage in enumerate(ids):
+        live = wait_for(lambda i=i, stage=stage: _live_stage_time(mon, f"worker-{i}", stage), 5)
+        assert live > 0
+    for i, stage in enumerate(ids):
+        httpx.delete(f"{workers.workers[i].url}/v1/stages/{stage}")
+
+
+def _live_stage_time(mon, node: str, stage: str) -> float | None:
+    return httpx.get(f"{mon.url}/v1/nodes/{node}").json()["live"].get("stage_compute_s", {}).get(stage)
 
 
 def test_heterogeneous_nodes_get_speeds_in_their_ratios(cluster) -> None:
