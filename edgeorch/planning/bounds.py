@@ -48,7 +48,10 @@ def throughput_bound(problem: Problem, allowed: np.ndarray) -> float:
     per_unit = np.where(allowed, flops[:, None] / fps[None, :], np.inf).min(axis=1)
     unit_bound = float(per_unit.max())
     cap_flops = np.array(
-        [_fractional_knapsack(flops[allowed[:, n]], mem[allowed[:, n]], problem.memory_bytes[n]) for n in range(len(fps))]
+        [
+            _fractional_knapsack(flops[allowed[:, n]], mem[allowed[:, n]], problem.memory_bytes[n])
+            for n in range(len(fps))
+        ]
     )
     if cap_flops.sum() < total * (1 - 1e-12):
         return float("inf")
@@ -64,6 +67,91 @@ def throughput_bound(problem: Problem, allowed: np.ndarray) -> float:
         saturated += cap_flops[i]
         slope -= fps[i]
     return max(unit_bound, float(kinks[order[-1]]))
+
+
+def _unit_classes(
+    problem: Problem, allowed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Units grouped by identical (flops, memory, allowed nodes): count, flops, memory, allowed row."""
+    keys: dict[tuple, int] = {}
+    for u in range(problem.num_units):
+        key = (float(problem.flops_per_token[u]), int(problem.unit_memory_bytes[u]), allowed[u].tobytes())
+        keys.setdefault(key, u)
+    reps = list(keys.values())
+    counts = np.array(
+        [sum(1 for u in range(problem.num_units) if _same(problem, allowed, u, r)) for r in reps]
+    )
+    return counts, problem.flops_per_token[reps], problem.unit_memory_bytes[reps], allowed[reps]
+
+
+def _same(problem: Problem, allowed: np.ndarray, u: int, r: int) -> bool:
+    return (
+        problem.flops_per_token[u] == problem.flops_per_token[r]
+        and problem.unit_memory_bytes[u] == problem.unit_memory_bytes[r]
+        and bool((allowed[u] == allowed[r]).all())
+    )
+
+
+def _combos(counts: np.ndarray, max_combos: int) -> np.ndarray | None:
+    """Every count vector per class (C, classes), or None when there are too many."""
+    if np.prod(counts + 1.0) > max_combos:
+        return None
+    grids = np.meshgrid(*[np.arange(c + 1) for c in counts], indexing="ij")
+    return np.stack([g.ravel() for g in grids], axis=1)
+
+
+def packable_memory(problem: Problem, allowed: np.ndarray, max_combos: int = 4096) -> np.ndarray | None:
+    """Per node, the most unit memory it can hold in whole units (None when units are too varied).
+
+    A node of 3 GB holds one 1.7 GB layer, not 1.7 of them: if these figures
+    do not add up to the model, no plan exists, however the chain is cut.
+    """
+    counts, _, mem, allow = _unit_classes(problem, allowed)
+    combo = _combos(counts, max_combos)
+    if combo is None:
+        return None
+    combo_mem = combo @ mem.astype(np.float64)
+    fits = combo_mem[None, :] <= problem.memory_bytes[:, None]
+    fits &= ((combo[None, :, :] == 0) | allow.T[:, None, :]).all(axis=2)
+    return np.where(fits, combo_mem[None, :], 0.0).max(axis=1)
+
+
+def whole_unit_throughput_bound(problem: Problem, allowed: np.ndarray, max_combos: int = 4096) -> float:
+    """Like :func:`throughput_bound` but with whole units: what a node can take is a set of units.
+
+    Units fall into few classes (embedding, identical layers, head), so every
+    count vector per class can be listed; node n can then carry at most the
+    most flops of a count vector that fits its memory and stays under T. A
+    GPU that fits 3.9 layers carries 3, which the fractional bound misses.
+    Falls back to the fractional bound when the classes are too many.
+    """
+    fractional = throughput_bound(problem, allowed)
+    counts, flops, mem, allow = _unit_classes(problem, allowed)
+    combo = _combos(counts, max_combos)
+    if combo is None or not np.isfinite(fractional):
+        return fractional
+    combo_flops = combo @ flops
+    combo_mem = combo @ mem.astype(np.float64)
+    # (N, C): may node n take this count vector at all (memory, privacy)?
+    fits = combo_mem[None, :] <= problem.memory_bytes[:, None]
+    fits &= ((combo[None, :, :] == 0) | allow.T[:, None, :]).all(axis=2)
+    load = combo_flops[None, :] / problem.flops_per_s[:, None]
+    total = float(problem.flops_per_token.sum())
+
+    def carried(t: float) -> float:
+        return float(np.where(fits & (load <= t), combo_flops[None, :], 0.0).max(axis=1).sum())
+
+    candidates = np.unique(load[fits & (load >= fractional)])
+    lo, hi = 0, len(candidates) - 1
+    if hi < 0 or carried(candidates[hi]) < total * (1 - 1e-12):
+        return fractional
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if carried(candidates[mid]) >= total * (1 - 1e-12):
+            hi = mid
+        else:
+            lo = mid + 1
+    return max(fractional, float(candidates[lo]))
 
 
 def energy_bound(problem: Problem) -> float:
@@ -98,3 +186,90 @@ def energy_bound(problem: Problem) -> float:
             if room[j] <= 0:
                 j += 1
     return energy
+
+
+# Node x count-vector pairs beyond which the exact packing bounds below cost more than they save.
+MAX_PACKING_WORK = 20_000
+
+
+def _node_combos(problem: Problem, allowed: np.ndarray) -> tuple | None:
+    """Unit classes, every count vector, and per node which vectors fit its memory and privacy."""
+    counts, flops, mem, allow = _unit_classes(problem, allowed)
+    combo = _combos(counts, MAX_PACKING_WORK)
+    if combo is None or combo.shape[0] * problem.num_nodes > MAX_PACKING_WORK:
+        return None
+    fits = (combo @ mem.astype(np.float64))[None, :] <= problem.memory_bytes[:, None]
+    fits &= ((combo[None, :, :] == 0) | allow.T[:, None, :]).all(axis=2)
+    return counts, combo, combo @ flops, fits
+
+
+def _shift(table: np.ndarray, combo: np.ndarray) -> tuple[tuple, tuple]:
+    """Slices of a count-indexed table: source states s >= c and their destinations s - c."""
+    src = tuple(slice(int(c), None) for c in combo)
+    dst = tuple(slice(0, n - int(c)) for n, c in zip(table.shape, combo, strict=True))
+    return src, dst
+
+
+def packed_energy_bound(problem: Problem, allowed: np.ndarray) -> float:
+    """Least energy over whole-unit packings of the units onto nodes (chain order and links ignored).
+
+    Hops cost no energy, so this is the energy problem itself without the
+    chain's order and links: a dynamic programme over nodes whose state is how
+    many units of each class are still to place. With a full mesh of links it
+    is exact. Returns 0 when the classes are too many (no bound).
+    """
+    prepared = _node_combos(problem, allowed)
+    if prepared is None:
+        return 0.0
+    counts, combo, combo_flops, fits = prepared
+    per_flop = problem.workload.tokens * problem.watts / problem.flops_per_s
+    cost = np.full(tuple(counts + 1), np.inf)
+    cost[tuple(counts)] = 0.0
+    for n in range(problem.num_nodes):
+        nxt = cost.copy()
+        for i in np.flatnonzero(fits[n]):
+            if not combo[i].any():
+                continue
+            src, dst = _shift(cost, combo[i])
+            np.minimum(nxt[dst], cost[src] + combo_flops[i] * per_flop[n], out=nxt[dst])
+        cost = nxt
+    return float(cost[(0,) * len(counts)])
+
+
+def packed_throughput_bound(problem: Problem, allowed: np.ndarray, lower: float) -> float:
+    """Least bottleneck at which whole units pack onto nodes with every node's load within it.
+
+    Feasibility at T is the same count-vector programme with booleans; the
+    least feasible T among the loads of count vectors is found by bisection.
+    Link loads and chain order are ignored, so this is a lower bound. Returns
+    ``lower`` when the classes are too many.
+    """
+    prepared = _node_combos(problem, allowed)
+    if prepared is None:
+        return lower
+    counts, combo, combo_flops, fits = prepared
+    load = combo_flops[None, :] / problem.flops_per_s[:, None]
+
+    def packs(t: float) -> bool:
+        reach = np.zeros(tuple(counts + 1), dtype=bool)
+        reach[tuple(counts)] = True
+        for n in range(problem.num_nodes):
+            nxt = reach.copy()
+            for i in np.flatnonzero(fits[n] & (load[n] <= t)):
+                if combo[i].any():
+                    src, dst = _shift(reach, combo[i])
+                    nxt[dst] |= reach[src]
+            reach = nxt
+        return bool(reach[(0,) * len(counts)])
+
+    candidates = np.unique(load[fits & (load >= lower * (1 - 1e-12))])
+    lo, hi = 0, len(candidates) - 1
+    if hi < 0 or not packs(float(candidates[hi])):
+        return lower
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if packs(float(candidates[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return max(lower, float(candidates[lo]))

@@ -175,7 +175,9 @@ def violations(problem: Problem, stages: Sequence[Stage]) -> list[Cause]:
     }
     if over:
         text = ", ".join(f"{k} by {v} bytes" for k, v in over.items())
-        causes.append(Cause("memory", f"nodes short of memory: {text}", nodes=tuple(over), short_by_bytes=over))
+        causes.append(
+            Cause("memory", f"nodes short of memory: {text}", nodes=tuple(over), short_by_bytes=over)
+        )
     assign = assignment_from_stages(stages, problem.num_units)
     bad = [u for u in np.flatnonzero(problem.trusted_mask) if not problem.trusted[assign[u]]]
     if bad:
@@ -190,7 +192,9 @@ def violations(problem: Problem, stages: Sequence[Stage]) -> list[Cause]:
     missing = sorted({(ids[h.src], ids[h.dst]) for h in ev.hops if not h.linked})
     if missing:
         text = ", ".join(f"{a}->{b}" for a, b in missing)
-        causes.append(Cause("missing_link", f"plan needs links that do not exist: {text}", links=tuple(missing)))
+        causes.append(
+            Cause("missing_link", f"plan needs links that do not exist: {text}", links=tuple(missing))
+        )
     cap = problem.max_migration_bytes
     if cap is not None and ev.migration_bytes > cap:
         causes.append(

@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from edgeorch.planning.bounds import packable_memory
 from edgeorch.planning.errors import Cause
 from edgeorch.planning.problem import Problem, Stage
 from edgeorch.planning.relax import Constraints, Relaxer
@@ -37,20 +38,28 @@ def _unit_causes(p: Problem) -> list[Cause]:
     trusted_units = [int(u) for u in np.flatnonzero(p.trusted_mask)]
     if trusted_units and not p.trusted.any():
         causes.append(
-            Cause("no_trusted_host", f"units {trusted_units} must run on a trusted node and none is", units=tuple(trusted_units))
+            Cause(
+                "no_trusted_host",
+                f"units {trusted_units} must run on a trusted node and none is",
+                units=tuple(trusted_units),
+            )
         )
         return causes
     mem = p.unit_memory_bytes
     for u in range(p.num_units):
-        allowed = p.allowed[u]
-        largest = int(p.memory_bytes[allowed].max()) if allowed.any() else 0
+        allowed = np.flatnonzero(p.allowed[u])
+        biggest = int(allowed[np.argmax(p.memory_bytes[allowed])])
+        largest = int(p.memory_bytes[biggest])
         if mem[u] > largest:
             who = "trusted node" if p.trusted_mask[u] else "node"
+            name = p.node_ids[biggest]
             causes.append(
                 Cause(
                     "unit_too_large",
-                    f"unit {u} ({p.unit_names[u]}) needs {int(mem[u])} bytes; the largest {who} has {largest}",
+                    f"unit {u} ({p.unit_names[u]}) needs {int(mem[u])} bytes; the largest {who}, {name}, has {largest}",
+                    nodes=(name,),
                     units=(u,),
+                    short_by_bytes={name: int(mem[u]) - largest},
                 )
             )
     return causes
@@ -110,6 +119,21 @@ def _total_causes(p: Problem, usable: np.ndarray) -> list[Cause]:
     return causes
 
 
+def whole_unit_causes(p: Problem, allowed: np.ndarray) -> list[Cause]:
+    """The model does not fit the nodes in whole units (each node holds only what fits entirely)."""
+    packable = packable_memory(p, allowed)
+    need = int(p.unit_memory_bytes.sum())
+    if packable is None or packable.sum() >= need:
+        return []
+    have = int(packable.sum())
+    holding = [p.node_ids[n] for n in np.flatnonzero(packable > 0)]
+    text = (
+        f"the model needs {need} bytes but whole units fill at most {have} bytes of node memory "
+        f"(short by {need - have}); only {len(holding)} of {p.num_nodes} nodes can hold any unit"
+    )
+    return [Cause("insufficient_memory", text, nodes=tuple(holding), short_by_bytes={"total": need - have})]
+
+
 def _link_causes(p: Problem) -> list[Cause]:
     """Links a plan would use if every link existed."""
     n = p.num_nodes
@@ -127,12 +151,20 @@ def _link_causes(p: Problem) -> list[Cause]:
     ids, src = p.node_ids, p.source
     path = [src, *[s.node for s in sol.stages], src]
     missing = tuple(
-        dict.fromkeys((ids[a], ids[b]) for a, b in zip(path, path[1:], strict=False) if a != b and not p.has_link[a, b])
+        dict.fromkeys(
+            (ids[a], ids[b]) for a, b in zip(path, path[1:], strict=False) if a != b and not p.has_link[a, b]
+        )
     )
     if not missing:
         return []
     text = ", ".join(f"{a}->{b}" for a, b in missing)
-    return [Cause("missing_link", f"every plan that fits needs a link that does not exist, e.g. {text}", links=missing)]
+    return [
+        Cause(
+            "missing_link",
+            f"every plan that fits needs a link that does not exist, e.g. {text}",
+            links=missing,
+        )
+    ]
 
 
 def packing_causes(p: Problem, stages: tuple[Stage, ...] | None) -> list[Cause]:
@@ -148,7 +180,11 @@ def packing_causes(p: Problem, stages: tuple[Stage, ...] | None) -> list[Cause]:
     used = np.zeros(p.num_nodes, dtype=np.int64)
     for s in stages:
         used[s.node] += int(p.unit_memory_bytes[s.start : s.end].sum())
-    over = {p.node_ids[n]: int(used[n] - p.memory_bytes[n]) for n in range(p.num_nodes) if used[n] > p.memory_bytes[n]}
+    over = {
+        p.node_ids[n]: int(used[n] - p.memory_bytes[n])
+        for n in range(p.num_nodes)
+        if used[n] > p.memory_bytes[n]
+    }
     if not over:
         return []
     text = ", ".join(f"{k} by {v} bytes" for k, v in over.items())
@@ -162,15 +198,40 @@ def packing_causes(p: Problem, stages: tuple[Stage, ...] | None) -> list[Cause]:
     ]
 
 
-def diagnose(problem: Problem) -> list[Cause]:
-    """Causes of infeasibility, most specific first; never empty."""
-    causes = _unit_causes(problem)
-    if not causes:
-        causes = _total_causes(problem, usable_nodes(problem))
-    if not causes:
-        causes = _link_causes(problem)
-    if not causes:
-        causes = packing_causes(problem, None)
-    if not causes:
-        causes = [Cause("constraints", "no plan satisfies memory, privacy and links together")]
-    return causes
+def migration_causes(problem: Problem, only_forced: bool) -> list[Cause]:
+    """The migration cap as a cause: units on lost nodes that must move anyway, or the cap itself."""
+    owner, cap = problem.current_owner, problem.max_migration_bytes
+    if cap is None or owner is None:
+        return []
+    lost = [int(u) for u in np.flatnonzero(owner < 0)]
+    must = int(problem.param_bytes[lost].sum())
+    if must > cap:
+        text = f"units {lost} were on nodes that are gone: at least {must} bytes must move, the cap is {cap}"
+        return [Cause("migration_cap", text, units=tuple(lost))]
+    if only_forced:
+        return []
+    return [
+        Cause("migration_cap", f"no plan within the migration cap of {cap} bytes satisfies the constraints")
+    ]
+
+
+def diagnose(problem: Problem, relaxed: tuple[Stage, ...] | None = None) -> list[Cause]:
+    """Causes of infeasibility, most specific first; never empty.
+
+    ``relaxed`` is the per-stage relaxation's plan when there is one (then
+    only the nodes' totals can be what blocks, and its overfull nodes say which).
+    """
+    checks = (
+        lambda: _unit_causes(problem),
+        lambda: _total_causes(problem, usable_nodes(problem)),
+        lambda: whole_unit_causes(problem, problem.allowed & usable_nodes(problem)[None, :]),
+        lambda: migration_causes(problem, only_forced=True),
+        lambda: _link_causes(problem) if relaxed is None else [],
+        lambda: packing_causes(problem, relaxed),
+        lambda: migration_causes(problem, only_forced=False),
+    )
+    for check in checks:
+        causes = check()
+        if causes:
+            return causes
+    return [Cause("constraints", "no plan satisfies memory, privacy and links together")]

@@ -14,25 +14,34 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgeorch.planning.bounds import energy_bound, throughput_bound
+from edgeorch.planning.bounds import (
+    energy_bound,
+    packed_energy_bound,
+    packed_throughput_bound,
+    whole_unit_throughput_bound,
+)
 from edgeorch.planning.cost import Evaluation, evaluate, score, violations
-from edgeorch.planning.diagnose import diagnose, packing_causes
-from edgeorch.planning.errors import Cause, InfeasibleError
-from edgeorch.planning.heuristics import heuristic_plans
+from edgeorch.planning.diagnose import diagnose, whole_unit_causes
+from edgeorch.planning.errors import Cause, InfeasibleError, UnsupportedRequestError
+from edgeorch.planning.heuristics import heuristic_plans, quick_plans
 from edgeorch.planning.problem import Problem, Stage
 from edgeorch.planning.relax import Constraints, Relaxer
-from edgeorch.planning.search import Search
+from edgeorch.planning.search import Search, SearchOutcome
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE_UNITS = {"latency": "s", "throughput": "s/token", "energy": "J"}
+# Shares of the time limit: the Lagrangian prices may use this much of what is
+# left when they start, and heuristics run until this share has passed (longer
+# only while they have no feasible plan); the exact search gets the rest.
+PRICE_SHARE = 0.3
+HEURISTIC_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,12 @@ class PlanResult:
 
 
 def _extra_bound(problem: Problem, relaxer: Relaxer) -> float:
+    """A lower bound that sees node totals (the relaxation does not), per objective."""
+    allowed = relaxer.base_allowed
     if problem.objective == "throughput":
-        return throughput_bound(problem, relaxer.base_allowed)
-    if problem.objective == "energy" and problem.num_units * problem.num_nodes > 0:
-        return energy_bound(problem)
+        return packed_throughput_bound(problem, allowed, whole_unit_throughput_bound(problem, allowed))
+    if problem.objective == "energy":
+        return max(energy_bound(problem), packed_energy_bound(problem, allowed))
     return 0.0
 
 
@@ -73,22 +84,29 @@ def _current_plan(problem: Problem) -> list[Stage] | None:
     return [Stage(index[nid], a, b) for nid, a, b in problem.current_stages]
 
 
-def _migration_causes(problem: Problem) -> list[Cause]:
-    owner = problem.current_owner
-    cap = problem.max_migration_bytes
-    if cap is None or owner is None:
-        return []
-    lost = [int(u) for u in np.flatnonzero(owner < 0)]
-    must = int(problem.param_bytes[lost].sum())
-    if must > cap:
-        return [
-            Cause(
-                "migration_cap",
-                f"units {lost} were on nodes that are gone: at least {must} bytes must move, the cap is {cap}",
-                units=tuple(lost),
-            )
-        ]
-    return [Cause("migration_cap", f"no plan within the migration cap of {cap} bytes satisfies the constraints")]
+def _seek(search: Search, cons: Constraints, root, t0: float, limit: float) -> None:
+    """Incumbents and prices before the exact search: a quick plan, prices, then heuristics.
+
+    The quick plan gives the price search its target; the prices then both
+    raise the lower bound and steer the heuristics away from overfull nodes.
+    """
+    problem, relaxer = search.p, search.r
+
+    def proven() -> bool:
+        return search.pruned(max(root.value, search.extra_bound, search.price_bound))
+
+    current = _current_plan(problem)
+    if current is not None:
+        search.offer(current)
+    for stages in quick_plans(relaxer):
+        search.offer(stages)
+    if not proven():
+        search.find_prices(cons, root, share=PRICE_SHARE)
+    soft, hard = t0 + HEURISTIC_SHARE * limit, t0 + limit
+    for stages in heuristic_plans(relaxer, cons, root, search.extra_bound, soft, hard, search.prices):
+        search.offer(stages)
+        if proven() or time.monotonic() > (soft if np.isfinite(search.best_value) else hard):
+            break
 
 
 def plan_optimal(problem: Problem) -> PlanResult:
@@ -97,33 +115,49 @@ def plan_optimal(problem: Problem) -> PlanResult:
     Raises :class:`InfeasibleError` with causes when there is none (or none
     was found before the time limit, which the cause then says).
     """
+    if problem.objective == "throughput" and problem.migration_weight > 0:
+        raise UnsupportedRequestError("migration_weight has no unit for throughput; use max_migration_bytes")
     t0 = time.monotonic()
     relaxer = Relaxer(problem)
     root_cons = Constraints(forced=relaxer.root_forced())
     root = relaxer.solve(root_cons)
     if root is None:
         raise InfeasibleError("no plan satisfies the constraints", diagnose(problem))
+    # The relaxation may reuse nodes beyond their memory; when whole units cannot
+    # fill the model even without any chain order, say so now instead of searching.
+    packing = whole_unit_causes(problem, relaxer.base_allowed)
+    if packing:
+        raise InfeasibleError("no plan satisfies the constraints", packing)
     extra = _extra_bound(problem, relaxer)
-    search = Search(relaxer, t0 + problem.time_limit_s, extra)
-    starts = list(filter(None, [_current_plan(problem)]))
-    outcome = search.run(root_cons, root, itertools.chain(starts, heuristic_plans(relaxer, root.stages)))
+    limit = problem.time_limit_s
+    search = Search(relaxer, t0 + limit, extra)
+    if not search.root_is_enough(root_cons, root):
+        _seek(search, root_cons, root, t0, limit)
+    outcome = search.run(root_cons, root)
     elapsed = time.monotonic() - t0
     if outcome.stages is None:
-        if outcome.timed_out:
-            raise InfeasibleError(
-                "no feasible plan found within the time limit",
-                [Cause("search_limit", f"searched {outcome.nodes} branches in {elapsed:.3f} s without a feasible plan")],
-            )
-        causes = _migration_causes(problem) or packing_causes(problem, root.stages) or diagnose(problem)
-        raise InfeasibleError("no plan satisfies the constraints", causes)
+        raise _no_plan(problem, outcome, root, elapsed)
+    return _result(problem, outcome, elapsed)
+
+
+def _no_plan(problem: Problem, outcome: SearchOutcome, root, elapsed: float) -> InfeasibleError:
+    """The error for a search that ended without a plan: proven infeasible, or out of time."""
+    if outcome.timed_out:
+        text = f"searched {outcome.nodes} branches in {elapsed:.3f} s without a feasible plan"
+        return InfeasibleError("no feasible plan found within the time limit", [Cause("search_limit", text)])
+    return InfeasibleError("no plan satisfies the constraints", diagnose(problem, root.stages))
+
+
+def _result(problem: Problem, outcome: SearchOutcome, elapsed: float) -> PlanResult:
+    """The found plan, checked once more against every constraint, with its figures."""
     broken = violations(problem, outcome.stages)
     if broken:
         # A bug, not bad input: refuse to hand out a plan that breaks a limit.
         raise RuntimeError(f"planner produced an infeasible plan: {broken}")
     ev = evaluate(problem, outcome.stages)
     value = score(problem, ev)
-    bound = min(outcome.bound, value)
-    gap = 0.0 if outcome.optimal else (value - bound) / abs(value) if value else 0.0
+    bound = value if outcome.optimal else min(outcome.bound, value)
+    gap = (value - bound) / abs(value) if value else 0.0
     log.info(
         "planned %d units on %d nodes for %s: %d stages, value %.6g, optimal %s (gap %.3g), %d branches, %.3f s",
         problem.num_units,
@@ -140,10 +174,10 @@ def plan_optimal(problem: Problem) -> PlanResult:
         stages=outcome.stages,
         evaluation=ev,
         solver="dp+branch-and-bound",
-        optimal=outcome.optimal,
+        optimal=bool(outcome.optimal),
         time_s=elapsed,
         objective_value=value,
-        bound=value if outcome.optimal else bound,
+        bound=bound,
         gap=gap,
         nodes_explored=outcome.nodes,
     )

@@ -154,15 +154,7 @@ def build_problem(
     """
     ids = tuple(node_ids)
     index = {nid: i for i, nid in enumerate(ids)}
-    n = len(ids)
-    has_link = np.zeros((n, n), dtype=bool)
-    bandwidth = np.zeros((n, n), dtype=np.float64)
-    rtt = np.zeros((n, n), dtype=np.float64)
-    for src, dst, bw, r in links:
-        i, j = index[src], index[dst]
-        has_link[i, j] = True
-        bandwidth[i, j] = bw
-        rtt[i, j] = r
+    has_link, bandwidth, rtt = _link_arrays(index, links)
     mask = np.zeros(len(unit_names), dtype=bool)
     mask[list(trusted_units)] = True
     return Problem(
@@ -190,6 +182,20 @@ def build_problem(
         max_migration_bytes=max_migration_bytes,
         time_limit_s=float(time_limit_s),
     )
+
+
+def _link_arrays(index: dict[str, int], links) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(has_link, bandwidth, rtt) matrices from (src, dst, bandwidth, rtt) tuples."""
+    n = len(index)
+    has_link = np.zeros((n, n), dtype=bool)
+    bandwidth = np.zeros((n, n), dtype=np.float64)
+    rtt = np.zeros((n, n), dtype=np.float64)
+    for src, dst, bw, r in links:
+        i, j = index[src], index[dst]
+        has_link[i, j] = True
+        bandwidth[i, j] = bw
+        rtt[i, j] = r
+    return has_link, bandwidth, rtt
 
 
 def merge_stages(stages: Sequence[Stage]) -> list[Stage]:

@@ -12,7 +12,7 @@ stages, a link's total load) it is optimal.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from edgeorch.planning.problem import Problem, Stage, merge_stages
 
 # Slack when a second pass must reproduce the first pass's optimum: the two
 # passes compute the same sums in a different order.
-_REPRODUCE = 1e-9
+REPRODUCE_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,26 @@ class Constraints:
     forbidden: frozenset[tuple[int, int]] = frozenset()
     forbidden_hops: frozenset[tuple[int, int, int]] = frozenset()
     must_move: frozenset[int] = frozenset()
+    # (resource, node, first unit, end unit, budget): what the node may use of
+    # the resource within that unit range. Resource MEMORY is in bytes, LOAD in
+    # seconds of compute per token.
+    budgets: frozenset[tuple[int, int, int, int, float]] = frozenset()
+
+
+MEMORY, LOAD = 0, 1
+
+
+def region_lo(prefix: np.ndarray, first: int, end: int, budget: float) -> np.ndarray:
+    """(U+1,) earliest stage start so that the stage's part inside [first, end) stays in budget.
+
+    The part of stage [a, b) inside the region is [max(a, first), min(b, end));
+    it only grows as a decreases, so one lower limit per b says it all.
+    """
+    b = np.arange(len(prefix))
+    e = np.minimum(b, end)
+    over = (b > first) & (prefix[e] - prefix[first] > budget)
+    start = np.searchsorted(prefix, prefix[e] - budget, side="left")
+    return np.where(over, start, 0)
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,8 @@ def _prefix(values: np.ndarray) -> np.ndarray:
 class Relaxer:
     """Builds and solves the per-stage relaxation for one problem."""
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, restrict: np.ndarray | None = None):
+        """Precompute the problem's arrays; ``restrict`` (U, N) further limits where units may go."""
         p = problem
         self.problem = p
         n_nodes, n_units = p.num_nodes, p.num_units
@@ -85,7 +106,15 @@ class Relaxer:
         # A unit larger than a node's whole memory can never go there; saying so
         # up front tightens every later bound for free.
         self.base_allowed = p.allowed & (self.mem[:, None] <= p.memory_bytes[None, :])
+        if restrict is not None:
+            self.base_allowed &= restrict
         self.lo_memory_root = earliest_start_budget(self.mem_prefix, p.memory_bytes)
+        self.lo_allowed = earliest_start_disallowed(self.base_allowed)
+        # next_disallowed[a, n]: first unit at or after a that node n may not run (U if none).
+        bad = np.where(~self.base_allowed, np.arange(n_units)[:, None], n_units)
+        self.next_disallowed = np.vstack(
+            [np.minimum.accumulate(bad[::-1], axis=0)[::-1], np.full((1, n_nodes), n_units)]
+        )
         self.latency_terms = self._additive_terms(with_objective=False)
         self.objective_terms = self._additive_terms(with_objective=True)
 
@@ -167,12 +196,21 @@ class Relaxer:
             lo[:, n] = earliest_start_budget(g, np.array([limit * fps[n] - inside.sum()]))[:, 0]
         return lo
 
-    def _graph(self, cons: Constraints, limit: float | None) -> tuple[SlotGraph, np.ndarray, dict] | None:
+    def graph(self, cons: Constraints, limit: float | None) -> tuple[SlotGraph, np.ndarray, dict] | None:
+        """The DP graph under ``cons`` (and a load limit), with its memory-only starts and forced units."""
         allowed = self.allowed_under(cons)
         if allowed is None:
             return None
         forced = self._forced_by_node(cons)
         lo = np.maximum(earliest_start_disallowed(allowed), self._memory_lo(forced))
+        if cons.budgets:
+            lo = lo.copy()
+            fps = self.problem.flops_per_s
+            for kind, n, first, end, budget in cons.budgets:
+                prefix, amount = (
+                    (self.mem_prefix, budget) if kind == MEMORY else (self.flops_prefix, budget * fps[n])
+                )
+                lo[:, n] = np.maximum(lo[:, n], region_lo(prefix, first, end, amount))
         base_lo = lo
         if limit is not None:
             lo = np.maximum(lo, self._load_lo(forced, limit))
@@ -192,22 +230,38 @@ class Relaxer:
         )
         return graph, base_lo, forced
 
-    def solve(self, cons: Constraints, limit: float | None = None) -> Relaxed | None:
-        """The relaxed optimum under ``cons``; ``limit`` caps every stage and hop load (throughput)."""
-        built = self._graph(cons, limit)
+    def solve(
+        self, cons: Constraints, limit: float | None = None, prices: np.ndarray | None = None
+    ) -> Relaxed | None:
+        """The relaxed optimum under ``cons``; ``limit`` caps every stage and hop load (throughput).
+
+        ``prices`` (additive objectives) charge each node per byte of memory it
+        uses and credit it its whole memory: for any price vector >= 0 the
+        result is still a lower bound on every feasible plan (Lagrangian
+        relaxation of the memory totals), and a much better one when the
+        prices make overfull nodes expensive.
+        """
+        built = self.graph(cons, limit)
         if built is None:
             return None
         graph, base_lo, forced = built
         if self.problem.objective != "throughput":
-            path = min_sum(graph, self.objective_terms)
-            return None if path is None else self._result(path.value, path.stages)
+            terms = self.objective_terms
+            credit = 0.0
+            if prices is not None:
+                terms = replace(
+                    terms, cost_prefix=terms.cost_prefix + self.mem_prefix[:, None] * prices[None, :]
+                )
+                credit = float(prices @ self.problem.memory_bytes)
+            path = min_sum(graph, terms)
+            return None if path is None else self._result(path.value - credit, path.stages)
         bottleneck = BottleneckTerms(self.load_prefix, self.entry_load, self.exit_load)
         path = min_max(graph, bottleneck)
         if path is None:
             return None
         # Among the paths with this bottleneck, the one of least latency: fewer
         # pointless hops, so fewer coupled violations for the search to undo.
-        second = path.value * (1 + _REPRODUCE)
+        second = path.value * (1 + REPRODUCE_SLACK)
         if limit is not None:
             second = min(second, limit)
         graph.lo = np.maximum(base_lo, self._load_lo(forced, second))

@@ -1,0 +1,38 @@
+"""The splitter service: the Split Revision planner behind ``POST /v1/plan``.
+
+A thin FastAPI app over :mod:`edgeorch.planning`. Planning is CPU-bound, so it
+runs in worker threads (at most ``plan_threads`` at once) and the
+event loop keeps answering probes and metrics meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from pydantic import Field
+
+from edgeorch.http_app import base_app
+from edgeorch.settings import CommonSettings
+from services.splitter.routes import PlanMetrics, plan_router
+
+log = logging.getLogger(__name__)
+
+
+class SplitterSettings(CommonSettings):
+    """Knobs of the splitter, from EDGEORCH_* environment variables like every service's."""
+
+    plan_threads: int = Field(default=2, ge=1, le=64, description="plans computed at the same time (threads)")
+
+
+def create_app(settings: SplitterSettings | None = None) -> FastAPI:
+    """A splitter app with its own metrics registry (one per call, so tests can make many)."""
+    settings = settings or SplitterSettings()
+    app, registry = base_app(
+        "splitter",
+        description="Split Revision: plans which node runs which units of a model (DESIGN.md §3-4).",
+    )
+    metrics = PlanMetrics(registry)
+    app.include_router(plan_router(metrics, settings.plan_threads))
+    log.info("splitter ready: %d concurrent plans", settings.plan_threads)
+    return app
