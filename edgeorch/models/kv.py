@@ -18,15 +18,26 @@ class StageKVCache:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self.seq_len = 0
+        self._bytes = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs=None, **_):
         """Append this step's key/value for ``layer_idx``; return the full history."""
         if layer_idx in self._keys:
-            key = torch.cat([self._keys[layer_idx], key], dim=-2)
-            value = torch.cat([self._values[layer_idx], value], dim=-2)
+            # Keep only what finished steps wrote: a step that failed halfway
+            # left extra keys in earlier layers, and a retry at the same
+            # position must not attend over them twice.
+            old_k = self._keys[layer_idx][..., : self.seq_len, :]
+            old_v = self._values[layer_idx][..., : self.seq_len, :]
+            key = torch.cat([old_k, key], dim=-2)
+            value = torch.cat([old_v, value], dim=-2)
+        self._bytes += (key.numel() - self._numel(self._keys.get(layer_idx))) * key.element_size() * 2
         self._keys[layer_idx] = key
         self._values[layer_idx] = value
         return key, value
+
+    @staticmethod
+    def _numel(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.numel()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held (the same for every layer once a step has finished)."""
@@ -38,4 +49,6 @@ class StageKVCache:
 
     def nbytes(self) -> int:
         """Bytes held by keys and values."""
-        return sum(t.numel() * t.element_size() for d in (self._keys, self._values) for t in d.values())
+        # Kept as a running total: the worker checks its memory cap over every
+        # session on every step, and summing tensors there grew with sessions.
+        return self._bytes

@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def get_store(request: Request) -> RolloutStore:
+async def get_store(request: Request) -> RolloutStore:
     return request.app.state.store
 
 
-def get_driver(request: Request) -> RolloutDriver:
+async def get_driver(request: Request) -> RolloutDriver:
     return request.app.state.driver
 
 

@@ -15,7 +15,7 @@ from edgeorch.schemas.stage import ID_PATTERN
 router = APIRouter()
 
 
-def get_monitor(request: Request):
+async def get_monitor(request: Request):
     return request.app.state.monitor
 
 

@@ -18,7 +18,7 @@ from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
 router = APIRouter()
 
 
-def get_host(request: Request) -> StageHost:
+async def get_host(request: Request) -> StageHost:
     return request.app.state.host
 
 

@@ -100,3 +100,17 @@ def test_parse_stages_accepts_a_tiling() -> None:
 def test_parse_stages_rejects_gaps_and_overlaps(text: str, message: str) -> None:
     with pytest.raises(ChainSpecError, match=message):
         parse_stages(text, 32)
+
+
+def test_kv_cache_retry_after_a_failed_step_does_not_duplicate_keys() -> None:
+    from edgeorch.models.kv import StageKVCache
+
+    cache = StageKVCache()
+    for layer in (0, 1):
+        cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), layer)
+    cache.advance(3)
+    cache.update(torch.full((1, 2, 1, 4), 9.0), torch.full((1, 2, 1, 4), 9.0), 0)  # layer 1 then failed
+    k, _ = cache.update(torch.full((1, 2, 1, 4), 7.0), torch.full((1, 2, 1, 4), 7.0), 0)  # the retry
+    assert k.shape[-2] == 4 and float(k[0, 0, -1, 0]) == 7.0 and float(k[0, 0, :3].max()) == 1.0
+    held = sum(t.numel() * t.element_size() for d in (cache._keys, cache._values) for t in d.values())
+    assert cache.nbytes() == held
