@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo bench-overhead bench-planner compose-check clean
+.PHONY: install models test test-fast lint demo bench-overhead bench-planner bench-engine bench-peers compose-check clean
 
 install: $(STAMP)
 
@@ -45,6 +45,15 @@ bench-overhead: install models
 
 bench-planner: install
 	$(BIN)/python bench/planner.py
+
+bench-engine: install models
+	$(BIN)/python bench/engine.py
+
+# llama.cpp through its Python bindings, the peer bench/engine.py compares
+# against. It compiles llama.cpp from source (minutes), so it is not part of
+# `make install` or CI; bench/engine.py reports the row as not installed without it.
+bench-peers: install
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install llama-cpp-python
 
 compose-check:
 	docker-compose -f docker-compose.yml config -q

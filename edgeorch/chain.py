@@ -62,9 +62,16 @@ class Chain:
 
 
 def load_chain(
-    workers: LocalWorkers, model: str, ranges: list[tuple[int, int]], prefix: str = "chain"
+    workers: LocalWorkers,
+    model: str,
+    ranges: list[tuple[int, int]],
+    prefix: str = "chain",
+    options: dict | None = None,
 ) -> list[str]:
-    """PUT one stage per worker, each pointing at the next; returns the stage ids."""
+    """PUT one stage per worker, each pointing at the next; returns the stage ids.
+
+    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``).
+    """
     if len(workers.workers) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
     ids = [f"{prefix}.s{i}" for i in range(len(ranges))]
@@ -74,7 +81,7 @@ def load_chain(
             nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1]}
         resp = httpx.put(
             f"{workers.workers[i].url}/v1/stages/{ids[i]}",
-            json={"model": model, "start": a, "end": b, "next": nxt},
+            json={"model": model, "start": a, "end": b, "next": nxt, **(options or {})},
             timeout=300,
         )
         if resp.status_code not in (200, 201):
@@ -89,11 +96,12 @@ def start_chain(
     model_store: Path | None = None,
     threads: int = 0,
     log_dir: Path | None = None,
+    options: dict | None = None,
 ) -> Chain:
-    """Start len(ranges) workers, load the stages, return a ready chain."""
+    """Start len(ranges) workers, load the stages (spec ``options`` on each), return a ready chain."""
     workers = LocalWorkers(len(ranges), model_store=model_store, threads=threads, log_dir=log_dir)
     try:
-        ids = load_chain(workers, model, ranges)
+        ids = load_chain(workers, model, ranges, options=options)
     except BaseException:
         workers.stop()
         raise

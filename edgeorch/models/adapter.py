@@ -20,7 +20,9 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
 
+from edgeorch.engine.formats import act_dtype, unit_weight_bytes
 from edgeorch.models.checkpoint import CheckpointReader
+from edgeorch.models.kv import StageKVCache
 from edgeorch.schemas.profile import ModelProfile, UnitProfile
 
 # Attention cost per token grows with context; the profile quotes it at this
@@ -51,6 +53,10 @@ class FamilyAdapter(ABC):
 
     family: ClassVar[str]
     is_decoder: ClassVar[bool]
+    # The reference engine runs the Hugging Face modules in fp32; the lean
+    # engine (edgeorch.engine) subclasses each adapter and overrides these.
+    engine: ClassVar[str] = "hf"
+    weight_format: str = "fp32"
 
     def __init__(self, config: PretrainedConfig):
         self.config = config
@@ -110,6 +116,10 @@ class FamilyAdapter(ABC):
         """KV-cache bytes per context token held by unit ``u`` (0 for encoders)."""
         return 0.0
 
+    def new_cache(self, start: int, end: int) -> StageKVCache:
+        """An empty KV cache for one session of a stage of units ``[start, end)``."""
+        return StageKVCache()
+
     def unit_keys(self, u: int, available: set[str]) -> list[str]:
         """Checkpoint tensors unit ``u`` needs, computed from its module."""
         with init_empty_weights(include_buffers=False):
@@ -138,26 +148,36 @@ class FamilyAdapter(ABC):
         dtype_bytes: int = 4,
         wire_bytes: int = 4,
         context_tokens: int = DEFAULT_PROFILE_CONTEXT,
+        weight_format: str | None = None,
     ) -> ModelProfile:
-        """The unit profile of DESIGN.md §2, computed from the config alone."""
+        """The unit profile of DESIGN.md §2, computed from the config alone.
+
+        With ``weight_format`` (fp32, bf16, int8) the param and KV bytes are
+        those of the lean engine in that format, not ``dtype_bytes`` per weight.
+        """
+        if weight_format is not None:
+            dtype_bytes = act_dtype(weight_format).itemsize
         units: list[UnitProfile] = []
         layer_cache: tuple[int, float] | None = None
         for u in range(self.num_units):
             is_layer = 1 <= u <= self.num_layers
             if is_layer and layer_cache is not None:
-                n_params, flops = layer_cache  # every layer of a family has the same shape
+                param_bytes, flops = layer_cache  # every layer of a family has the same shape
             else:
                 with init_empty_weights():
                     module = self.build_unit(u)
-                n_params = sum(p.numel() for p in module.parameters())
+                if weight_format is None:
+                    param_bytes = sum(p.numel() for p in module.parameters()) * dtype_bytes
+                else:
+                    param_bytes = unit_weight_bytes(module, weight_format)
                 flops = self.unit_flops_per_token(u, module, context_tokens)
                 if is_layer:
-                    layer_cache = (n_params, flops)
+                    layer_cache = (param_bytes, flops)
             last = u == self.num_units - 1
             units.append(
                 UnitProfile(
                     name=self.unit_name(u),
-                    param_bytes=n_params * dtype_bytes,
+                    param_bytes=param_bytes,
                     flops_per_token=flops,
                     out_bytes_per_token=4.0 if last else float(self.hidden_size * wire_bytes),
                     kv_bytes_per_token=self.kv_bytes_per_token(u, dtype_bytes),

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeorch.models import adapter_for, load_config
+from edgeorch.engine import stage_adapter
+from edgeorch.models import load_config
 from edgeorch.models.adapter import FamilyAdapter, StageInput
 from edgeorch.models.checkpoint import CheckpointReader
 
@@ -46,16 +47,42 @@ class LoadedStage:
         """Bytes of weights this stage holds."""
         return sum(p.numel() * p.element_size() for _, m in self.units for p in m.parameters())
 
+    @property
+    def engine(self) -> str:
+        """``hf`` (the reference modules) or ``lean`` (edgeorch.engine)."""
+        return self.adapter.engine
+
+    @property
+    def weight_format(self) -> str:
+        """fp32, bf16, int8 or int4 (the hf engine: fp32)."""
+        return self.adapter.weight_format
+
+    def new_cache(self):
+        """An empty KV cache for one session on this stage (the engines keep different caches)."""
+        return self.adapter.new_cache(self.start, self.end)
+
     @torch.inference_mode()
     def run(self, inp: StageInput, cache=None) -> torch.Tensor:
         """Run every unit of the stage on ``inp``."""
         return self.adapter.run(self.units, inp, cache)
 
 
-def load_stage(model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> LoadedStage:
-    """Load units ``[start, end)`` from ``model_dir``, reading only their tensors."""
+def load_stage(
+    model_dir: Path,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    engine: str = "hf",
+    weight_format: str = "fp32",
+) -> LoadedStage:
+    """Load units ``[start, end)`` from ``model_dir``, reading only their tensors.
+
+    ``engine`` ``hf`` (the default here) builds the Hugging Face reference
+    modules; ``lean`` builds edgeorch.engine's modules in ``weight_format``
+    (``dtype`` then does not apply).
+    """
     t0 = time.perf_counter()
-    adapter = adapter_for(load_config(model_dir))
+    adapter = stage_adapter(load_config(model_dir), engine, weight_format)
     if not 0 <= start < end <= adapter.num_units:
         raise ValueError(f"stage [{start}, {end}) is not inside the model's units [0, {adapter.num_units})")
     reader = CheckpointReader(model_dir)

@@ -21,6 +21,7 @@ import httpx
 import torch
 
 from edgeorch import wire
+from edgeorch.engine import load_adapter
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.stage import LoadedStage
 from edgeorch.models.store import ModelStore
@@ -132,7 +133,10 @@ class StageHost:
             model_dir = self.store.path(spec.model)
             loop = asyncio.get_running_loop()
             got = await loop.run_in_executor(
-                self._loader, self.units.acquire_stage, model_dir, spec.start, spec.end
+                self._loader,
+                lambda: self.units.acquire_stage(
+                    model_dir, spec.start, spec.end, adapter=load_adapter(model_dir, spec.engine, spec.format)
+                ),
             )
             loaded = got.stage
             kv = sum(loaded.adapter.kv_bytes_per_token(u, 4) for u in range(spec.start, spec.end))
@@ -173,6 +177,7 @@ class StageHost:
             stage_id=stage_id, model=hosted.spec.model, start=ld.start, end=ld.end, next=hosted.spec.next,
             num_units=ld.adapter.num_units, param_bytes=ld.param_bytes(), bytes_read=ld.bytes_read,
             load_s=ld.load_s, sessions=self.sessions.count(stage_id), units_shared=hosted.units_shared,
+            engine=ld.engine, format=ld.weight_format,
         )  # fmt: skip
 
     def _get(self, stage_id: str) -> HostedStage:
@@ -273,7 +278,9 @@ class StageHost:
         q_len = inp.x.shape[1]
         if loaded.adapter.is_decoder and loaded.has_layers:
             new_bytes = int(hosted.kv_bytes_per_token * q_len * inp.x.shape[0])
-            cache = self.sessions.acquire(hosted.stage_id, meta.session, meta.position, new_bytes)
+            cache = self.sessions.acquire(
+                hosted.stage_id, meta.session, meta.position, new_bytes, loaded.new_cache
+            )
         h = loaded.run(inp, cache)
         if cache is not None:
             cache.advance(q_len)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgeorch.models.kv import StageKVCache
 
@@ -27,7 +29,7 @@ class CacheFull(SessionError):
 
 @dataclass
 class _Entry:
-    cache: StageKVCache
+    cache: Any  # StageKVCache or the lean engine's LeanKVCache: seq_len, advance(), nbytes()
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -40,11 +42,19 @@ class SessionStore:
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, stage_id: str, session: str, position: int, new_bytes: int) -> StageKVCache:
+    def acquire(
+        self,
+        stage_id: str,
+        session: str,
+        position: int,
+        new_bytes: int,
+        new_cache: Callable[[], Any] = StageKVCache,
+    ) -> Any:
         """The cache to run a step at ``position`` with, after checking it is safe to.
 
-        Position 0 starts (or restarts) the session; any other position must
-        continue exactly where the cache is.
+        Position 0 starts (or restarts) the session with ``new_cache()`` (the
+        stage's own kind of cache); any other position must continue exactly
+        where the cache is.
         """
         key = (stage_id, session)
         with self._lock:
@@ -56,7 +66,7 @@ class SessionStore:
                     f"KV cache full: {held} bytes held, this step needs {new_bytes} more, cap {self.max_bytes}"
                 )
             if position == 0:
-                entry = self._entries[key] = _Entry(StageKVCache())
+                entry = self._entries[key] = _Entry(new_cache())
             elif entry is None:
                 raise UnknownSession(
                     f"session {session!r} is unknown on stage {stage_id!r} (expired or never started)"

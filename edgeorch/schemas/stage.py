@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 # Stage and session ids travel in URLs and metric labels: keep them plain.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -29,6 +29,19 @@ class StageSpec(BaseModel):
     end: int = Field(gt=0)
     next: NextHop | None = Field(default=None, description="the next stage; null for the last stage")
     dtype: Literal["float32"] = "float32"
+    engine: Literal["hf", "lean"] = Field(
+        default="lean",
+        description="lean: edgeorch's fast engine; hf: the Hugging Face modules (the reference)",
+    )
+    format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        default="fp32", description="weights: fp32 (exact), bf16, int8 or int4 with bf16 matmuls (lean only)"
+    )
+
+    @model_validator(mode="after")
+    def _engine_has_format(self) -> StageSpec:
+        if self.engine == "hf" and self.format != "fp32":
+            raise ValueError(f"engine 'hf' (the reference) runs fp32 only, not {self.format!r}")
+        return self
 
 
 class StageInfo(BaseModel):
@@ -45,6 +58,8 @@ class StageInfo(BaseModel):
     load_s: float
     sessions: int
     units_shared: int = Field(default=0, description="units reused from other stages on this worker")
+    engine: str = Field(default="hf", description="the engine that runs the stage")
+    format: str = Field(default="fp32", description="the weight format it holds")
 
 
 class Sampling(BaseModel):

@@ -37,7 +37,9 @@ class WorkerSettings(CommonSettings):
     advertise_url: str | None = Field(
         default=None, description="how peers and the control plane reach this worker (set by the launcher)"
     )
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for control-plane notifications")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis for control-plane notifications"
+    )
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     kv_cache_max_bytes: int = Field(
         default=1 << 30, gt=0, description="cap on all session KV caches together"
@@ -138,7 +140,9 @@ def _make_agent(host: StageHost, settings: WorkerSettings) -> MonitorAgent | Non
     if not settings.monitor_url:
         return None
     if not settings.advertise_url:
-        raise ValueError("EDGEORCH_ADVERTISE_URL must be set when EDGEORCH_MONITOR_URL is: peers must reach us")
+        raise ValueError(
+            "EDGEORCH_ADVERTISE_URL must be set when EDGEORCH_MONITOR_URL is: peers must reach us"
+        )
     capacity = NodeCapacity(
         cores=settings.cores, memory_bytes=settings.memory_bytes, device=settings.device,
         trusted=settings.trusted, watts=settings.watts,

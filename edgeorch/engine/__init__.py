@@ -1,0 +1,55 @@
+"""The lean stage engine: per-family forward paths in fp32, bf16 or weight-only int8.
+
+The Hugging Face modules (``edgeorch.models``) stay the reference engine
+(``"hf"``, fp32 only); ``"lean"`` runs the same units through
+:mod:`edgeorch.engine.lean_llama`, :mod:`~edgeorch.engine.lean_gpt2` and
+:mod:`~edgeorch.engine.lean_bert`. :func:`stage_adapter` picks one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+from transformers import PretrainedConfig
+
+from edgeorch.engine.formats import FORMATS, WeightFormat, check_format
+
+Engine = Literal["hf", "lean"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+
+__all__ = ["ENGINES", "FORMATS", "Engine", "WeightFormat", "load_adapter", "stage_adapter"]
+
+
+def stage_adapter(config: PretrainedConfig, engine: str = "hf", weight_format: str = "fp32"):
+    """The family adapter that loads and runs units with ``engine`` in ``weight_format``.
+
+    ValueError for an unknown engine or format, or a format the engine lacks
+    (the reference engine is fp32 only).
+    """
+    # Imported here: edgeorch.models imports the formats module of this package.
+    from edgeorch.models import adapter_for
+
+    check_format(weight_format)
+    if engine == "hf":
+        if weight_format != "fp32":
+            raise ValueError(
+                f"the hf reference engine runs fp32 only, not {weight_format!r}; use engine 'lean'"
+            )
+        return adapter_for(config)
+    if engine != "lean":
+        raise ValueError(f"unknown engine {engine!r}; known: {list(ENGINES)}")
+    from edgeorch.engine.lean_bert import LeanBertAdapter
+    from edgeorch.engine.lean_gpt2 import LeanGPT2Adapter
+    from edgeorch.engine.lean_llama import LeanLlamaAdapter
+
+    family = adapter_for(config).family  # raises UnsupportedModelError for an unknown model type
+    cls = {"llama": LeanLlamaAdapter, "gpt2": LeanGPT2Adapter, "bert": LeanBertAdapter}[family]
+    return cls(config, weight_format)
+
+
+def load_adapter(model_dir: Path, engine: str = "hf", weight_format: str = "fp32"):
+    """:func:`stage_adapter` for a checkpoint directory (reads its config only)."""
+    from edgeorch.models import load_config
+
+    return stage_adapter(load_config(model_dir), engine, weight_format)

@@ -1,0 +1,284 @@
+"""Weight formats of the lean engine: how a matrix is stored and multiplied.
+
+Formats, chosen per stage:
+
+- ``fp32``: weights and activations in float32. The exact mode: the lean
+  engine then computes what the Hugging Face modules compute, bit for bit.
+- ``bf16``: bf16 weights, matmul inputs rounded to bf16.
+- ``int8``: weight-only int8 with one symmetric scale per output channel;
+  ``torch.ops.aten._weight_int8pack_mm`` multiplies a bf16 activation by the
+  int8 weight and applies the scales in one kernel.
+- ``int4``: weight-only int4 in groups of 32 input channels, each with a bf16
+  scale and zero point (``_weight_int4pack_mm_for_cpu``, the kernel gpt-fast
+  uses), for the layers' matmuls; embedding tables and the LM head stay int8,
+  since they are read as rows and are the most sensitive to rounding.
+
+In every format the residual stream, norms, rotary, attention and the KV
+cache stay float32: only the matmuls run in the format (they read nearly all
+the bytes of a decode step). Measured on SmolLM2, keeping the residual in
+float32 instead of bf16 raises bf16's top-1 agreement with fp32 from 0.966 to
+0.969 at no measurable cost.
+
+Vectors (norm weights, biases) are float32. The byte rule lives here
+(:func:`matrix_bytes`, :func:`vector_bytes`, :func:`unit_weight_bytes`) so
+the unit profile the planner sees and the modules a worker loads agree by
+construction; a unit test holds them to it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
+FORMATS: tuple[str, ...] = get_args(WeightFormat)
+
+# int8 scales and int4 scales/zeros are bf16: the kernels take them so.
+_SCALE_BYTES = 2
+INT4_GROUP = 32
+
+
+def act_dtype(fmt: str) -> torch.dtype:
+    """The dtype of the residual stream, norms, attention and the KV cache: float32 in every format."""
+    check_format(fmt)
+    return torch.float32
+
+
+def matmul_dtype(fmt: str) -> torch.dtype:
+    """The dtype a format's matmuls take their input in (and return)."""
+    check_format(fmt)
+    return torch.float32 if fmt == "fp32" else torch.bfloat16
+
+
+def table_format(fmt: str) -> str:
+    """The format of embedding tables and the LM head: int4 keeps them int8."""
+    return "int8" if fmt == "int4" else fmt
+
+
+def check_format(fmt: str) -> None:
+    """ValueError unless ``fmt`` is a known weight format."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; known: {list(FORMATS)}")
+
+
+def matrix_bytes(out_features: int, in_features: int, fmt: str) -> int:
+    """Bytes of an [out, in] weight matrix (or an embedding table, one row per token) in ``fmt``."""
+    check_format(fmt)
+    n = out_features * in_features
+    if fmt == "int4":
+        return n // 2 + (in_features // INT4_GROUP) * out_features * 2 * _SCALE_BYTES
+    if fmt == "int8":
+        return n + out_features * _SCALE_BYTES
+    return n * (4 if fmt == "fp32" else 2)
+
+
+def vector_bytes(n: int, fmt: str) -> int:
+    """Bytes of a norm weight or bias of ``n`` elements in ``fmt``."""
+    return n * act_dtype(fmt).itemsize
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row (per output channel) int8: ``weight ≈ q * scales[:, None]``.
+
+    The scale is rounded to bf16 *before* quantising, so q is the best int8
+    for the scale the kernel will actually use; the error per element is then
+    at most half a step, ``scale / 2``.
+    """
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    scales = (amax / 127.0).to(torch.bfloat16)
+    q = torch.round(w / scales.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 matrix an int8 weight stands for."""
+    return q.float() * scales.float().unsqueeze(1)
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of ``group`` input channels: codes 0..15 and bf16 (scale, zero) pairs.
+
+    Returns the codes ``[out, in]`` (int32, unpacked) and ``[in/group, out, 2]``
+    scales and zeros, in the layout of ``_weight_int4pack_mm_for_cpu``, which
+    computes ``w = (q - 8) * scale + zero``. The range of each group maps onto
+    the 16 codes, so a group that already lies on a 16-level grid (a
+    checkpoint dequantised from a 4-bit file) is recovered up to the bf16
+    rounding of its scale and zero.
+    """
+    w = weight.detach().float()
+    out_f, in_f = w.shape
+    if in_f % group:
+        raise ValueError(f"int4 needs input features divisible by {group}, got {in_f}")
+    g = w.view(out_f, in_f // group, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12).to(torch.bfloat16).float()
+    zero = (lo + 8.0 * scale).to(torch.bfloat16).float()
+    q = torch.round((g - (zero - 8.0 * scale).unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return q.to(torch.int32).view(out_f, in_f), sz
+
+
+def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """The float32 matrix int4 codes and their scales/zeros stand for."""
+    out_f, in_f = q.shape
+    scale = sz[..., 0].float().transpose(0, 1).unsqueeze(-1)  # [out, in/group, 1]
+    zero = sz[..., 1].float().transpose(0, 1).unsqueeze(-1)
+    return ((q.view(out_f, in_f // group, group).float() - 8.0) * scale + zero).view(out_f, in_f)
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+# Where a single-row fp32 matmul starts summing depends on the weight's
+# address: MKL's sgemv peels elements until it reaches an aligned boundary, so
+# the same weights at another address modulo 64 give results that differ in
+# the last bits. The reference model multiplies by tensors that sit at their
+# checkpoint file offsets, so to reproduce its decode steps bit for bit the
+# exact (fp32) format places each matrix at the same address modulo 64.
+_ALIGN = 64
+
+
+def place_like(t: torch.Tensor, address_mod: int | None) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts at ``address_mod`` modulo 64 bytes (None: anywhere)."""
+    t = t.contiguous()
+    if address_mod is None or address_mod % t.element_size():
+        return t.clone()
+    pad = _ALIGN // t.element_size()
+    storage = torch.empty(t.numel() + pad, dtype=t.dtype)
+    shift = ((address_mod - storage.data_ptr()) % _ALIGN) // t.element_size()
+    placed = storage[shift : shift + t.numel()].view(t.shape)
+    placed.copy_(t)
+    return placed
+
+
+def address_mod(*tensors: torch.Tensor) -> int | None:
+    """The common address of ``tensors`` modulo 64 bytes, None when they differ."""
+    mods = {t.data_ptr() % _ALIGN for t in tensors}
+    return mods.pop() if len(mods) == 1 else None
+
+
+class PackedLinear(nn.Module):
+    """``y = x @ W.T + b`` with W stored in a weight format.
+
+    Stored as parameters (requires_grad off) so every byte a unit holds is
+    counted by ``module.parameters()``, quantised weights and their scales
+    included. The input is cast to the format's matmul dtype; the output is
+    that dtype too (float32 once a float32 bias is added).
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, address_mod: int | None = None
+    ):
+        super().__init__()
+        check_format(fmt)
+        self.fmt = fmt
+        self.out_features, self.in_features = weight.shape
+        self.dtype = matmul_dtype(fmt)
+        self.scales = None
+        if fmt == "int4":
+            q, sz = quantize_int4(weight)
+            self.weight = _frozen(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.scales = _frozen(sz)
+        elif fmt == "int8":
+            q, scales = quantize_int8(weight)
+            self.weight = _frozen(q)
+            self.scales = _frozen(scales)
+        elif fmt == "fp32":
+            self.weight = _frozen(place_like(weight.detach().float(), address_mod))
+        else:
+            self.weight = _frozen(weight.detach().to(self.dtype).contiguous())
+        # Biases are vectors: float32 like the residual stream they are added into.
+        self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if self.fmt == "fp32":
+            return F.linear(x, self.weight, self.bias)
+        if self.fmt == "bf16":
+            y = F.linear(x, self.weight)
+        else:
+            # The kernels take a 2-D activation; decode steps are [1, 1, in].
+            x2 = x.reshape(-1, self.in_features)
+            if self.fmt == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias  # bf16 + fp32 bias: a float32 result
+
+    def dense(self) -> torch.Tensor:
+        """The float32 matrix this layer multiplies by (for tests and diagnostics)."""
+        if self.fmt == "int8":
+            return dequantize_int8(self.weight, self.scales)
+        if self.fmt == "int4":
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+            # The packed layout is the kernel's own: read it back by multiplying the identity.
+            return (
+                torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, INT4_GROUP, self.scales)
+                .t()
+                .float()
+            )
+        return self.weight.float()
+
+
+class PackedEmbedding(nn.Module):
+    """A lookup table (token or position embedding) in a weight format; rows come out float32.
+
+    Tables are read a few rows at a time, never multiplied whole, so int4
+    keeps them int8 (:func:`table_format`).
+    """
+
+    def __init__(self, table: torch.Tensor, fmt: str):
+        super().__init__()
+        fmt = table_format(fmt)
+        check_format(fmt)
+        self.fmt = fmt
+        self.dtype = act_dtype(fmt)
+        self.scales = None
+        if fmt == "int8":
+            q, scales = quantize_int8(table)
+            self.weight = _frozen(q)
+            self.scales = _frozen(scales)
+        else:
+            self.weight = _frozen(table.detach().to(matmul_dtype(fmt)).contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).to(self.dtype)
+        if self.scales is None:
+            return rows
+        return rows * F.embedding(ids, self.scales.unsqueeze(1))
+
+
+def packed_vector(t: torch.Tensor | None, fmt: str) -> nn.Parameter | None:
+    """A norm weight or bias, float32 in every format."""
+    if t is None:
+        return None
+    return _frozen(t.detach().to(act_dtype(fmt)).contiguous())
+
+
+def unit_weight_bytes(module: nn.Module, fmt: str) -> int:
+    """Bytes the lean engine holds for a unit, computed from its Hugging Face module (may be on meta).
+
+    Every 2-D parameter is a matrix (a linear weight or an embedding table),
+    the rest are vectors. Embedding tables and the LM head are stored in
+    :func:`table_format`. GPT-2's Conv1D stores its weight as [in, out], so
+    its output channels are the second dimension.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    total = 0
+    for name, sub in module.named_modules():
+        table = isinstance(sub, nn.Embedding) or name.split(".")[-1] == "lm_head"
+        for p in sub.parameters(recurse=False):
+            if p.ndim == 2:
+                out = p.shape[1] if isinstance(sub, Conv1D) else p.shape[0]
+                total += matrix_bytes(out, p.numel() // out, table_format(fmt) if table else fmt)
+            else:
+                total += vector_bytes(p.numel(), fmt)
+    return total

@@ -1,0 +1,85 @@
+"""The lean engine through real worker chains: fp32 gives Hugging Face's greedy tokens, int8 its own unsplit ones."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edgeorch.chain import start_chain
+from edgeorch.models.adapter import StageInput
+from edgeorch.models.stage import load_stage
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a transformer model is.",
+    "List three prime numbers.",
+    "How do I boil an egg?",
+]
+NEW_TOKENS = 32
+RANGES = [(0, 11), (11, 21), (21, 32)]
+
+
+def _chat_ids(tok, prompt: str) -> list[int]:
+    return tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+
+
+def _greedy(stage, ids: list[int], n: int, stop: int) -> list[int]:
+    cache, x, pos, out = stage.new_cache(), torch.tensor([ids]), 0, []
+    for _ in range(n):
+        logits = stage.run(StageInput(x=x, position=pos), cache)
+        cache.advance(x.shape[1])
+        pos += x.shape[1]
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] == stop:
+            break
+        x = torch.tensor([[out[-1]]])
+    return out
+
+
+@pytest.mark.slow
+def test_lean_fp32_chain_gives_the_hf_greedy_tokens(store, tmp_path) -> None:
+    d = store.path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    chain = start_chain("smollm2-135m", RANGES, model_store=store.root, log_dir=tmp_path,
+                        options={"engine": "lean", "format": "fp32"})  # fmt: skip
+    try:
+        info = httpx.get(f"{chain.workers.workers[1].url}/v1/stages/{chain.stage_ids[1]}").json()
+        assert (info["engine"], info["format"]) == ("lean", "fp32")
+        answers = {}
+        for p in PROMPTS:
+            ids = _chat_ids(tok, p)
+            want = ref.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[
+                0, len(ids) :
+            ]
+            gen = chain.client.generate(ids, NEW_TOKENS, stop_ids={tok.eos_token_id})
+            assert gen.token_ids == want.tolist(), p
+            answers[p] = gen.token_ids
+    finally:
+        chain.close()
+    assert tok.decode(answers[PROMPTS[0]], skip_special_tokens=True) == "The capital of France is Paris."
+
+
+@pytest.mark.slow
+def test_int8_chain_gives_the_unsplit_int8_tokens(store, tmp_path) -> None:
+    d = store.path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    unsplit = load_stage(d, 0, 32, engine="lean", weight_format="int8")
+    chain = start_chain("smollm2-135m", RANGES, model_store=store.root, log_dir=tmp_path,
+                        options={"engine": "lean", "format": "int8"})  # fmt: skip
+    try:
+        info = httpx.get(f"{chain.workers.workers[0].url}/v1/stages/{chain.stage_ids[0]}").json()
+        assert (
+            info["format"] == "int8" and info["param_bytes"] < 0.3 * info["bytes_read"]
+        )  # read fp32, hold int8
+        for p in PROMPTS[:2]:
+            ids = _chat_ids(tok, p)
+            gen = chain.client.generate(ids, NEW_TOKENS, stop_ids={tok.eos_token_id})
+            assert gen.token_ids == _greedy(unsplit, ids, NEW_TOKENS, tok.eos_token_id), p
+    finally:
+        chain.close()
