@@ -14,9 +14,8 @@ def _add_serve_args(p: argparse.ArgumentParser, default_port: int) -> None:
 
 
 def _run_splitter(args: argparse.Namespace) -> int:
-    from services.splitter.app import SplitterSettings, create_app
-
     from edgeorch.serve import serve, setup_logging
+    from services.splitter.app import SplitterSettings, create_app
 
     setup_logging(args.log_level)
     serve(create_app(SplitterSettings()), args.host, args.port, args.log_level)
