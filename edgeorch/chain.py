@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from edgeorch.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.client import ChainClient, Generation
 from edgeorch.launcher import LocalWorkers
 
@@ -67,10 +68,12 @@ def load_chain(
     ranges: list[tuple[int, int]],
     prefix: str = "chain",
     options: dict | None = None,
+    token: str = "",
 ) -> list[str]:
     """PUT one stage per worker, each pointing at the next; returns the stage ids.
 
-    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``).
+    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``);
+    ``token`` is the workers' admin token, if they have one.
     """
     if len(workers.workers) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
@@ -82,6 +85,7 @@ def load_chain(
         resp = httpx.put(
             f"{workers.workers[i].url}/v1/stages/{ids[i]}",
             json={"model": model, "start": a, "end": b, "next": nxt, **(options or {})},
+            headers=admin_headers(token),
             timeout=300,
         )
         if resp.status_code not in (200, 201):
@@ -97,11 +101,19 @@ def start_chain(
     threads: int = 0,
     log_dir: Path | None = None,
     options: dict | None = None,
+    token: str = "",
 ) -> Chain:
-    """Start len(ranges) workers, load the stages (spec ``options`` on each), return a ready chain."""
-    workers = LocalWorkers(len(ranges), model_store=model_store, threads=threads, log_dir=log_dir)
+    """Start len(ranges) workers, load the stages (spec ``options`` on each), return a ready chain.
+
+    The workers require ``token`` on admin calls (none when empty: they listen
+    on loopback), whatever EDGEORCH_ADMIN_TOKEN this process inherited.
+    """
+    workers = LocalWorkers(
+        len(ranges), model_store=model_store, threads=threads, log_dir=log_dir,
+        extra_env={ADMIN_TOKEN_ENV: token},
+    )  # fmt: skip
     try:
-        ids = load_chain(workers, model, ranges, options=options)
+        ids = load_chain(workers, model, ranges, options=options, token=token)
     except BaseException:
         workers.stop()
         raise

@@ -10,6 +10,7 @@ from edgeorch.chain import ChainSpecError, hop_summary, parse_stages, start_chai
 from edgeorch.client import ChainError
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
+from edgeorch.settings import CommonSettings
 
 
 def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
@@ -26,8 +27,9 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     print(f"starting {len(ranges)} workers for {args.model} stages {args.stages} ...", file=sys.stderr)
     chain = start_chain(
-        args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir
-    )
+        args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir,
+        token=CommonSettings().admin_token,  # the temporary workers guard their admin calls like any other
+    )  # fmt: skip
     try:
         if adapter.is_decoder:
             result = _generate(chain, tokenizer, args)

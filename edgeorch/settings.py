@@ -25,6 +25,14 @@ class CommonSettings(BaseSettings):
 
     model_store: Path = Field(default_factory=default_model_store, description="local model store directory")
     log_level: str = Field(default="INFO", description="logging level name")
+    admin_token: str = Field(
+        default="",
+        description="bearer token required on calls that change the system; empty: no token, "
+        "allowed only on loopback",
+    )
+    api_keys: str = Field(
+        default="", description="comma-separated API keys the orchestrator's gateway requires; empty: none"
+    )
 
 
 def default_state_dir() -> Path:

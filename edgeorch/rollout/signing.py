@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -20,6 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from edgeorch.auth import is_loopback
 from edgeorch.rollout.state import KIND_RANK
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,6 @@ DEV_SECRET = "edgeorch-insecure-loopback-secret"
 
 class InsecureSecretError(ValueError):
     """No rollout secret is configured and the service listens beyond loopback."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_secret(secret: str, bind_host: str | None = None) -> str:

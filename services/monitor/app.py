@@ -160,6 +160,7 @@ def create_app(settings: MonitorSettings) -> FastAPI:
         ready_check=ready,
         lifespan=lifespan,
     )
+    app.state.admin_token = settings.admin_token
     metrics = MonitorMetrics(registry)
     app.include_router(router)
     return app

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from edgeorch.auth import AdminAuth
 from edgeorch.monitoring.cluster import UnknownNode
 from edgeorch.schemas.monitor import Heartbeat, HeartbeatReply, LinkView, MonitorEvent, NodeView, Registration
 from edgeorch.schemas.stage import ID_PATTERN
@@ -23,6 +24,8 @@ Mon = Annotated[object, Depends(get_monitor)]
 NodeId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
+# Registration and heartbeats stay open to every worker: they are the data the
+# control plane decides from, not orders, and a worker holds no admin token.
 @router.post("/v1/nodes", tags=["nodes"])
 async def register(reg: Registration, monitor: Mon) -> dict:
     """Register a node (idempotent; a returning node is welcomed back)."""
@@ -81,7 +84,7 @@ class ProfileRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256)
 
 
-@router.post("/v1/profiles", status_code=202, tags=["profiles"])
+@router.post("/v1/profiles", status_code=202, tags=["profiles"], dependencies=[AdminAuth])
 async def request_profile(body: ProfileRequest, monitor: Mon) -> dict:
     """Ask every node, now and as they join, to calibrate a model; results arrive as `profiled` events."""
     await monitor.request_profile(body.model)

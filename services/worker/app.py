@@ -131,6 +131,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     )
     app.state.host = host
     app.state.settings = settings
+    app.state.admin_token = settings.admin_token
     app.include_router(router)
     app.include_router(probe_router)
     return app

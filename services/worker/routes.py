@@ -1,4 +1,8 @@
-"""Worker HTTP routes: stage admin, the forward data path, emulation."""
+"""Worker HTTP routes: stage admin, the forward data path, emulation.
+
+Loading, unloading and emulation changes need the admin token (edgeorch.auth);
+reads, forward steps and session releases are the data path and stay open.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 from pydantic import ValidationError
 
 from edgeorch import wire
+from edgeorch.auth import AdminAuth
 from edgeorch.models.store import ModelStoreError
 from edgeorch.runtime.checks import InputMismatch
 from edgeorch.runtime.host import HOPS_HEADER, DownstreamError, StageConflict, StageHost, StageNotFound
@@ -26,7 +31,7 @@ Host = Annotated[StageHost, Depends(get_host)]
 StageId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-@router.put("/v1/stages/{stage_id}", response_model=StageInfo, tags=["stages"])
+@router.put("/v1/stages/{stage_id}", response_model=StageInfo, tags=["stages"], dependencies=[AdminAuth])
 async def put_stage(stage_id: StageId, spec: StageSpec, host: Host, response: Response) -> StageInfo:
     """Load units [start, end) of a model as a stage (idempotent for the same spec)."""
     try:
@@ -56,7 +61,7 @@ async def get_stage(stage_id: StageId, host: Host) -> StageInfo:
         raise HTTPException(404, str(exc)) from exc
 
 
-@router.delete("/v1/stages/{stage_id}", tags=["stages"])
+@router.delete("/v1/stages/{stage_id}", tags=["stages"], dependencies=[AdminAuth])
 async def delete_stage(stage_id: StageId, host: Host) -> dict[str, str]:
     """Unload a stage and drop its sessions."""
     try:
@@ -123,7 +128,7 @@ async def get_emulation(host: Host) -> Emulation:
     return host.emulation
 
 
-@router.post("/v1/admin/emulation", response_model=Emulation, tags=["admin"])
+@router.post("/v1/admin/emulation", response_model=Emulation, tags=["admin"], dependencies=[AdminAuth])
 async def set_emulation(emulation: Emulation, host: Host) -> Emulation:
     """Change the emulated compute slowdown, outgoing bandwidth and RTT at run time."""
     host.emulation = emulation
