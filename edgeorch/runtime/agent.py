@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import psutil
@@ -52,10 +52,18 @@ class AgentConfig:
     speed_window: int = 9
 
 
+# Traffic steps are turned into probe-equivalent speeds by a factor learned per
+# stage shape; it depends on the shape only, so a long window costs nothing.
+FACTOR_WINDOW = 31
+MIN_FACTOR_SAMPLES = 5
+
+
 @dataclass
 class _Speed:
     decode: RollingMedian
     prefill: RollingMedian
+    probe: RollingMedian  # decode samples of the periodic probe alone
+    factors: dict[tuple[int, int], RollingMedian] = field(default_factory=dict)
 
 
 class MonitorAgent:
@@ -178,6 +186,7 @@ class MonitorAgent:
         speed = self._speed(model)
         speed.decode.clear()
         speed.prefill.clear()
+        speed.probe.clear()
         self.calibrations[model] = report
         log.info("calibrated %s: %.3g decode flop/s, %.3g prefill flop/s", model,
                  report.decode_flops_per_s, report.prefill_flops_per_s)  # fmt: skip
@@ -206,7 +215,7 @@ class MonitorAgent:
     def _speed(self, model: str) -> _Speed:
         if model not in self.speeds:
             w = self.cfg.speed_window
-            self.speeds[model] = _Speed(RollingMedian(w), RollingMedian(w))
+            self.speeds[model] = _Speed(RollingMedian(w), RollingMedian(w), RollingMedian(w))
         return self.speeds[model]
 
     async def _speed_loop(self) -> None:
@@ -215,7 +224,9 @@ class MonitorAgent:
             for model, probe in list(self.probes.items()):
                 try:
                     flops, seconds = await self.host.run_compute(probe.probe_step)
-                    self._speed(model).decode.add(flops / seconds)
+                    speed = self._speed(model)
+                    speed.decode.add(flops / seconds)
+                    speed.probe.add(flops / seconds)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001
@@ -236,7 +247,8 @@ class MonitorAgent:
                 ratio = expected / sample["compute_s"]
                 speed = self._speed(probe.model)
                 if sample["q_len"] == 1:
-                    speed.decode.add(cal.decode_flops_per_s * ratio)
+                    self._add_decode_traffic(speed, (sample["start"], sample["end"]),
+                                             cal.decode_flops_per_s * ratio)  # fmt: skip
                 else:
                     speed.prefill.add(cal.prefill_flops_per_s * ratio)
         if "next_url" in sample:
@@ -245,6 +257,25 @@ class MonitorAgent:
             )
             if dst is not None and sample["hop_s"] > 0:
                 self.links.setdefault(dst, LinkEstimator()).add(sample["bytes_out"], sample["hop_s"])
+
+    @staticmethod
+    def _add_decode_traffic(speed: _Speed, shape: tuple[int, int], raw: float) -> None:
+        """Add a traffic step to the decode window, on the probe's yardstick.
+
+        A stage of many layers runs each layer faster than the one-layer probe
+        (per-call overheads are shared), so its raw speed reads high — 2x for
+        17 layers of SmolLM2 — and a window fed by both would flip between the
+        two populations as the traffic rate changes. The factor probe/raw of
+        each stage shape is learned from samples taken side by side; both move
+        together when the node changes speed, so the factor does not, and the
+        scaled traffic follows a real change as fast as the probes do.
+        """
+        probe_now = speed.probe.value()
+        factor = speed.factors.setdefault(shape, RollingMedian(FACTOR_WINDOW))
+        if probe_now is not None:
+            factor.add(probe_now / raw)
+        if len(factor) >= MIN_FACTOR_SAMPLES:
+            speed.decode.add(raw * factor.value())
 
     # ----- links -----------------------------------------------------------
 
