@@ -54,6 +54,11 @@ class RolloutRequest(BaseModel):
     deployment: str = Field(pattern=DEPLOYMENT_PATTERN)
     version: int | None = Field(default=None, ge=1, lt=2**31)
     plan: Plan
+    supersede_drain: bool = Field(
+        default=False,
+        description="if the previous rollout is still draining its old version, release that version now "
+        "instead of answering 409 (its sessions must be replayed elsewhere: the gateway's recovery does)",
+    )
 
 
 class AckRequest(BaseModel):

@@ -88,6 +88,7 @@ def create_app(settings: BroadcastSettings, bind_host: str | None = None) -> Fas
     )  # fmt: skip
     driver = RolloutDriver(store, publisher, BroadcastMetrics(registry), cfg)
     app.state.settings = settings
+    app.state.admin_token = settings.admin_token
     app.state.secret = secret
     app.state.store = store
     app.state.driver = driver

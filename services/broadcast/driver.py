@@ -19,7 +19,14 @@ import httpx
 from edgeorch import bus
 from edgeorch.rollout.plan import node_urls, place
 from edgeorch.rollout.signing import new_message
-from edgeorch.rollout.state import COMMITTED, PREPARING, AckState, decide_drain, decide_prepare
+from edgeorch.rollout.state import (
+    COMMITTED,
+    PREPARING,
+    AckState,
+    IllegalTransition,
+    decide_drain,
+    decide_prepare,
+)
 from edgeorch.schemas.rollout import RolloutView
 from services.broadcast.metrics import BroadcastMetrics
 from services.broadcast.store import RolloutStore
@@ -187,7 +194,10 @@ class RolloutDriver:
                                 sessions_left)  # fmt: skip
         if decision.action != "complete":
             return
-        done = await asyncio.to_thread(self.store.complete, r.id, decision.reason, time.time())
+        try:
+            done = await asyncio.to_thread(self.store.complete, r.id, decision.reason, time.time())
+        except IllegalTransition:
+            return  # a newer rollout superseded this drain meanwhile (it released the old version)
         await self.publish("release", done)
         self.metrics.rollouts.labels("completed").inc()
         self.metrics.drain_seconds.observe((done.finished_at or now) - committed_at)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from edgeorch.auth import AdminAuth
 from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.signing import SIGNATURE_HEADER, bytes_signature_ok, signed_desired
 from edgeorch.schemas.rollout import (
@@ -41,16 +42,24 @@ Driver = Annotated[RolloutDriver, Depends(get_driver)]
 RolloutId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-@router.post("/v1/rollouts", status_code=201, response_model=RolloutView, tags=["rollouts"])
+# Acks are not guarded by the admin token: workers sign them with the rollout secret.
+@router.post(
+    "/v1/rollouts", status_code=201, response_model=RolloutView, tags=["rollouts"], dependencies=[AdminAuth]
+)
 async def start_rollout(req: RolloutRequest, request: Request, store: Store, driver: Driver) -> RolloutView:
     """Start rolling a deployment out to a new plan version: record it, publish PREPARE."""
     settings = request.app.state.settings
     try:
-        view = await run_in_threadpool(
+        view, superseded = await run_in_threadpool(
             store.create_rollout, req, uuid.uuid4().hex, time.time(), settings.prepare_timeout_s
         )
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from exc
+    if superseded is not None:
+        log.info("rollout %s: RELEASE v%s of %s early, superseded", superseded.id, superseded.from_version,
+                 superseded.deployment)  # fmt: skip
+        driver.metrics.rollouts.labels("completed").inc()
+        await driver.publish("release", superseded)
     driver.metrics.rollouts.labels("started").inc()
     log.info("rollout %s: PREPARE %s v%d (from v%s) on nodes %s", view.id, view.deployment, view.version,
              view.from_version, ", ".join(view.nodes))  # fmt: skip

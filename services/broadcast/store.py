@@ -108,13 +108,24 @@ class RolloutStore:
 
     def create_rollout(
         self, req: RolloutRequest, rollout_id: str, now: float, prepare_timeout_s: float
-    ) -> RolloutView:
-        """Record a new plan version and its rollout in phase PREPARING."""
+    ) -> tuple[RolloutView, RolloutView | None]:
+        """Record a new plan version and its rollout in phase PREPARING.
+
+        Returns it, and the draining rollout it superseded (``supersede_drain``), if any.
+        """
         name = req.deployment
+        superseded = None
         with self._create_lock, self._sessions.begin() as db:
             busy = db.scalars(
                 select(RolloutRow).where(RolloutRow.deployment == name, RolloutRow.phase.in_(IN_FLIGHT))
             ).first()
+            if busy is not None and busy.phase == COMMITTED and req.supersede_drain:
+                check_transition(busy.phase, COMPLETED)
+                busy.phase, busy.finished_at = COMPLETED, now
+                busy.reason = "old version released early: superseded by a newer rollout"
+                if busy.from_version is not None:
+                    db.get(PlanVersionRow, (name, busy.from_version)).status = "retired"
+                superseded, busy = busy.id, None
             if busy is not None:
                 raise Conflict(
                     f"rollout {busy.id} of {name!r} to version {busy.version} is still {busy.phase}"
@@ -135,7 +146,7 @@ class RolloutStore:
                               from_version=dep.active_version if dep else None, phase=PREPARING,
                               nodes_json=json.dumps(nodes), created_at=now,
                               prepare_deadline=now + prepare_timeout_s))  # fmt: skip
-        return self.get_rollout(rollout_id)
+        return self.get_rollout(rollout_id), (self.get_rollout(superseded) if superseded else None)
 
     def get_rollout(self, rollout_id: str) -> RolloutView:
         """One rollout with its acks."""

@@ -11,10 +11,10 @@ from edgeorch.storage import make_engine
 from services.broadcast.store import Base, Conflict, NotFound, RolloutStore
 
 
-def _req(version=None, model="tiny-llama", nodes=("a", "b")) -> RolloutRequest:
+def _req(version=None, model="tiny-llama", nodes=("a", "b"), supersede_drain=False) -> RolloutRequest:
     stages = [{"node_id": nodes[0], "url": "http://a:1", "start": 0, "end": 3},
               {"node_id": nodes[1], "url": "http://b:1", "start": 3, "end": 6}]  # fmt: skip
-    return RolloutRequest.model_validate({"deployment": "d", "version": version,
+    return RolloutRequest.model_validate({"deployment": "d", "version": version, "supersede_drain": supersede_drain,
                                           "plan": {"model": model, "stages": stages}})  # fmt: skip
 
 
@@ -30,7 +30,7 @@ def _ack(rid: str, node: str, ok: bool = True) -> AckRequest:
 
 
 def test_a_rollout_goes_from_prepare_to_commit_to_complete(store) -> None:
-    r = store.create_rollout(_req(), "r1", now=100.0, prepare_timeout_s=30)
+    r, _ = store.create_rollout(_req(), "r1", now=100.0, prepare_timeout_s=30)
     assert (r.phase, r.version, r.from_version, r.nodes) == ("preparing", 1, None, ["a", "b"])
     assert r.prepare_deadline == 130.0
     with pytest.raises(NotFound):
@@ -54,7 +54,7 @@ def test_versions_must_grow_and_one_rollout_at_a_time(store) -> None:
     store.abort("r1", "test", now=1)
     with pytest.raises(Conflict, match="not newer than version 1"):
         store.create_rollout(_req(version=1), "r2", now=2, prepare_timeout_s=30)
-    r = store.create_rollout(_req(), "r2", now=2, prepare_timeout_s=30)
+    r, _ = store.create_rollout(_req(), "r2", now=2, prepare_timeout_s=30)
     assert r.version == 2  # an aborted version's number is never reused
     for n in ("a", "b"):
         store.add_ack(_ack("r2", n), now=3)
@@ -64,7 +64,7 @@ def test_versions_must_grow_and_one_rollout_at_a_time(store) -> None:
     store.complete("r2", "drained", now=6)
     with pytest.raises(Conflict, match="serves model"):
         store.create_rollout(_req(model="tiny-gpt2"), "r3", now=7, prepare_timeout_s=30)
-    r = store.create_rollout(_req(version=10), "r3", now=7, prepare_timeout_s=30)
+    r, _ = store.create_rollout(_req(version=10), "r3", now=7, prepare_timeout_s=30)
     assert (r.version, r.from_version) == (10, 2)
 
 
@@ -114,3 +114,25 @@ def test_snapshots_feed_the_desired_state_through_a_whole_rollout(store) -> None
     store.complete("r2", "drained", now=4)
     assert stages("b") == [] and stages("a") == ["d.v2.s0"]
     assert [v.status for v in store.deployment("d").versions] == ["retired", "active"]
+
+
+def test_a_rollout_may_supersede_a_drain_and_releases_the_old_version(store) -> None:
+    store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+    for n in ("a", "b"):
+        store.add_ack(_ack("r1", n), now=1)
+    store.commit("r1", now=2)
+    store.complete("r1", "nothing to drain", now=2.5)
+    store.create_rollout(_req(), "r2", now=3, prepare_timeout_s=30)
+    for n in ("a", "b"):
+        store.add_ack(_ack("r2", n), now=4)
+    store.commit("r2", now=5)  # v2 active, v1 draining
+    with pytest.raises(Conflict, match="still committed"):
+        store.create_rollout(_req(), "r3", now=6, prepare_timeout_s=30)
+    r3, superseded = store.create_rollout(_req(supersede_drain=True), "r3", now=6, prepare_timeout_s=30)
+    assert (r3.version, r3.from_version, r3.phase) == (3, 2, "preparing")
+    assert superseded.id == "r2" and superseded.phase == "completed" and "superseded" in superseded.reason
+    statuses = {v.version: v.status for v in store.deployment("d").versions}
+    assert statuses == {1: "retired", 2: "active", 3: "preparing"}
+    # A rollout still preparing is never superseded: two PREPAREs would race.
+    with pytest.raises(Conflict, match="still preparing"):
+        store.create_rollout(_req(supersede_drain=True), "r4", now=7, prepare_timeout_s=30)
