@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 from edgeorch.launcher import LocalService, free_port
 
-__all__ = ["REPO", "ServiceProcess", "free_port"]
+__all__ = ["REPO", "ServiceProcess", "free_port", "wait_for"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,3 +34,14 @@ class ServiceProcess(LocalService):
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Stop the process (SIGTERM by default, SIGKILL if it lingers)."""
         self.stop(sig)
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.2):
+    """Poll until predicate() is truthy and return it; fail after the timeout, saying what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"not within {timeout_s}s: {what}")

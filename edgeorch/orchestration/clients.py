@@ -1,0 +1,118 @@
+"""The orchestrator's REST clients for the monitor, the splitter and broadcast.
+
+Each call names the service in its error, so a failure in the control loop
+says which dependency failed and what it answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from edgeorch.schemas.plan import PlanRequest
+
+
+class ServiceError(RuntimeError):
+    """A control-plane service failed or refused; ``status`` is its HTTP code (0: unreachable)."""
+
+    def __init__(self, service: str, status: int, detail: Any):
+        super().__init__(f"{service} answered {status}: {detail}" if status else f"{service}: {detail}")
+        self.service = service
+        self.status = status
+        self.detail = detail
+
+
+class ControlPlane:
+    """Async clients of the three services the orchestrator drives."""
+
+    def __init__(self, monitor_url: str, splitter_url: str, broadcast_url: str, admin_token: str = ""):
+        headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self.http = httpx.AsyncClient(timeout=30.0, headers=headers)
+        self.monitor_url = monitor_url.rstrip("/")
+        self.splitter_url = splitter_url.rstrip("/")
+        self.broadcast_url = broadcast_url.rstrip("/")
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.http.aclose()
+
+    async def _call(self, service: str, method: str, url: str, **kw) -> Any:
+        try:
+            resp = await self.http.request(method, url, **kw)
+        except httpx.HTTPError as exc:
+            raise ServiceError(service, 0, f"unreachable at {url}: {exc!r}") from exc
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise ServiceError(service, resp.status_code, detail)
+        return resp.json()
+
+    # ----- monitor -----------------------------------------------------------
+
+    async def nodes(self, model: str) -> list[dict]:
+        """Every node the monitor knows, with its speed on ``model``."""
+        return await self._call("monitor", "GET", f"{self.monitor_url}/v1/nodes", params={"model": model})
+
+    async def links(self) -> list[dict]:
+        """Measured links between live nodes."""
+        return await self._call("monitor", "GET", f"{self.monitor_url}/v1/links")
+
+    async def request_profile(self, model: str) -> None:
+        """Have every node calibrate ``model`` (idempotent)."""
+        await self._call("monitor", "POST", f"{self.monitor_url}/v1/profiles", json={"model": model})
+
+    async def monitor_events(self, since: int) -> list[dict]:
+        """Monitor events after ``since``."""
+        return await self._call("monitor", "GET", f"{self.monitor_url}/v1/events", params={"since": since})
+
+    # ----- splitter ----------------------------------------------------------
+
+    async def plan(self, req: PlanRequest) -> dict:
+        """The splitter's plan for ``req`` (raises ServiceError 422 when infeasible)."""
+        return await self._call("splitter", "POST", f"{self.splitter_url}/v1/plan",
+                                content=req.model_dump_json(), headers={"content-type": "application/json"})  # fmt: skip
+
+    # ----- broadcast ---------------------------------------------------------
+
+    async def start_rollout(self, deployment: str, model: str, stages: list[dict], wait_s: float) -> dict:
+        """Start a rollout; an older version still draining is released at once (its sessions are
+        replayed by the gateway); while another rollout still prepares, wait for it (409)."""
+        body = {"deployment": deployment, "plan": {"model": model, "stages": stages}, "supersede_drain": True}
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return await self._call("broadcast", "POST", f"{self.broadcast_url}/v1/rollouts", json=body)
+            except ServiceError as exc:
+                if exc.status != 409 or "still" not in str(exc.detail) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
+
+    async def rollout(self, rollout_id: str) -> dict:
+        """A rollout's phase and acks."""
+        return await self._call("broadcast", "GET", f"{self.broadcast_url}/v1/rollouts/{rollout_id}")
+
+    async def wait_rollout(self, rollout_id: str, timeout_s: float) -> dict:
+        """Poll until the rollout is committed (or further) or aborted; returns the last view."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = await self.rollout(rollout_id)
+            if view["phase"] in ("committed", "completed", "aborted"):
+                return view
+            if time.monotonic() > deadline:
+                raise ServiceError("broadcast", 0, f"rollout {rollout_id} still {view['phase']} "
+                                                   f"after {timeout_s:.0f}s")  # fmt: skip
+            await asyncio.sleep(0.05)
+
+    async def deployment(self, name: str) -> dict | None:
+        """Broadcast's view of a deployment (active version, entry), or None before its first commit."""
+        try:
+            return await self._call("broadcast", "GET", f"{self.broadcast_url}/v1/deployments/{name}")
+        except ServiceError as exc:
+            if exc.status == 404:
+                return None
+            raise

@@ -1,0 +1,217 @@
+"""Run a session through a deployment's chain, and carry it over when a stage dies.
+
+The gateway keeps every session's tokens (prompt and generated) itself. When
+a step fails because a stage is gone — the entry refuses connections, or a
+stage answers that its next hop is unreachable or timed out — it asks the
+route provider (the controller) for a route without that node and replays
+all the tokens as one prefill on a fresh session: the new chain rebuilds its
+KV caches from them and samples the next token, which greedy decoding (or a
+seeded sampler, whose draw depends only on seed and position) makes the
+same token the lost chain would have produced. A step that finds its stage
+or cache gone without a dead node (a rollout released the old version, a
+worker restarted empty) is replayed on the current route the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+import torch
+
+from edgeorch import wire
+from edgeorch.schemas.stage import Sampling
+
+log = logging.getLogger(__name__)
+
+# "next hop 'd.v1.s2' at http://127.0.0.1:8102/v1/stages/d.v1.s2/forward unreachable: ..."
+_DEAD_HOP = re.compile(r"at (https?://\S+?) (?:unreachable|timed out)")
+_background: set[asyncio.Task] = set()  # fire-and-forget releases, referenced until done
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a deployment's sessions enter, in one plan version."""
+
+    deployment: str
+    version: int
+    entry_url: str
+    entry_stage: str
+    node_urls: dict[str, str]
+    stages: tuple[tuple[str, str], ...] = ()  # (stage id, worker URL) in chain order
+
+    def node_of(self, url: str) -> str | None:
+        """The node whose base URL ``url`` starts with."""
+        for node, base in self.node_urls.items():
+            if url.startswith(base.rstrip("/") + "/") or url.rstrip("/") == base.rstrip("/"):
+                return node
+        return None
+
+
+class RouteProvider(Protocol):
+    """What the gateway needs from the controller."""
+
+    async def route(self, deployment: str) -> Route:
+        """The active route of a deployment."""
+
+    async def recover(self, route: Route, failed_node: str | None, error: str) -> Route:
+        """A route that avoids ``failed_node`` (re-planning if needed), or the current one."""
+
+
+class ChainFailure(RuntimeError):
+    """A step failed and cannot be carried over; ``status`` is what the client should see."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class StepFailure(Exception):
+    """One step failed: which node died (None: none did), and whether a replay can help."""
+
+    status: int
+    detail: str
+    failed_node: str | None
+    replayable: bool
+
+
+@dataclass
+class SessionStats:
+    """What one generation measured: per-step wall times, recoveries, tokens."""
+
+    step_s: list[float] = field(default_factory=list)
+    recoveries: int = 0
+    versions: list[int] = field(default_factory=list)
+    max_gap_s: float = 0.0
+
+
+def _classify(route: Route, status: int, detail: str) -> StepFailure:
+    dead = _DEAD_HOP.findall(detail)
+    if dead:
+        return StepFailure(status, detail, route.node_of(dead[-1]), True)
+    # 404: the stage or session is gone (released by a rollout, worker restarted);
+    # 409: the cache is not where the step expects it. Both heal by a replay.
+    return StepFailure(status, detail, None, status in (404, 409))
+
+
+async def _step(
+    http: httpx.AsyncClient, route: Route, tensors: dict[str, torch.Tensor], **meta
+) -> wire.Frame:
+    url = f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/forward"
+    body = wire.encode_frame(wire.Frame(meta=meta, tensors=tensors))
+    try:
+        resp = await http.post(url, content=body, headers={"content-type": wire.CONTENT_TYPE})
+    except httpx.HTTPError as exc:
+        node = route.node_of(url)
+        raise StepFailure(502, f"entry stage {route.entry_stage} at {url} unreachable: {exc!r}", node,
+                          True) from exc  # fmt: skip
+    if resp.status_code != 200:
+        try:
+            detail = str(resp.json().get("detail", resp.text))
+        except (json.JSONDecodeError, AttributeError):
+            detail = resp.text
+        raise _classify(route, resp.status_code, detail)
+    return wire.decode_frame(resp.content)
+
+
+async def generate(
+    http: httpx.AsyncClient,
+    routes: RouteProvider,
+    deployment: str,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_ids: set[int],
+    stats: SessionStats,
+    max_recoveries: int = 3,
+) -> AsyncIterator[int]:
+    """Yield generated token ids one by one, carrying the session over failed stages."""
+    route = await routes.route(deployment)
+    tokens = list(prompt_ids)
+    generated: list[int] = []
+    session, sent = uuid.uuid4().hex, 0  # tokens the current session's caches hold
+    last_token_at = time.perf_counter()
+    while len(generated) < max_new_tokens:
+        last = len(generated) == max_new_tokens - 1
+        x = torch.tensor([tokens[sent:]], dtype=torch.int64)
+        t0 = time.perf_counter()
+        try:
+            frame = await _step(http, route, {"x": x}, session=session, position=sent, mode="generate",
+                                sampling=sampling.model_dump(), release=last)  # fmt: skip
+        except StepFailure as failure:
+            if not failure.replayable or stats.recoveries >= max_recoveries:
+                raise ChainFailure(failure.status if failure.status < 500 else 502, failure.detail) from None
+            stats.recoveries += 1
+            log.warning("session on %s v%d failed at token %d (%s); recovering", deployment, route.version,
+                        len(generated), failure.detail[:300])  # fmt: skip
+            # The caches the session built on the surviving stages would keep
+            # the old version from draining: free them, without waiting.
+            task = asyncio.get_running_loop().create_task(release_everywhere(http, route, session))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+            route = await routes.recover(route, failure.failed_node, failure.detail)
+            session, sent = uuid.uuid4().hex, 0
+            continue
+        stats.step_s.append(time.perf_counter() - t0)
+        stats.versions.append(route.version)
+        token = int(frame.meta["token"])
+        now = time.perf_counter()
+        stats.max_gap_s = max(stats.max_gap_s, now - last_token_at) if generated else stats.max_gap_s
+        last_token_at = now
+        sent = len(tokens)
+        tokens.append(token)
+        generated.append(token)
+        yield token
+        if token in stop_ids:
+            if not last:
+                await release(http, route, session)
+            return
+
+
+async def release(http: httpx.AsyncClient, route: Route, session: str) -> None:
+    """Free a session's caches along the chain (best effort)."""
+    try:
+        await http.delete(f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/sessions/{session}")
+    except httpx.HTTPError:
+        pass
+
+
+async def release_everywhere(http: httpx.AsyncClient, route: Route, session: str) -> None:
+    """Free a session on every stage of a broken chain (a release at the entry stops at the gap)."""
+    for stage_id, url in route.stages:
+        try:
+            await http.delete(f"{url.rstrip('/')}/v1/stages/{stage_id}/sessions/{session}", timeout=2.0)
+        except httpx.HTTPError:
+            pass  # that node is the dead one, or its caches expire on their own
+
+
+async def encode(
+    http: httpx.AsyncClient,
+    routes: RouteProvider,
+    deployment: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_recoveries: int = 2,
+) -> torch.Tensor:
+    """Pooled embeddings from an encoder deployment, one row per sequence."""
+    route = await routes.route(deployment)
+    for attempt in range(max_recoveries + 1):
+        try:
+            frame = await _step(http, route, {"x": input_ids, "attention_mask": attention_mask},
+                                session=uuid.uuid4().hex, mode="encode")  # fmt: skip
+            return frame.tensors["embedding"]
+        except StepFailure as failure:
+            if not failure.replayable or attempt == max_recoveries:
+                raise ChainFailure(failure.status if failure.status < 500 else 502, failure.detail) from None
+            route = await routes.recover(route, failure.failed_node, failure.detail)
+    raise AssertionError("unreachable")

@@ -1,0 +1,145 @@
+"""Turn what the monitor measured into the splitter's question (pure: no I/O).
+
+The orchestrator reads ``GET /v1/nodes?model=`` and ``GET /v1/links`` from
+the monitor and asks ``POST /v1/plan``; this module is the translation, so
+it can be tested on plain records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgeorch.planning.api import problem_from_request
+from edgeorch.planning.cost import evaluate
+from edgeorch.planning.problem import Stage
+from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
+from edgeorch.schemas.plan import LinkSpec, NodeSpec, PlanRequest, PlanStage, Workload
+from edgeorch.schemas.profile import ModelProfile
+
+# A link the monitor has not measured yet (a node that joined a second ago)
+# is not unreachable: every node the monitor knows reached it over HTTP. It
+# is assumed fast until measured, which takes about a second.
+UNMEASURED_BANDWIDTH_BYTES_PER_S = 1e9
+UNMEASURED_RTT_S = 0.002
+
+
+class NoNodesError(RuntimeError):
+    """No live, calibrated node may host the deployment."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The live nodes (calibrated on the model) and their links, as the planner needs them."""
+
+    nodes: list[NodeSpec]
+    links: list[LinkSpec]
+    urls: dict[str, str]
+
+
+def trusted_units(policy: QosPolicy, num_units: int) -> list[int]:
+    """Units that must run on trusted nodes under the policy."""
+    units = set(policy.trusted_units)
+    if policy.privacy == "edges":
+        units |= {0, num_units - 1}
+    elif policy.privacy == "all":
+        units |= set(range(num_units))
+    return sorted(u for u in units if 0 <= u < num_units)
+
+
+def cluster_from_monitor(
+    nodes: list[dict[str, Any]], links: list[dict[str, Any]], allowed: list[str] | None, exclude: set[str]
+) -> Cluster:
+    """Nodes that are alive, calibrated and allowed, and every link between two of them."""
+    specs, urls = [], {}
+    for n in nodes:
+        nid = n["node_id"]
+        if n.get("state") != "alive" or not n.get("flops_per_s") or nid in exclude:
+            continue
+        if allowed is not None and nid not in allowed:
+            continue
+        specs.append(NodeSpec(id=nid, memory_bytes=n["memory_bytes"], flops_per_s=n["flops_per_s"],
+                              trusted=n["trusted"], watts=n["watts"]))  # fmt: skip
+        urls[nid] = n["url"]
+    if not specs:
+        raise NoNodesError("no live node calibrated on this model" + (f" (excluded {sorted(exclude)})"
+                                                                       if exclude else ""))  # fmt: skip
+    measured = {(lk["src"], lk["dst"]): lk for lk in links}
+    specs_links = []
+    for a in specs:
+        for b in specs:
+            if a.id == b.id:
+                continue
+            lk = measured.get((a.id, b.id), {})
+            specs_links.append(LinkSpec(
+                src=a.id, dst=b.id,
+                bandwidth_bytes_per_s=lk.get("bandwidth_bytes_per_s") or UNMEASURED_BANDWIDTH_BYTES_PER_S,
+                rtt_s=lk.get("rtt_s") if lk.get("rtt_s") is not None else UNMEASURED_RTT_S,
+            ))  # fmt: skip
+    return Cluster(specs, specs_links, urls)
+
+
+def choose_source(cluster: Cluster, policy: QosPolicy) -> str:
+    """Where requests enter: the policy's node if it is live, else the first trusted, else the first."""
+    ids = [n.id for n in cluster.nodes]
+    if policy.source in ids:
+        return policy.source
+    trusted = sorted(n.id for n in cluster.nodes if n.trusted)
+    return trusted[0] if trusted else sorted(ids)[0]
+
+
+def plan_request(
+    profile: ModelProfile,
+    cluster: Cluster,
+    policy: QosPolicy,
+    current: list[tuple[str, int, int]] | None,
+    time_limit_s: float = 0.5,
+) -> PlanRequest:
+    """The splitter request for this deployment now."""
+    return PlanRequest(
+        profile=profile,
+        nodes=cluster.nodes,
+        links=cluster.links,
+        source=choose_source(cluster, policy),
+        objective=policy.objective,
+        strategy=policy.strategy,
+        workload=policy.workload,
+        trusted_units=trusted_units(policy, profile.num_units),
+        current_plan=[PlanStage(node=n, start=a, end=b) for n, a, b in current] if current else None,
+        migration_weight=policy.migration_weight if policy.objective != "throughput" else 0.0,
+        time_limit_s=time_limit_s,
+    )
+
+
+def predict(req: PlanRequest, stages: list[tuple[str, int, int]]) -> PredictedView | None:
+    """The cost model's figures for ``stages`` under ``req``'s measurements; None if a node is gone.
+
+    ``step_s`` is one token through the chain and back (entry hop, every
+    stage, every hop, exit hop): the figure a decode step is measured against.
+    """
+    index = {n.id: i for i, n in enumerate(req.nodes)}
+    if any(n not in index for n, _, _ in stages):
+        return None
+    plan_stages = [Stage(index[n], a, b) for n, a, b in stages]
+    full = evaluate(problem_from_request(req), plan_stages)
+    one = req.model_copy(update={
+        "workload": Workload(prompt_tokens=1, generated_tokens=0, max_sessions=1,
+                             context_tokens=req.workload.context_tokens),
+        "current_plan": None,
+    })  # fmt: skip
+    step = evaluate(problem_from_request(one), plan_stages)
+    return PredictedView(
+        latency_s=full.latency_s,
+        throughput_tokens_per_s=full.throughput_tokens_per_s,
+        energy_j=full.energy_j,
+        step_s=step.latency_s,
+    )
+
+
+def objective_value(p: PredictedView, objective: str) -> float:
+    """The figure the objective minimises (throughput as seconds per token)."""
+    if objective == "latency":
+        return p.latency_s
+    if objective == "energy":
+        return p.energy_j
+    return 1.0 / p.throughput_tokens_per_s if p.throughput_tokens_per_s else 0.0

@@ -1,0 +1,147 @@
+"""The orchestrator: deployments, the adaptive control loop, the OpenAI-compatible gateway.
+
+Thin glue: the decisions live in :mod:`edgeorch.orchestration` (snapshot,
+decide, generation) and in ``controller.py``; this module builds the pieces
+in the app's lifespan, restores deployments from SQL, and listens to the
+monitor's events on Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from edgeorch import bus
+from edgeorch.http_app import base_app
+from edgeorch.models.store import ModelStore
+from edgeorch.orchestration.clients import ControlPlane
+from edgeorch.settings import ServiceSettings
+from edgeorch.storage import default_database_url, make_engine
+from services.orchestrator.controller import Controller
+from services.orchestrator.deployments import DeploymentBook
+from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.openai_routes import router as openai_router
+from services.orchestrator.routes import router
+from services.orchestrator.store import Base, OrchestratorStore
+
+log = logging.getLogger(__name__)
+
+
+class OrchestratorSettings(ServiceSettings):
+    """Orchestrator knobs (EDGEORCH_* environment variables)."""
+
+    monitor_url: str = Field(default="http://127.0.0.1:8001", description="the monitor service")
+    splitter_url: str = Field(default="http://127.0.0.1:8002", description="the splitter service")
+    broadcast_url: str = Field(default="http://127.0.0.1:8003", description="the broadcast service")
+    public_url: str | None = Field(default=None, description="how jobs reach this gateway; default: bind")
+    replan_interval_s: float = Field(default=5.0, gt=0, description="re-evaluate every plan this often")
+    debounce_s: float = Field(default=0.2, ge=0, description="wait for a burst of events to end")
+    confirm_s: float = Field(
+        default=1.0, ge=0, description="a change must be predicted to pay off twice, this far apart"
+    )
+    rollout_wait_s: float = Field(default=60.0, gt=0, description="give up on a rollout after this")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="one chain step at most")
+    max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens accepted")
+
+
+async def _follow_monitor(settings: OrchestratorSettings, controller: Controller) -> None:
+    """Wake the control loops on every monitor event; reconnect with backoff when Redis is away."""
+    import redis.asyncio as aioredis
+
+    backoff = 0.5
+    while True:
+        client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2.0)
+        try:
+            async with client.pubsub() as ps:
+                await ps.subscribe(bus.MONITOR_EVENTS)
+                backoff = 0.5
+                async for msg in ps.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    event = json.loads(msg["data"])
+                    if event.get("kind") in ("node_joined", "node_returned") and event.get("node_id"):
+                        controller.node_seen(event["node_id"])
+                    if event.get("kind") != "profiled" or event.get("node_id"):
+                        controller.poke_all(
+                            f"monitor: {event.get('kind')} {event.get('node_id') or ''}".strip()
+                        )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis away: the timer still re-plans
+            log.warning("monitor events unavailable (%r); retrying in %.1fs", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> FastAPI:
+    """Build the orchestrator app; connections and loops start in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        url = settings.database_url or default_database_url("orchestrator", settings.state_dir)
+        engine, sessions = make_engine(url, Base)
+        store = OrchestratorStore(sessions)
+        publisher = bus.ResilientPublisher(settings.redis_url)
+        plane = ControlPlane(settings.monitor_url, settings.splitter_url, settings.broadcast_url,
+                             settings.admin_token)  # fmt: skip
+        controller = Controller(store, plane, settings, metrics, publisher)
+        book = DeploymentBook(store, controller, ModelStore(settings.model_store))
+        app.state.store, app.state.controller, app.state.book = store, controller, book
+        app.state.data_http = httpx.AsyncClient(timeout=settings.request_timeout_s,
+                                                limits=httpx.Limits(max_keepalive_connections=64))  # fmt: skip
+        app.state.gateway_url = settings.public_url or bind_url or "http://127.0.0.1:8000"
+        await book.restore()
+        follower = asyncio.create_task(_follow_monitor(settings, controller))
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await controller.stop()
+            await app.state.data_http.aclose()
+            await plane.close()
+            await publisher.close()
+            engine.dispose()
+
+    async def ready() -> dict[str, str]:
+        store = getattr(app.state, "store", None)
+        if store is None:
+            return {"state": "starting"}
+        problems = {}
+        try:
+            await run_in_threadpool(store.ping)
+        except Exception as exc:  # noqa: BLE001 - any driver error means "not ready"
+            problems["database"] = repr(exc)
+        if not await app.state.controller.publisher.ping():
+            problems["redis"] = f"unreachable at {settings.redis_url}"
+        return problems
+
+    app, registry = base_app(
+        "orchestrator",
+        description="Adaptive Orchestrator: deployments, the control loop, an OpenAI-compatible gateway.",
+        ready_check=ready,
+        lifespan=lifespan,
+    )
+    metrics = OrchestratorMetrics(registry)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.admin_token = settings.admin_token
+    app.include_router(router)
+    app.include_router(openai_router)
+    with contextlib.suppress(ImportError):  # the jobs API comes with Celery's app
+        from services.orchestrator.jobs_routes import jobs_router
+
+        app.include_router(jobs_router())
+    return app

@@ -1,0 +1,107 @@
+"""Deployments: create, restore after a restart, delete, and the view users read.
+
+A deployment is a model from the local store, served under a QoS policy.
+Its profile (the unit chain the planner sees) and its tokenizer come from
+the store's files; its plan history and state from the orchestrator's
+tables; the rest is the controller's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from edgeorch.models import adapter_for, load_config
+from edgeorch.models.store import ModelStore, ModelStoreError
+from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, QosPolicy
+from services.orchestrator.controller import Controller, Live
+from services.orchestrator.store import NotFound, OrchestratorStore
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    """The model is not in the store."""
+
+
+class DeploymentBook:
+    """The deployments this orchestrator serves, with their tokenizers."""
+
+    def __init__(self, store: OrchestratorStore, controller: Controller, models: ModelStore):
+        self.store = store
+        self.controller = controller
+        self.models = models
+        self.tokenizers: dict[str, Any] = {}
+
+    def _load_model(self, model: str, policy: QosPolicy):
+        """Profile, family kind and tokenizer of a store model (blocking)."""
+        from transformers import AutoTokenizer
+
+        try:
+            path = self.models.path(model)
+        except ModelStoreError as exc:
+            raise UnknownModel(str(exc)) from exc
+        adapter = adapter_for(load_config(path))
+        profile = adapter.profile(model, context_tokens=policy.workload.context_tokens, weight_format="fp32")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return profile, ("decoder" if adapter.is_decoder else "encoder"), tokenizer
+
+    async def create(self, req: DeploymentRequest) -> DeploymentView:
+        """Record a deployment and start planning it (raises UnknownModel, Conflict)."""
+        profile, kind, tokenizer = await run_in_threadpool(self._load_model, req.model, req.policy)
+        bad = [u for u in req.policy.trusted_units if u >= profile.num_units]
+        if bad:
+            raise ValueError(
+                f"trusted_units {bad} out of range: {req.model} has units 0..{profile.num_units - 1}"
+            )
+        await run_in_threadpool(self.store.create, req.name, req.model, kind, req.policy, time.time())
+        self.tokenizers[req.name] = tokenizer
+        self.controller.start(Live(req.name, req.model, req.policy, profile))
+        log.info("deployment %s: %s (%s, %d units), policy %s", req.name, req.model, kind,
+                 profile.num_units, req.policy.model_dump_json())  # fmt: skip
+        return await self.view(req.name)
+
+    async def restore(self) -> None:
+        """Start the loops of every stored deployment (after a restart)."""
+        for name in await run_in_threadpool(self.store.names):
+            row = await run_in_threadpool(self.store.get, name)
+            policy = QosPolicy.model_validate_json(row.policy_json)
+            try:
+                profile, _, tokenizer = await run_in_threadpool(self._load_model, row.model, policy)
+            except UnknownModel as exc:
+                await run_in_threadpool(self.store.set_state, name, "failed", str(exc))
+                continue
+            self.tokenizers[name] = tokenizer
+            self.controller.start(Live(name, row.model, policy, profile))
+        log.info("restored %d deployments", len(self.controller.live))
+
+    async def delete(self, name: str) -> None:
+        """Stop serving a deployment and forget it (raises NotFound)."""
+        await run_in_threadpool(self.store.get, name)
+        await self.controller.stop(name)
+        await run_in_threadpool(self.store.delete, name)
+        self.tokenizers.pop(name, None)
+
+    async def view(self, name: str) -> DeploymentView:
+        """What GET /v1/deployments/{name} shows (raises NotFound)."""
+        row = await run_in_threadpool(self.store.get, name)
+        history = await run_in_threadpool(self.store.history, name)
+        active = next((h for h in history if h.version == row.version), None)
+        live = self.controller.live.get(name)
+        return DeploymentView(
+            name=row.name, model=row.model, kind=row.kind, policy=QosPolicy.model_validate_json(row.policy_json),
+            state=row.state, reason=row.reason, version=row.version,
+            stages=active.stages if active else [],
+            predicted=(live.predicted if live and live.predicted else (active.predicted if active else None)),
+            measured=self.controller.measured(name), history=history, created_at=row.created_at,
+        )  # fmt: skip
+
+    def kind(self, name: str) -> str:
+        """decoder or encoder (raises NotFound): decoders are the models with a KV cache."""
+        live = self.controller.live.get(name)
+        if live is None:
+            raise NotFound(f"no deployment {name!r}")
+        return "decoder" if any(u.kv_bytes_per_token > 0 for u in live.profile.units) else "encoder"

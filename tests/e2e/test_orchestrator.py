@@ -1,0 +1,270 @@
+"""The whole stack on loopback: the gateway answers through a real split, adapts it, and survives.
+
+One stack for the module (its own Redis, its own PostgreSQL database), four
+workers that each offer 360 MB: SmolLM2-135M in fp32 with its KV cache needs
+about 750 MB, so every plan spans three nodes and one node is spare.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from edgeorch.scenario import parse_scenario
+from edgeorch.stack import LocalStack
+from tests.support import wait_for
+
+PG = "postgresql://root@127.0.0.1:5432"
+CHAT = {"model": "smol", "temperature": 0}
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(store, tmp_path_factory):
+    dbname = f"edgeorch_e2e_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{PG}/test", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {dbname}")
+    scenario = parse_scenario({"workers": [{"id": f"n{i}", "memory": "360MB"} for i in range(4)]})
+    s = LocalStack(scenario, model_store=store.root, log_dir=tmp_path_factory.mktemp("stack"),
+                   database_url=f"{PG}/{dbname}", private_redis=True, jobs_worker=False,
+                   service_env={"EDGEORCH_REPLAN_INTERVAL_S": "2"})  # fmt: skip
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        with psycopg.connect(f"{PG}/test", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+def admin(stack) -> dict[str, str]:
+    return {"authorization": f"Bearer {stack.admin_token}"}
+
+
+def deployment(stack, name: str) -> dict:
+    return httpx.get(f"{stack.orchestrator_url}/v1/deployments/{name}").json()
+
+
+def deploy(stack, name: str, model: str, **policy) -> dict:
+    r = httpx.post(f"{stack.orchestrator_url}/v1/deployments", headers=admin(stack),
+                   json={"name": name, "model": model, "policy": policy})  # fmt: skip
+    assert r.status_code == 201, r.text
+    return wait_for(lambda: (d := deployment(stack, name))["state"] == "ready" and d, 120, f"{name} ready")
+
+
+def chat(stack, messages, max_tokens=32, timeout=120) -> str:
+    body = {**CHAT, "messages": messages, "max_tokens": max_tokens}
+    r = httpx.post(f"{stack.orchestrator_url}/v1/chat/completions", json=body, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def stream_chat(stack, messages, max_tokens, on_token=None) -> tuple[str, list[float]]:
+    """Stream a chat completion; returns the text and the arrival time of each delta."""
+    body = {**CHAT, "messages": messages, "max_tokens": max_tokens, "stream": True}
+    text, stamps = "", []
+    with httpx.stream("POST", f"{stack.orchestrator_url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            delta = chunk["choices"][0]["delta"].get("content", "")
+            if delta:
+                text += delta
+                stamps.append(time.monotonic())
+                if on_token:
+                    on_token(len(stamps))
+    return text, stamps
+
+
+def events(stack, since: int = 0) -> list[dict]:
+    return httpx.get(f"{stack.orchestrator_url}/v1/events", params={"since": since}).json()
+
+
+@pytest.fixture(scope="module")
+def smol(stack, store):
+    d = deploy(stack, "smol", "smollm2-135m", cooldown_s=4)
+    path = store.path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    expected = {}
+    for key, messages, n in (("capital", CAPITAL, 32), ("haiku", HAIKU, 64)):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        expected[key] = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+    return d, expected
+
+
+def test_chat_through_a_split_equals_the_unsplit_model_streamed_or_not(stack, smol) -> None:
+    d, expected = smol
+    assert len({s["node"] for s in d["stages"]}) >= 2, d["stages"]  # a real split
+    assert d["version"] >= 1 and d["history"][-1]["outcome"] == "committed"
+    text = chat(stack, CAPITAL)
+    assert text == "The capital of France is Paris." == expected["capital"]
+    streamed, _ = stream_chat(stack, CAPITAL, 32)
+    assert streamed == text
+    models = httpx.get(f"{stack.orchestrator_url}/v1/models").json()
+    assert "smol" in [m["id"] for m in models["data"]]
+    r = httpx.post(f"{stack.orchestrator_url}/v1/completions",
+                   json={"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_the_official_openai_client_works_unchanged(stack, smol) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.orchestrator_url}/v1", api_key="unused", max_retries=0)
+    out = client.chat.completions.create(model="smol", messages=CAPITAL, temperature=0, max_tokens=32)
+    assert out.choices[0].message.content == "The capital of France is Paris."
+    parts = client.chat.completions.create(model="smol", messages=CAPITAL, temperature=0, max_tokens=32,
+                                           stream=True)  # fmt: skip
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+        == out.choices[0].message.content
+    )
+    assert "smol" in [m.id for m in client.models.list()]
+
+
+def test_bad_requests_get_clear_4xx(stack, smol) -> None:
+    url = stack.orchestrator_url
+    assert (
+        httpx.post(
+            f"{url}/v1/chat/completions", json={**CHAT, "model": "nope", "messages": CAPITAL}
+        ).status_code
+        == 404
+    )
+    assert httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "messages": []}).status_code == 422
+    assert httpx.post(f"{url}/v1/embeddings", json={"model": "smol", "input": "x"}).status_code == 422
+    assert (
+        httpx.post(
+            f"{url}/v1/chat/completions", json={**CHAT, "messages": CAPITAL, "max_tokens": 10**6}
+        ).status_code
+        == 422
+    )
+    no_token = httpx.post(f"{url}/v1/deployments", json={"name": "x", "model": "tiny-llama"})
+    assert no_token.status_code == 401
+    unknown = httpx.post(
+        f"{url}/v1/deployments", json={"name": "x", "model": "no-such-model"}, headers=admin(stack)
+    )
+    assert unknown.status_code == 404
+    again = httpx.post(
+        f"{url}/v1/deployments", json={"name": "smol", "model": "smollm2-135m"}, headers=admin(stack)
+    )
+    assert again.status_code == 409
+
+
+def test_embeddings_equal_the_unsplit_encoder(stack, store) -> None:
+    d = deploy(stack, "minilm", "minilm-l6", objective="throughput")
+    texts = ["edge inference splits a model by layers", "the capital of France"]
+    r = httpx.post(f"{stack.orchestrator_url}/v1/embeddings", json={"model": "minilm", "input": texts})
+    assert r.status_code == 200, r.text
+    got = torch.tensor([row["embedding"] for row in r.json()["data"]])
+    path = str(store.path("minilm-l6"))
+    tok, ref = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert d["kind"] == "encoder"
+    httpx.delete(f"{stack.orchestrator_url}/v1/deployments/minilm", headers=admin(stack))
+
+
+def test_orchestrator_restart_keeps_deployments_plan_and_history(stack, smol) -> None:
+    before = deployment(stack, "smol")
+    t0 = time.monotonic()
+    stack.restart_service("orchestrator")  # SIGKILL, then the same command on the same port
+    after = deployment(stack, "smol")
+    assert (
+        after["version"] >= before["version"]
+        and after["history"][: len(before["history"])] == before["history"]
+    )
+    assert chat(stack, CAPITAL) == "The capital of France is Paris."
+    assert time.monotonic() - t0 <= 10.0
+    assert [e["id"] for e in events(stack)][:3] == [1, 2, 3]  # the decision log survived too
+
+
+def _load(stack, stop: threading.Event, results: list) -> None:
+    body = {**CHAT, "messages": CAPITAL, "max_tokens": 24}
+    with httpx.Client(timeout=120) as client:
+        while not stop.is_set():
+            r = client.post(f"{stack.orchestrator_url}/v1/chat/completions", json=body)
+            results.append((time.time(), r.status_code, r.json()["choices"][0]["message"]["content"]
+                            if r.status_code == 200 else r.text))  # fmt: skip
+
+
+def test_a_node_slowed_4x_is_split_around_within_10s(stack, smol) -> None:
+    d = wait_for(lambda: (d := deployment(stack, "smol"))["state"] == "ready" and d, 30, "ready")
+    time.sleep(5)  # past the cooldown of any earlier change
+    d = deployment(stack, "smol")
+    victim = max(d["stages"], key=lambda s: s["end"] - s["start"])
+    since = events(stack)[-1]["id"]
+    stop, results = threading.Event(), []
+    load = [threading.Thread(target=_load, args=(stack, stop, results)) for _ in range(2)]
+    for t in load:
+        t.start()
+    try:
+        time.sleep(3)
+        t_change = time.time()
+        httpx.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 4.0}, headers=admin(stack))
+        change = wait_for(lambda: next((e for e in events(stack, since) if e["kind"] in ("resplit", "remap")), None),
+                          10, "a re-split committed")  # fmt: skip
+        new_version = change["data"]["version"]
+        moved = {(s["node"], s["start"], s["end"]) for s in change["data"]["stages"]}
+        shrunk = [s for s in moved if s[0] == victim["node"]]
+        assert not shrunk or max(e - a for _, a, e in shrunk) < victim["end"] - victim["start"]
+        # The new plan serves; measured step time comes back to its prediction.
+        measured = wait_for(lambda: next((e for e in events(stack, change["id"]) if e["kind"] == "measured"
+                                          and e["data"]["version"] >= new_version), None), 30, "a measurement")  # fmt: skip
+    finally:
+        stop.set()
+        for t in load:
+            t.join()
+        httpx.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 1.0}, headers=admin(stack))
+        for e in events(stack, since):  # the decision log around the change, shown with -s
+            print(f"{e['ts'] - t_change:7.2f} {e['kind']} {e['message'][:250]}")
+    print(
+        f"re-split {change['ts'] - t_change:.2f}s after the change; measured/predicted "
+        f"{measured['data']['ratio']:.2f}; {len(results)} requests"
+    )
+    assert change["ts"] - t_change <= 10.0
+    assert measured["data"]["ratio"] <= 1.3
+    assert [r for r in results if r[1] != 200] == []
+    assert {r[2] for r in results} == {"The capital of France is Paris."}
+
+
+def test_a_node_killed_mid_generation_does_not_fail_the_request(stack, smol) -> None:
+    _, expected = smol
+    wait_for(lambda: deployment(stack, "smol")["state"] == "ready", 30, "ready")
+    time.sleep(2)
+    assert chat(stack, HAIKU, 64) == expected["haiku"]  # the undisturbed run
+    d = deployment(stack, "smol")
+    victim = d["stages"][1]["node"]  # a middle stage: its loss breaks the chain in two
+
+    def kill_at(n: int) -> None:
+        if n == 10:
+            stack.kill_worker(victim)
+
+    text, stamps = stream_chat(stack, HAIKU, 64, kill_at)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    print(f"killed {victim}; longest gap {max(gaps):.2f}s, median {statistics.median(gaps):.3f}s")
+    assert text == expected["haiku"]
+    assert max(gaps) <= 2.0
+    after = deployment(stack, "smol")
+    assert victim not in {s["node"] for s in after["stages"]}
+    assert any(e["kind"] == "recover" for e in events(stack))

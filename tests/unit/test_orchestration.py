@@ -1,0 +1,157 @@
+"""The orchestrator's pure parts: monitor records to plan requests, the keep/change decision,
+failure classification, and text streaming with stop strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeorch.orchestration.decide import decide
+from edgeorch.orchestration.generation import Route, _classify
+from edgeorch.orchestration.snapshot import (
+    UNMEASURED_BANDWIDTH_BYTES_PER_S,
+    NoNodesError,
+    choose_source,
+    cluster_from_monitor,
+    plan_request,
+    predict,
+    trusted_units,
+)
+from edgeorch.orchestration.text import TextStream
+from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
+from edgeorch.schemas.profile import ModelProfile, UnitProfile
+
+
+def _node(nid, flops=1e9, state="alive", trusted=False, memory=10**9):
+    return {"node_id": nid, "state": state, "flops_per_s": flops, "memory_bytes": memory, "trusted": trusted,
+            "watts": 10.0, "url": f"http://127.0.0.1:9{len(nid)}00"}  # fmt: skip
+
+
+def _profile(n_layers=4) -> ModelProfile:
+    units = [UnitProfile(name="embed", param_bytes=1000, flops_per_token=0, out_bytes_per_token=64,
+                         kv_bytes_per_token=0)]  # fmt: skip
+    units += [UnitProfile(name=f"layer{i}", param_bytes=1000, flops_per_token=1e6, out_bytes_per_token=64,
+                          kv_bytes_per_token=8) for i in range(n_layers)]  # fmt: skip
+    units.append(UnitProfile(name="head", param_bytes=1000, flops_per_token=1e6, out_bytes_per_token=4,
+                             kv_bytes_per_token=0))  # fmt: skip
+    return ModelProfile(model="m", units=units)
+
+
+def test_privacy_levels_name_the_units_that_need_trusted_nodes() -> None:
+    assert trusted_units(QosPolicy(), 6) == []
+    assert trusted_units(QosPolicy(privacy="edges"), 6) == [0, 5]
+    assert trusted_units(QosPolicy(privacy="all"), 3) == [0, 1, 2]
+    assert trusted_units(QosPolicy(privacy="edges", trusted_units=[2, 9]), 6) == [0, 2, 5]
+
+
+def test_cluster_keeps_live_calibrated_allowed_nodes_and_fills_unmeasured_links() -> None:
+    nodes = [_node("a"), _node("b"), _node("c", state="lost"), _node("d", flops=None), _node("e")]
+    links = [{"src": "a", "dst": "b", "bandwidth_bytes_per_s": 5e6, "rtt_s": 0.004}]
+    cl = cluster_from_monitor(nodes, links, allowed=None, exclude={"e"})
+    assert [n.id for n in cl.nodes] == ["a", "b"]
+    by_pair = {(lk.src, lk.dst): lk for lk in cl.links}
+    assert by_pair["a", "b"].bandwidth_bytes_per_s == 5e6 and by_pair["a", "b"].rtt_s == 0.004
+    assert by_pair["b", "a"].bandwidth_bytes_per_s == UNMEASURED_BANDWIDTH_BYTES_PER_S
+    assert set(cl.urls) == {"a", "b"}
+    assert [n.id for n in cluster_from_monitor(nodes, links, ["b"], set()).nodes] == ["b"]
+    with pytest.raises(NoNodesError, match="excluded"):
+        cluster_from_monitor(nodes, links, allowed=["c", "e"], exclude={"e"})
+
+
+def test_source_is_the_policys_node_else_a_trusted_one_else_the_first() -> None:
+    cl = cluster_from_monitor([_node("b"), _node("a"), _node("t", trusted=True)], [], None, set())
+    assert choose_source(cl, QosPolicy(source="b")) == "b"
+    assert choose_source(cl, QosPolicy(source="gone")) == "t"
+    cl2 = cluster_from_monitor([_node("b"), _node("a")], [], None, set())
+    assert choose_source(cl2, QosPolicy()) == "a"
+
+
+def test_predicted_step_is_one_token_through_the_chain_by_hand() -> None:
+    links = [{"src": s, "dst": d, "bandwidth_bytes_per_s": 1e6, "rtt_s": 0.01}
+             for s, d in (("a", "b"), ("b", "a"))]  # fmt: skip
+    cl = cluster_from_monitor([_node("a", flops=1e9), _node("b", flops=2e9)], links, None, set())
+    req = plan_request(_profile(), cl, QosPolicy(source="a"), None)
+    p = predict(req, [("a", 0, 3), ("b", 3, 6)])
+    # compute: a runs 2 layers (2e6 flops at 1e9), b runs 2 layers + head (3e6 at 2e9)
+    compute = 2e6 / 1e9 + 3e6 / 2e9
+    # hops: a->b carries 64 B, b->a (exit) carries 4 B; each costs rtt/2 + bytes/bandwidth; entry is on a
+    hops = (0.005 + 64 / 1e6) + (0.005 + 4 / 1e6)
+    assert p.step_s == pytest.approx(compute + hops)
+    assert predict(req, [("a", 0, 3), ("gone", 3, 6)]) is None
+
+
+def _pred(latency_s: float) -> PredictedView:
+    return PredictedView(latency_s=latency_s, throughput_tokens_per_s=1 / latency_s, energy_j=latency_s,
+                         step_s=latency_s / 10)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "feasible", "cur", "cand", "last_change", "change", "reason"),
+    [
+        ("keep", True, 1.0, 1.0, None, False, "still the best"),
+        ("resplit", True, 1.0, 0.9, None, False, "below the 20%"),  # 10 % gain: hysteresis
+        ("resplit", True, 1.0, 0.5, 95.0, False, "cooldown"),  # 50 % but 5 s after the last change
+        ("resplit", True, 1.0, 0.5, 80.0, True, "+50.0%"),
+        ("remap", True, 1.0, 0.7, None, True, "+30.0%"),
+        ("resplit", False, 1.0, 2.0, 99.0, True, "cannot serve"),  # node gone: at once, even if worse
+    ],
+)
+def test_decision_has_hysteresis_and_cooldown(kind, feasible, cur, cand, last_change, change, reason) -> None:
+    d = decide(revision_kind=kind, current_feasible=feasible, current=_pred(cur), candidate=_pred(cand),
+               policy=QosPolicy(min_gain=0.2, cooldown_s=10), now=100.0, last_change_at=last_change,
+               trigger="t")  # fmt: skip
+    assert d.change is change
+    assert reason in d.reason
+
+
+def test_throughput_gain_is_measured_on_seconds_per_token() -> None:
+    slow = PredictedView(latency_s=1, throughput_tokens_per_s=10, energy_j=1, step_s=0.1)
+    fast = PredictedView(latency_s=1, throughput_tokens_per_s=20, energy_j=1, step_s=0.1)
+    d = decide(revision_kind="resplit", current_feasible=True, current=slow, candidate=fast,
+               policy=QosPolicy(objective="throughput"), now=0, last_change_at=None, trigger="t")  # fmt: skip
+    assert d.change and d.gain == pytest.approx(0.5)
+
+
+def test_failures_name_the_innermost_dead_hop() -> None:
+    route = Route("d", 1, "http://127.0.0.1:8100", "d.v1.s0",
+                  {"a": "http://127.0.0.1:8100", "b": "http://127.0.0.1:8101", "c": "http://127.0.0.1:8102"})  # fmt: skip
+    detail = ("next hop 'd.v1.s1' at http://127.0.0.1:8101/v1/stages/d.v1.s1/forward answered 502: "
+              "next hop 'd.v1.s2' at http://127.0.0.1:8102/v1/stages/d.v1.s2/forward unreachable: ConnectError")  # fmt: skip
+    f = _classify(route, 502, detail)
+    assert f.failed_node == "c" and f.replayable
+    stale = _classify(route, 404, "no stage 'd.v1.s0' here")
+    assert stale.failed_node is None and stale.replayable
+    full = _classify(route, 503, "KV cache full")
+    assert not full.replayable
+
+
+class _CharTokenizer:
+    """One token per character, decoded by joining: enough to test the stream logic."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(self.text[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected"),
+    [
+        ("hello world", [], "hello world"),
+        ("hello world", ["wor"], "hello "),
+        ("hello world", ["xyz"], "hello world"),
+        ("ab\n\ncd", ["\n\n"], "ab"),
+        ("aaab", ["ab"], "aa"),
+    ],
+)
+def test_text_stream_deltas_add_up_and_never_leak_a_stop_string(text, stop, expected) -> None:
+    ts = TextStream(_CharTokenizer(text), stop)
+    out = ""
+    for i in range(len(text)):
+        delta = ts.push(i)
+        out += delta
+        assert not any(s and s in out for s in stop)
+        if ts.stopped:
+            break
+    out += ts.finish()
+    assert out == expected
