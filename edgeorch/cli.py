@@ -13,11 +13,24 @@ def _add_serve_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
+def _bind_refused(host: str, admin_token: str, service: str) -> bool:
+    """Print why ``service`` must not listen on ``host`` (no admin token beyond loopback), if so."""
+    from edgeorch.auth import InsecureBindError, check_bind
+
+    try:
+        check_bind(host, admin_token, service)
+    except InsecureBindError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
 def _run_splitter(args: argparse.Namespace) -> int:
     from edgeorch.serve import serve, setup_logging
     from services.splitter.app import SplitterSettings, create_app
 
     setup_logging(args.log_level)
+    # No bind check: a plan is a pure function of its request, the splitter changes nothing.
     serve(create_app(SplitterSettings()), args.host, args.port, args.log_level)
     return 0
 
@@ -27,7 +40,10 @@ def _run_monitor(args: argparse.Namespace) -> int:
     from services.monitor.app import MonitorSettings, create_app
 
     setup_logging(args.log_level)
-    serve(create_app(MonitorSettings()), args.host, args.port, args.log_level)
+    settings = MonitorSettings()
+    if _bind_refused(args.host, settings.admin_token, "monitor"):
+        return 2
+    serve(create_app(settings), args.host, args.port, args.log_level)
     return 0
 
 
@@ -37,12 +53,28 @@ def _run_broadcast(args: argparse.Namespace) -> int:
     from services.broadcast.app import BroadcastSettings, create_app
 
     setup_logging(args.log_level)
+    settings = BroadcastSettings()
+    if _bind_refused(args.host, settings.admin_token, "broadcast"):
+        return 2
     try:
-        app = create_app(BroadcastSettings(), bind_host=args.host)
+        app = create_app(settings, bind_host=args.host)
     except InsecureSecretError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
+def _run_orchestrator(args: argparse.Namespace) -> int:
+    from edgeorch.serve import serve, setup_logging
+    from services.orchestrator.app import OrchestratorSettings, create_app
+
+    setup_logging(args.log_level)
+    settings = OrchestratorSettings()
+    if _bind_refused(args.host, settings.admin_token, "orchestrator"):
+        return 2
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    serve(create_app(settings, bind_url=f"http://{host}:{args.port}"), args.host, args.port, args.log_level)
     return 0
 
 
@@ -57,6 +89,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.threads is not None:
         overrides["torch_threads"] = args.threads
     settings = WorkerSettings(**overrides)
+    if _bind_refused(args.host, settings.admin_token, "worker"):
+        return 2
     if settings.broadcast_url:
         from edgeorch.rollout.signing import InsecureSecretError, resolve_secret
 
@@ -135,10 +169,54 @@ def _add_chain(sub) -> None:
     p.set_defaults(func=_run_chain)
 
 
+def _run_jobs_worker(args: argparse.Namespace) -> int:
+    from edgeorch.jobs import celery_app, worker_argv
+    from edgeorch.serve import setup_logging
+
+    setup_logging(args.log_level)
+    # In-process, so the worker is one `edgeorch` process like every other service.
+    celery_app.worker_main(worker_argv(args.concurrency, args.log_level, args.hostname))
+    return 0
+
+
+def _add_jobs_worker(sub) -> None:
+    p = sub.add_parser("jobs-worker", help="run the Celery worker for batch jobs (POST /v1/jobs)")
+    p.add_argument("--concurrency", type=int, default=2, help="jobs run at once, one thread each (default 2)")
+    p.add_argument("--hostname", help="Celery node name (default: jobs@<host>)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_run_jobs_worker)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from edgeorch.up_command import run_up
+
+    return run_up(args)
+
+
+def _add_up(sub) -> None:
+    from edgeorch.up_command import add_arguments
+
+    p = sub.add_parser(
+        "up",
+        help="run the whole stack locally, deploy a model, answer a sample question",
+        description="Start Redis (if none answers), monitor, splitter, broadcast, orchestrator, a jobs "
+        "worker and the scenario's workers on loopback; deploy --model; print where everything "
+        "listens, the plan and a sample answer; run until Ctrl-C (or stop at once with --once).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_up)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="edgeorch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "orchestrator", help="serve the Adaptive Orchestrator and the OpenAI-compatible gateway"
+    )
+    _add_serve_args(p, 8000)
+    p.set_defaults(func=_run_orchestrator)
 
     p = sub.add_parser("splitter", help="serve the Split Revision planner (POST /v1/plan)")
     _add_serve_args(p, 8002)
@@ -160,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_models(sub)
     _add_chain(sub)
+    _add_jobs_worker(sub)
+    _add_up(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Start edgeorch services as local processes on loopback (tests, demo, benchmarks)."""
+"""Start edgeorch services (and the Redis and Celery processes they use) as local processes on loopback."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import redis
 
 log = logging.getLogger(__name__)
 
@@ -24,38 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalService:
-    """One `edgeorch <service>` child process with its log file."""
+class LocalProcess:
+    """One child process with its log file (``{log_dir}/{name}.log``), in a session of its own."""
 
-    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str], log_dir: Path):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, log_mode: str = "wb"):
         self.name = name
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, log_mode)  # noqa: SIM115 - closed in stop(); "ab" after a restart
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeorch.cli", *args, "--host", "127.0.0.1", "--port", str(port)],
+            argv,
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C on the launcher is handled by the launcher, not broadcast
         )
 
-    def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        """Block until `/healthz` answers 200, or raise with the log's tail."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(
-            f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s:\n{self.log_tail()}"
-        )
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc.poll() is None
 
     def log_tail(self, n_chars: int = 4000) -> str:
         """The end of the process log."""
@@ -74,6 +63,112 @@ class LocalService:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+class LocalService(LocalProcess):
+    """One `edgeorch <service>` child process on a loopback port, with its log file."""
+
+    def __init__(
+        self, name: str, args: list[str], port: int, env: dict[str, str], log_dir: Path, log_mode: str = "wb"
+    ):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "edgeorch.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+        super().__init__(name, argv, env, log_dir, log_mode)
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        """Block until `/healthz` answers 200, or raise with the log's tail."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s:\n{self.log_tail()}"
+        )
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on ``port`` on loopback right now."""
+    with socket.socket() as s:
+        # As uvicorn binds: connections of a stack that just stopped (TIME_WAIT) do not block it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    """True when a Redis server answers PING at ``url``."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+class RedisServer(LocalProcess):
+    """A throw-away ``redis-server`` on a loopback port: no snapshots, no append-only file."""
+
+    def __init__(self, server: str, port: int, log_dir: Path, work_dir: Path):
+        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(work_dir)]  # fmt: skip
+        super().__init__("redis", argv, {}, log_dir)
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        """Block until it answers PING."""
+        wait_until(self, lambda: redis_answers(self.url, 0.5), timeout_s, f"redis at {self.url}")
+
+
+class JobsWorker(LocalProcess):
+    """`edgeorch jobs-worker`: the Celery worker for batch jobs, ready once it answers a control ping."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, concurrency: int = 2):
+        self.hostname = f"jobs-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        self.redis_url = env["EDGEORCH_REDIS_URL"]
+        argv = [sys.executable, "-m", "edgeorch.cli", "jobs-worker", "--concurrency", str(concurrency),
+                "--hostname", self.hostname]  # fmt: skip
+        super().__init__("jobs-worker", argv, env, log_dir)
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        """Block until the worker answers Celery's ping through the broker."""
+        from edgeorch.jobs import make_celery
+
+        app = make_celery(self.redis_url)
+
+        def pong() -> bool:
+            try:
+                return bool(app.control.ping(destination=[self.hostname], timeout=0.5))
+            except Exception:  # noqa: BLE001 - broker not ready yet: keep waiting
+                return False
+
+        try:
+            wait_until(self, pong, timeout_s, f"jobs worker {self.hostname}")
+        finally:
+            app.close()
+
+
+def wait_until(proc: LocalProcess, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``ready`` until it is true; raise with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{what} exited with {proc.proc.returncode}:\n{proc.log_tail()}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f}s:\n{proc.log_tail()}")
 
 
 class LocalWorkers:

@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,17 @@ from tests.support import REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 WORKERS = ("worker-a", "worker-b", "worker-c")
+# The edgeorch services that listen on a port, with the port.
+SERVED = {"orchestrator": 8000, "monitor": 8001, "splitter": 8002, "broadcast": 8003}
+SERVED.update(dict.fromkeys(WORKERS, 8100))
+EDGEORCH = (*SERVED, "jobs-worker")
+ALL_SERVICES = {"redis", "postgres", *EDGEORCH}
+# What `docker-compose config` interpolates; no real secret ever appears in the file.
+SECRETS = {
+    "EDGEORCH_ADMIN_TOKEN": "test-admin-token",
+    "EDGEORCH_ROLLOUT_SECRET": "test-rollout-secret",
+    "EDGEORCH_POSTGRES_PASSWORD": "test-pg-password",
+}
 
 
 def _docker_compose() -> str:
@@ -38,15 +51,22 @@ def _docker_compose() -> str:
 
 
 @cache
-def _run_config(exe: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [exe, "-f", str(COMPOSE_FILE), "config"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def _run_config(exe: str, with_secrets: bool = True) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` with the secrets set (or none), whatever the caller's shell or .env holds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEORCH_")}
+    with tempfile.TemporaryDirectory() as tmp:
+        env_file = Path(tmp) / "env"
+        lines = [f"{k}={v}" for k, v in SECRETS.items()] if with_secrets else []
+        env_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return subprocess.run(
+            [exe, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
 
 def compose_config() -> dict[str, Any]:
@@ -63,12 +83,32 @@ def compose_config() -> dict[str, Any]:
     return parsed
 
 
+def _service(name: str) -> dict[str, Any]:
+    return compose_config()["services"][name]
+
+
 def _environment(service: dict[str, Any]) -> dict[str, str]:
     """A service's environment as a mapping, whichever form (list or mapping) the output uses."""
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {str(k): str(v) for k, v in env.items()}
+
+
+def _healthcheck_command(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else test
+
+
+def _published(service: dict[str, Any]) -> list[str]:
+    """Published ports as `host_ip:published`, whichever form (short or long) the output uses."""
+    specs = []
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            specs.append(":".join(port.split("/")[0].split(":")[:2]) if port.count(":") == 2 else port)
+        else:
+            specs.append(f"{port.get('host_ip', '')}:{port['published']}")
+    return specs
 
 
 # --------------------------------------------------------------------------- docker-compose.yml
@@ -80,55 +120,153 @@ def test_config_passes() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_config_lists_redis_and_three_workers() -> None:
+def test_config_refuses_to_run_without_the_secrets() -> None:
+    """Services on 0.0.0.0 need a token and a secret: a missing one is a required-variable error."""
+    result = _run_config(_docker_compose(), with_secrets=False)
+    assert result.returncode != 0, result.stdout
+    assert re.search(r"set EDGEORCH_(ADMIN_TOKEN|ROLLOUT_SECRET|POSTGRES_PASSWORD)", result.stderr), (
+        result.stderr
+    )
+
+
+def test_the_whole_stack_is_there() -> None:
     services = compose_config()["services"]
-    assert {"redis", *WORKERS} <= set(services), sorted(services)
+    assert set(services) == ALL_SERVICES, sorted(services)
     assert services["redis"]["image"].startswith("redis:7")
-    assert "redis-cli" in services["redis"]["healthcheck"]["test"]
+    assert "redis-cli" in _healthcheck_command(services["redis"])
+    assert services["postgres"]["image"] == "postgres:16-alpine"
+    assert "pg_isready" in _healthcheck_command(services["postgres"])
 
 
-@pytest.mark.parametrize("worker", WORKERS)
-def test_worker_has_healthcheck_and_waits_for_healthy_redis(worker: str) -> None:
-    service = compose_config()["services"][worker]
-    test = service["healthcheck"]["test"]
-    joined = " ".join(test) if isinstance(test, list) else test
-    assert "http://127.0.0.1:8100/healthz" in joined
-    assert "curl" not in joined, "the slim image has no curl"
-    assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+@pytest.mark.parametrize("name", sorted(ALL_SERVICES))
+def test_every_service_has_a_healthcheck(name: str) -> None:
+    service = _service(name)
+    assert _healthcheck_command(service).strip(), name
+    assert "curl" not in _healthcheck_command(service), "the slim image has no curl"
 
 
-@pytest.mark.parametrize("worker", WORKERS)
-def test_worker_runs_the_worker_command_with_its_own_identity(worker: str) -> None:
-    service = compose_config()["services"][worker]
-    assert "build" in service
-    assert [str(arg) for arg in service["command"]] == ["worker", "--host", "0.0.0.0", "--port", "8100"]
-    env = _environment(service)
-    assert env["EDGEORCH_NODE_ID"] == worker
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_served_services_listen_on_the_network_and_check_their_own_port(name: str) -> None:
+    service = _service(name)
+    port = SERVED[name]
+    command = [str(arg) for arg in service["command"]]
+    assert command == [name.split("-")[0], "--host", "0.0.0.0", "--port", str(port)]
+    assert f"http://127.0.0.1:{port}/healthz" in _healthcheck_command(service)
+
+
+@pytest.mark.parametrize("name", EDGEORCH)
+def test_edgeorch_services_share_one_image(name: str) -> None:
+    service = _service(name)
+    assert "build" in service and service["image"] == "edgeorch:latest"
+
+
+def test_jobs_worker_runs_celery_and_is_checked_by_celery_ping() -> None:
+    service = _service("jobs-worker")
+    assert [str(a) for a in service["command"]][0] == "jobs-worker"
+    check = _healthcheck_command(service)
+    assert "celery -A edgeorch.jobs:celery_app inspect ping" in check
+    assert "jobs@" in check  # the name `edgeorch jobs-worker` gives its node
+    assert _environment(service)["EDGEORCH_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_every_dependency_waits_for_healthy() -> None:
+    for name, service in compose_config()["services"].items():
+        for dep, spec in (service.get("depends_on") or {}).items():
+            assert spec["condition"] == "service_healthy", f"{name} -> {dep}: {spec}"
+
+
+@pytest.mark.parametrize(
+    ("name", "needs"),
+    [
+        ("monitor", {"redis", "postgres"}),
+        ("broadcast", {"redis", "postgres"}),
+        ("orchestrator", {"redis", "postgres", "monitor", "splitter", "broadcast"}),
+        ("jobs-worker", {"redis", "orchestrator"}),
+        *[(w, {"redis", "monitor", "broadcast"}) for w in WORKERS],
+    ],
+)
+def test_services_start_after_what_they_need(name: str, needs: set[str]) -> None:
+    assert set(_service(name)["depends_on"]) == needs
+
+
+@pytest.mark.parametrize("name", ["monitor", "broadcast", "orchestrator", *WORKERS])
+def test_network_facing_services_get_token_and_secret_from_the_environment(name: str) -> None:
+    env = _environment(_service(name))
+    assert env["EDGEORCH_ADMIN_TOKEN"] == SECRETS["EDGEORCH_ADMIN_TOKEN"]
+    assert env["EDGEORCH_ROLLOUT_SECRET"] == SECRETS["EDGEORCH_ROLLOUT_SECRET"]
     assert env["EDGEORCH_REDIS_URL"] == "redis://redis:6379/0"
 
 
+def test_no_secret_is_written_into_the_file() -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    for key in ("EDGEORCH_ADMIN_TOKEN", "EDGEORCH_ROLLOUT_SECRET"):
+        matches = list(re.finditer(rf"^\s*{key}:\s*(\S+)", text, re.MULTILINE))
+        assert matches, f"{key} is never set"
+        for match in matches:
+            assert match.group(1).startswith("${" + key + ":?"), match.group(0)
+    assert "POSTGRES_PASSWORD: ${EDGEORCH_POSTGRES_PASSWORD:?" in text
+
+
+@pytest.mark.parametrize("name", ["monitor", "broadcast", "orchestrator"])
+def test_state_lives_in_postgres(name: str) -> None:
+    url = _environment(_service(name))["EDGEORCH_DATABASE_URL"]
+    assert url == f"postgresql://edgeorch:{SECRETS['EDGEORCH_POSTGRES_PASSWORD']}@postgres:5432/edgeorch"
+    pg = _environment(_service("postgres"))
+    assert (pg["POSTGRES_USER"], pg["POSTGRES_DB"]) == ("edgeorch", "edgeorch")
+    assert pg["POSTGRES_PASSWORD"] == SECRETS["EDGEORCH_POSTGRES_PASSWORD"]
+
+
+def test_orchestrator_finds_the_control_plane_by_compose_names() -> None:
+    env = _environment(_service("orchestrator"))
+    assert env["EDGEORCH_MONITOR_URL"] == "http://monitor:8001"
+    assert env["EDGEORCH_SPLITTER_URL"] == "http://splitter:8002"
+    assert env["EDGEORCH_BROADCAST_URL"] == "http://broadcast:8003"
+    # The jobs worker calls the gateway back; 127.0.0.1 would be its own container.
+    assert env["EDGEORCH_PUBLIC_URL"] == "http://orchestrator:8000"
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_worker_has_its_own_identity_and_finds_the_control_plane(worker: str) -> None:
+    env = _environment(_service(worker))
+    assert env["EDGEORCH_NODE_ID"] == worker
+    assert env["EDGEORCH_ADVERTISE_URL"] == f"http://{worker}:8100"
+    assert env["EDGEORCH_MONITOR_URL"] == "http://monitor:8001"
+    assert env["EDGEORCH_BROADCAST_URL"] == "http://broadcast:8003"
+
+
 def test_workers_have_different_emulated_capacities() -> None:
-    slowdowns = [
-        float(_environment(compose_config()["services"][w])["EDGEORCH_EMULATION_SLOWDOWN"]) for w in WORKERS
-    ]
+    envs = [_environment(_service(w)) for w in WORKERS]
+    slowdowns = [float(e["EDGEORCH_EMULATION_SLOWDOWN"]) for e in envs]
     assert len(set(slowdowns)) == len(WORKERS), slowdowns
     assert all(s >= 1.0 for s in slowdowns), slowdowns
+    memory = [int(e["EDGEORCH_MEMORY_BYTES"]) for e in envs]
+    assert len(set(memory)) == len(WORKERS), memory
+    trusted = [e["EDGEORCH_TRUSTED"] for e in envs]
+    assert set(trusted) == {"true", "false"}, trusted
 
 
-def test_worker_ports_are_published_on_loopback_only() -> None:
-    published = []
-    for worker in WORKERS:
-        for port in compose_config()["services"][worker].get("ports", []):
-            spec = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port['published']}"
-            assert spec.startswith("127.0.0.1:"), f"{worker} publishes {port!r} beyond loopback"
-            published.append(spec.split(":")[1])
-    assert sorted(published) == ["8100", "8101", "8102"]
+def test_published_ports_are_on_loopback_only() -> None:
+    published = {}
+    for name, service in compose_config()["services"].items():
+        for spec in _published(service):
+            assert spec.startswith("127.0.0.1:"), f"{name} publishes {spec!r} beyond loopback"
+            published[name] = spec.split(":")[1]
+    assert published == {
+        "orchestrator": "8000", "monitor": "8001", "splitter": "8002", "broadcast": "8003",
+        "worker-a": "8100", "worker-b": "8101", "worker-c": "8102",
+    }  # fmt: skip
 
 
 def test_compose_file_uses_an_anchor_for_the_workers() -> None:
     text = COMPOSE_FILE.read_text(encoding="utf-8")
     assert re.search(r"^x-worker:\s*&worker\b", text, re.MULTILINE), "expected an `x-worker: &worker` anchor"
     assert text.count("<<: *worker\n") == len(WORKERS)
+
+
+def test_env_files_with_secrets_stay_out_of_git_and_the_image() -> None:
+    for ignore in (".gitignore", ".dockerignore"):
+        entries = {line.strip() for line in (REPO / ignore).read_text(encoding="utf-8").splitlines()}
+        assert ".env" in entries, f"{ignore} must list .env"
 
 
 # --------------------------------------------------------------------------- Dockerfile
