@@ -165,9 +165,11 @@ class Controller:
             await self._set_state(live, "pending" if active is None else "degraded", str(exc))
             return False
         except ServiceError as exc:
-            state = "failed" if exc.service == "splitter" and exc.status == 422 else None
-            await self._set_state(live, state or ("pending" if active is None else "degraded"), str(exc))
-            if state:
+            infeasible = exc.service == "splitter" and exc.status == 422
+            # Failed only when nothing serves; with an active plan it may still answer.
+            state = "degraded" if active is not None else ("failed" if infeasible else "pending")
+            await self._set_state(live, state, str(exc))
+            if infeasible:
                 await self._log("infeasible", live.name, str(exc), {"detail": exc.detail})
             return False
         cur_pred = predict(req, current) if current else None
