@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MEASURE_SKIP_STEPS = 16  # steps on a new version before its measurement starts
 MEASURE_STEPS = 32  # steps that make one measurement
+RELOAD_WAIT_S = 2.0  # before replaying a session whose stage vanished on a live node
 SUSPECT_S = 30.0  # a node a request saw die stays out of plans this long, or until the monitor re-sees it
 
 
@@ -315,11 +316,18 @@ class Controller:
                 if fresh is not None and fresh.version > route.version:
                     live.route = fresh
                     return fresh
-                failed_node = None
-            if failed_node is not None:
-                self.suspects[failed_node] = time.monotonic()
-            exclude = frozenset({failed_node} if failed_node else ())
-            trigger = f"stage on {failed_node or 'unknown node'} failed mid-request ({error[:160]})"
+        if failed_node is None:
+            # Same version, no dead node: a worker lost its stage or cache
+            # (restarted empty) and reloads it from its desired state within a
+            # pull interval. Replay on the same route a little later.
+            await asyncio.sleep(RELOAD_WAIT_S)
+            return live.route or route
+        async with live.lock:
+            if live.route is not None and live.route.version > route.version:
+                return live.route
+            self.suspects[failed_node] = time.monotonic()
+            exclude = frozenset({failed_node})
+            trigger = f"stage on {failed_node} failed mid-request ({error[:160]})"
             if not await self._evaluate(live, trigger, exclude) and (live.route is None
                                                                      or live.route.version <= route.version):  # fmt: skip
                 raise ChainFailure(503, f"could not re-route {route.deployment!r} around {failed_node}")
