@@ -65,6 +65,9 @@ class RouteProvider(Protocol):
     async def recover(self, route: Route, failed_node: str | None, error: str) -> Route:
         """A route that avoids ``failed_node`` (re-planning if needed), or the current one."""
 
+    def newer(self, route: Route) -> Route | None:
+        """The deployment's committed route if it is newer than ``route`` (no I/O), else None."""
+
 
 class ChainFailure(RuntimeError):
     """A step failed and cannot be carried over; ``status`` is what the client should see."""
@@ -91,6 +94,7 @@ class SessionStats:
 
     step_s: list[float] = field(default_factory=list)
     recoveries: int = 0
+    moves: int = 0  # times the session moved to a newer plan mid-generation
     versions: list[int] = field(default_factory=list)
     max_gap_s: float = 0.0
 
@@ -143,6 +147,14 @@ async def generate(
     last_token_at = time.perf_counter()
     while len(generated) < max_new_tokens:
         last = len(generated) == max_new_tokens - 1
+        moved = routes.newer(route) if generated else None
+        if moved is not None:
+            # A new plan was committed while this session ran on the old one:
+            # move it now (one replay) rather than finish on a plan the
+            # orchestrator has just judged worse, and let the old one drain.
+            _in_background(release_everywhere(http, route, session))
+            route, session, sent = moved, uuid.uuid4().hex, 0
+            stats.moves += 1
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
         t0 = time.perf_counter()
         try:
@@ -156,9 +168,7 @@ async def generate(
                         len(generated), failure.detail[:300])  # fmt: skip
             # The caches the session built on the surviving stages would keep
             # the old version from draining: free them, without waiting.
-            task = asyncio.get_running_loop().create_task(release_everywhere(http, route, session))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            _in_background(release_everywhere(http, route, session))
             route = await routes.recover(route, failure.failed_node, failure.detail)
             session, sent = uuid.uuid4().hex, 0
             continue
@@ -184,6 +194,12 @@ async def release(http: httpx.AsyncClient, route: Route, session: str) -> None:
         await http.delete(f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/sessions/{session}")
     except httpx.HTTPError:
         pass
+
+
+def _in_background(coro) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 async def release_everywhere(http: httpx.AsyncClient, route: Route, session: str) -> None:

@@ -301,6 +301,13 @@ class Controller:
                      {s["node_id"]: s["url"] for s in view["stages"]},
                      tuple((s["stage_id"], s["url"]) for s in view["stages"]))  # fmt: skip
 
+    def newer(self, route: Route) -> Route | None:
+        """The committed route when it is newer than the session's (RouteProvider)."""
+        live = self.live.get(route.deployment)
+        if live is None or live.route is None or live.route.version <= route.version:
+            return None
+        return live.route if live.policy.adaptive else None
+
     async def recover(self, route: Route, failed_node: str | None, error: str) -> Route:
         """A route that avoids ``failed_node`` (RouteProvider): re-plan now if nobody has yet."""
         live = self.live[route.deployment]

@@ -29,6 +29,8 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
 
 pytestmark = pytest.mark.slow
+# Generous: creating a deployment builds its profile and tokenizer, seconds on a busy machine.
+HTTP = httpx.Client(timeout=60.0)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +56,11 @@ def admin(stack) -> dict[str, str]:
 
 
 def deployment(stack, name: str) -> dict:
-    return httpx.get(f"{stack.orchestrator_url}/v1/deployments/{name}").json()
+    return HTTP.get(f"{stack.orchestrator_url}/v1/deployments/{name}").json()
 
 
 def deploy(stack, name: str, model: str, **policy) -> dict:
-    r = httpx.post(f"{stack.orchestrator_url}/v1/deployments", headers=admin(stack),
+    r = HTTP.post(f"{stack.orchestrator_url}/v1/deployments", headers=admin(stack),
                    json={"name": name, "model": model, "policy": policy})  # fmt: skip
     assert r.status_code == 201, r.text
     return wait_for(lambda: (d := deployment(stack, name))["state"] == "ready" and d, 120, f"{name} ready")
@@ -66,7 +68,7 @@ def deploy(stack, name: str, model: str, **policy) -> dict:
 
 def chat(stack, messages, max_tokens=32, timeout=120) -> str:
     body = {**CHAT, "messages": messages, "max_tokens": max_tokens}
-    r = httpx.post(f"{stack.orchestrator_url}/v1/chat/completions", json=body, timeout=timeout)
+    r = HTTP.post(f"{stack.orchestrator_url}/v1/chat/completions", json=body, timeout=timeout)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -92,7 +94,7 @@ def stream_chat(stack, messages, max_tokens, on_token=None) -> tuple[str, list[f
 
 
 def events(stack, since: int = 0) -> list[dict]:
-    return httpx.get(f"{stack.orchestrator_url}/v1/events", params={"since": since}).json()
+    return HTTP.get(f"{stack.orchestrator_url}/v1/events", params={"since": since}).json()
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +119,9 @@ def test_chat_through_a_split_equals_the_unsplit_model_streamed_or_not(stack, sm
     assert text == "The capital of France is Paris." == expected["capital"]
     streamed, _ = stream_chat(stack, CAPITAL, 32)
     assert streamed == text
-    models = httpx.get(f"{stack.orchestrator_url}/v1/models").json()
+    models = HTTP.get(f"{stack.orchestrator_url}/v1/models").json()
     assert "smol" in [m["id"] for m in models["data"]]
-    r = httpx.post(f"{stack.orchestrator_url}/v1/completions",
+    r = HTTP.post(f"{stack.orchestrator_url}/v1/completions",
                    json={"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})  # fmt: skip
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
@@ -142,26 +144,26 @@ def test_the_official_openai_client_works_unchanged(stack, smol) -> None:
 def test_bad_requests_get_clear_4xx(stack, smol) -> None:
     url = stack.orchestrator_url
     assert (
-        httpx.post(
+        HTTP.post(
             f"{url}/v1/chat/completions", json={**CHAT, "model": "nope", "messages": CAPITAL}
         ).status_code
         == 404
     )
-    assert httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "messages": []}).status_code == 422
-    assert httpx.post(f"{url}/v1/embeddings", json={"model": "smol", "input": "x"}).status_code == 422
+    assert HTTP.post(f"{url}/v1/chat/completions", json={**CHAT, "messages": []}).status_code == 422
+    assert HTTP.post(f"{url}/v1/embeddings", json={"model": "smol", "input": "x"}).status_code == 422
     assert (
-        httpx.post(
+        HTTP.post(
             f"{url}/v1/chat/completions", json={**CHAT, "messages": CAPITAL, "max_tokens": 10**6}
         ).status_code
         == 422
     )
-    no_token = httpx.post(f"{url}/v1/deployments", json={"name": "x", "model": "tiny-llama"})
+    no_token = HTTP.post(f"{url}/v1/deployments", json={"name": "x", "model": "tiny-llama"})
     assert no_token.status_code == 401
-    unknown = httpx.post(
+    unknown = HTTP.post(
         f"{url}/v1/deployments", json={"name": "x", "model": "no-such-model"}, headers=admin(stack)
     )
     assert unknown.status_code == 404
-    again = httpx.post(
+    again = HTTP.post(
         f"{url}/v1/deployments", json={"name": "smol", "model": "smollm2-135m"}, headers=admin(stack)
     )
     assert again.status_code == 409
@@ -170,7 +172,7 @@ def test_bad_requests_get_clear_4xx(stack, smol) -> None:
 def test_embeddings_equal_the_unsplit_encoder(stack, store) -> None:
     d = deploy(stack, "minilm", "minilm-l6", objective="throughput")
     texts = ["edge inference splits a model by layers", "the capital of France"]
-    r = httpx.post(f"{stack.orchestrator_url}/v1/embeddings", json={"model": "minilm", "input": texts})
+    r = HTTP.post(f"{stack.orchestrator_url}/v1/embeddings", json={"model": "minilm", "input": texts})
     assert r.status_code == 200, r.text
     got = torch.tensor([row["embedding"] for row in r.json()["data"]])
     path = str(store.path("minilm-l6"))
@@ -182,7 +184,7 @@ def test_embeddings_equal_the_unsplit_encoder(stack, store) -> None:
     want = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
     assert (got - want).abs().max().item() <= 1e-5
     assert d["kind"] == "encoder"
-    httpx.delete(f"{stack.orchestrator_url}/v1/deployments/minilm", headers=admin(stack))
+    HTTP.delete(f"{stack.orchestrator_url}/v1/deployments/minilm", headers=admin(stack))
 
 
 def test_orchestrator_restart_keeps_deployments_plan_and_history(stack, smol) -> None:
@@ -221,7 +223,7 @@ def test_a_node_slowed_4x_is_split_around_within_10s(stack, smol) -> None:
     try:
         time.sleep(3)
         t_change = time.time()
-        httpx.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 4.0}, headers=admin(stack))
+        HTTP.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 4.0}, headers=admin(stack))
         change = wait_for(lambda: next((e for e in events(stack, since) if e["kind"] in ("resplit", "remap")), None),
                           10, "a re-split committed")  # fmt: skip
         new_version = change["data"]["version"]
@@ -235,7 +237,7 @@ def test_a_node_slowed_4x_is_split_around_within_10s(stack, smol) -> None:
         stop.set()
         for t in load:
             t.join()
-        httpx.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 1.0}, headers=admin(stack))
+        HTTP.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 1.0}, headers=admin(stack))
         for e in events(stack, since):  # the decision log around the change, shown with -s
             print(f"{e['ts'] - t_change:7.2f} {e['kind']} {e['message'][:250]}")
     print(
