@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo bench-overhead bench-planner bench-engine bench-peers compose-check clean
+.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-engine bench-peers bench-adapt report compose-check clean
 
 install: $(STAMP)
 
@@ -36,7 +36,14 @@ test: install models lint
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" --timeout=300
 
+# The whole stack on loopback (edgeorch/stack.py): deploy SmolLM2 over the
+# workers of scenarios/demo.yaml, ask it a question, stop. `edgeorch up` without
+# --once keeps it running until Ctrl-C.
 demo: install models
+	$(BIN)/edgeorch up --once
+
+# A static three-stage chain on bare workers, no control plane.
+demo-chain: install models
 	$(BIN)/edgeorch chain --model smollm2-135m --stages 0:11,11:21,21:32 \
 		--prompt "What is the capital of France?" --max-tokens 32
 
@@ -49,14 +56,28 @@ bench-planner: install
 bench-engine: install models
 	$(BIN)/python bench/engine.py
 
+# What adaptation is worth: every scenario of bench/scenarios/ under every
+# strategy, each on a fresh local stack (~5 minutes per scenario on 2 cores).
+# Not part of `make test`. Options: make bench-adapt ADAPT_ARGS="--scenarios node_loss
+# --strategies adaptive,static --duration 0.5 --sessions 2".
+ADAPT_ARGS ?=
+bench-adapt: install models
+	$(BIN)/python -m bench.adapt $(ADAPT_ARGS)
+
+# Every table and plot under bench/results/ in one page: docs/results.md.
+report: install
+	$(BIN)/python -m bench.report
+
 # llama.cpp through its Python bindings, the peer bench/engine.py compares
 # against. It compiles llama.cpp from source (minutes), so it is not part of
 # `make install` or CI; bench/engine.py reports the row as not installed without it.
 bench-peers: install
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install llama-cpp-python
 
+# The file requires its secrets (see its header); placeholders are enough to validate it.
 compose-check:
-	docker-compose -f docker-compose.yml config -q
+	EDGEORCH_ADMIN_TOKEN=check EDGEORCH_ROLLOUT_SECRET=check EDGEORCH_POSTGRES_PASSWORD=check \
+		docker-compose -f docker-compose.yml config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,337 @@
+"""Statistics of the adaptation benchmark: phases, latency percentiles, SLO, time to recover.
+
+Pure functions over the raw records bench/adapt.py writes (plain dicts, times
+in seconds since the load started), so the tables can be recomputed from a
+JSON file and tested without a stack.
+
+- A *phase* is the interval between two timeline events (before the first,
+  then after each). A request belongs to the phase in which it **ends**: one in
+  flight when a change lands counts as after it, since it felt the change.
+  Requests that start during the warm-up are left out.
+- p50/p95 are over successful requests (linear interpolation between ranks);
+  failed requests are counted apart and count as SLO misses.
+- tokens/s: completion tokens of the phase's successful requests ÷ its length.
+- Recovery after an event: among the requests that **start** after it, the
+  first three in a row (by end time) whose median latency is within
+  ``tolerance`` × the previous phase's p50; the time is that third request's
+  end minus the event's time. A failed request counts as infinitely slow.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+PLAN_CHANGES = ("remap", "resplit", "recover")
+RECOVERY_WINDOW = 3
+RECOVERY_TOLERANCE = 1.2
+SLO_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One interval of the run: ``[start_s, end_s)``, opened by event ``event`` (None: the first)."""
+
+    name: str
+    start_s: float
+    end_s: float
+    event: int | None
+
+
+def phases(event_times: list[float], event_labels: list[str], warmup_s: float, end_s: float) -> list[Phase]:
+    """Before the first event (from the warm-up on), then one phase per event up to the next."""
+    bounds = [warmup_s, *event_times, end_s]
+    out = [Phase("before", bounds[0], bounds[1], None)]
+    for k, label in enumerate(event_labels):
+        name = "after" if len(event_labels) == 1 else f"after {label}"
+        out.append(Phase(name, bounds[k + 1], bounds[k + 2], k))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) with linear interpolation between ranks; None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def in_phase(requests: list[dict], phase: Phase, warmup_s: float, last: bool) -> list[dict]:
+    """The requests that end in ``phase`` (the last phase takes every later end too)."""
+    return [r for r in requests if r["start_s"] >= warmup_s and phase.start_s <= r["end_s"]
+            and (last or r["end_s"] < phase.end_s)]  # fmt: skip
+
+
+def phase_row(
+    requests: list[dict], phase: Phase, slo_s: float | None, changes: list[dict], length_s: float
+) -> dict:
+    """One row of the table: counts, p50/p95, tokens/s, SLO attainment, plan changes in the phase."""
+    ok = [r for r in requests if r["ok"]]
+    lat = [r["latency_s"] for r in ok]
+    met = sum(1 for r in ok if slo_s is not None and r["latency_s"] <= slo_s)
+    return {
+        "phase": phase.name,
+        "start_s": phase.start_s,
+        "end_s": phase.end_s,
+        "requests": len(requests),
+        "failed": len(requests) - len(ok),
+        "p50_s": percentile(lat, 0.5),
+        "p95_s": percentile(lat, 0.95),
+        "tokens_per_s": sum(r["tokens"] for r in ok) / length_s if length_s > 0 else None,
+        "slo_attainment": met / len(requests) if requests and slo_s is not None else None,
+        "replans": sum(
+            1 for c in changes if c["kind"] in PLAN_CHANGES and phase.start_s <= c["t_s"] < phase.end_s
+        ),
+    }
+
+
+def recovery_s(
+    requests: list[dict],
+    event_s: float,
+    reference_s: float | None,
+    until_s: float = math.inf,
+    window: int = RECOVERY_WINDOW,
+    tolerance: float = RECOVERY_TOLERANCE,
+) -> float | None:
+    """Seconds from the event until ``window`` requests in a row have a median within tolerance × reference.
+
+    Only requests that start at or after the event and end before ``until_s``
+    (the next event) count. None: never within the interval (or no reference).
+    """
+    if reference_s is None:
+        return None
+    after = sorted((r for r in requests if event_s <= r["start_s"] and r["end_s"] < until_s),
+                   key=lambda r: r["end_s"])  # fmt: skip
+    lat = [r["latency_s"] if r["ok"] else math.inf for r in after]
+    for i in range(window - 1, len(after)):
+        if statistics.median(lat[i - window + 1 : i + 1]) <= tolerance * reference_s:
+            return after[i]["end_s"] - event_s
+    return None
+
+
+def strategy_rows(
+    run: dict,
+    event_times: list[float],
+    labels: list[str],
+    warmup_s: float,
+    duration_s: float,
+    slo_s: float | None,
+) -> list[dict]:
+    """Every phase's row for one strategy's run, with the recovery time on the rows after an event."""
+    reqs, changes = run["requests"], run["plan_changes"]
+    end_s = max([duration_s, *(r["end_s"] for r in reqs)])
+    rows, previous_p50 = [], None
+    for ph in phases(event_times, labels, warmup_s, end_s):
+        last = ph.end_s == end_s
+        mine = in_phase(reqs, ph, warmup_s, last)
+        row = phase_row(mine, ph, slo_s, changes, ph.end_s - ph.start_s)
+        # The strategy's own p50 before any change as the yardstick: runs follow one another on a shared
+        # machine, and this ratio is what stays comparable when the machine's speed drifts between them.
+        first = rows[0]["p50_s"] if rows else row["p50_s"]
+        row["p50_vs_before"] = row["p50_s"] / first if first and row["p50_s"] is not None else None
+        if ph.event is not None:
+            until = end_s + 1 if last else ph.end_s
+            row["recovered_s"] = recovery_s(reqs, ph.start_s, previous_p50, until)
+            row["reference_p50_s"] = previous_p50
+            moved = [
+                c["t_s"] for c in changes if c["kind"] in PLAN_CHANGES and ph.start_s <= c["t_s"] < ph.end_s
+            ]
+            row["replanned_after_s"] = min(moved) - ph.start_s if moved else None
+        previous_p50 = row["p50_s"] if row["p50_s"] is not None else previous_p50
+        rows.append(row)
+    return rows
+
+
+def choose_slo(runs: dict[str, dict], event_times: list[float], warmup_s: float) -> tuple[float | None, str]:
+    """SLO on a request's latency: 1.5 × the adaptive strategy's p50 before the first change.
+
+    Falls back to the first strategy that served before the change when adaptive
+    did not run or could not deploy. Returns (seconds, whose p50 it is).
+    """
+    order = ["adaptive", *[s for s in runs if s != "adaptive"]]
+    for name in order:
+        run = runs.get(name)
+        if not run or run.get("infeasible"):
+            continue
+        lat = [r["latency_s"] for r in run["requests"]
+               if r["ok"] and r["start_s"] >= warmup_s and r["end_s"] < event_times[0]]  # fmt: skip
+        p50 = percentile(lat, 0.5)
+        if p50 is not None:
+            return SLO_FACTOR * p50, name
+    return None, "none"
+
+
+def settled_p95(run: dict, start_s: float, end_s: float) -> float | None:
+    """p95 of the successful requests that started at or after ``start_s`` and ended before ``end_s``."""
+    lat = [
+        r["latency_s"] for r in run["requests"] if r["ok"] and start_s <= r["start_s"] and r["end_s"] < end_s
+    ]
+    return percentile(lat, 0.95)
+
+
+def first_change_comparison(
+    table: dict[str, list[dict]],
+    runs: dict[str, dict] | None = None,
+    window: tuple[float, float] | None = None,
+) -> dict | None:
+    """Adaptive against static after the first event: p95 ratio, failures, requests served.
+
+    With ``runs`` and ``window`` (the first event's time, the next one's) also the
+    p95 ratio over the requests that *started* after the change, i.e. without the
+    ones in flight when it landed.
+    """
+    a, s = table.get("adaptive"), table.get("static")
+    if not a or not s or len(a) < 2 or len(s) < 2:
+        return None
+    a1, s1 = a[1], s[1]
+    ratio = s1["p95_s"] / a1["p95_s"] if a1["p95_s"] and s1["p95_s"] else None
+    out = {"static_over_adaptive_p95": ratio, "adaptive_failed": a1["failed"], "static_failed": s1["failed"],
+           "adaptive_served": a1["requests"] - a1["failed"], "static_served": s1["requests"] - s1["failed"]}  # fmt: skip
+    if runs is not None and window is not None:
+        pa, ps = settled_p95(runs["adaptive"], *window), settled_p95(runs["static"], *window)
+        out.update(adaptive_settled_p95_s=pa, static_settled_p95_s=ps,
+                   static_over_adaptive_settled_p95=ps / pa if pa and ps else None)  # fmt: skip
+    return out
+
+
+# ----- Markdown ---------------------------------------------------------------------------------
+
+
+def _s(value: float | None, fmt: str = ".2f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f} %"
+
+
+def _recovered(row: dict) -> str:
+    if "recovered_s" not in row:
+        return ""
+    if row.get("reference_p50_s") is None:
+        return "— (no reference)"
+    return "never" if row["recovered_s"] is None else f"{row['recovered_s']:.1f} s"
+
+
+def _replanned(row: dict) -> str:
+    if "replanned_after_s" not in row:
+        return ""
+    return "—" if row["replanned_after_s"] is None else f"{row['replanned_after_s']:.1f} s"
+
+
+def table_lines(table: dict[str, list[dict]], runs: dict[str, dict]) -> list[str]:
+    """The per-strategy, per-phase table (an infeasible strategy is one row saying so)."""
+    lines = ["| strategy | phase | requests | failed | p50 s | p50 ÷ before | p95 s | tokens/s | SLO met "
+             "| re-plans | first re-plan after | recovered after |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, run in runs.items():
+        if run.get("infeasible"):
+            what = "not measured" if run.get("run_failed") else "infeasible"
+            lines.append(f"| {name} | {what}: {run['reason'][:160]} | | | | | | | | | | |")
+            continue
+        for row in table[name]:
+            lines.append(f"| {name} | {row['phase']} | {row['requests']} | {row['failed']} | {_s(row['p50_s'])} "
+                         f"| {_s(row.get('p50_vs_before'))} | {_s(row['p95_s'])} | {_s(row['tokens_per_s'], '.1f')} "
+                         f"| {_pct(row['slo_attainment'])} | {row['replans']} | {_replanned(row)} | {_recovered(row)} |")  # fmt: skip
+    return lines
+
+
+def _plan_text(stages: list[dict]) -> str:
+    return " → ".join(f"{s['node']}[{s['start']}:{s['end']}]" for s in stages) or "(none)"
+
+
+def plan_lines(runs: dict[str, dict]) -> list[str]:
+    """Each strategy's plans over time and where each timeline event landed."""
+    lines = []
+    for name, run in runs.items():
+        if run.get("infeasible"):
+            continue
+        code = f" (run {run['started']}, code {run['commit']})" if run.get("commit") else ""
+        lines.append(f"- **{name}**{code}: " + "; ".join(
+            f"{c['t_s']:.1f} s {c['kind']} v{c['version']} {_plan_text(c['stages'])}"
+            for c in run["plan_changes"]))  # fmt: skip
+        applied = [f"{a['t_s']:.1f} s {a['label']} → {a.get('node') or '—'}"
+                   + ("" if a["ok"] else f" (not applied: {a['detail'][:80]})") for a in run["timeline"]]  # fmt: skip
+        lines.append(f"  events: {'; '.join(applied)}")
+    return lines
+
+
+def target_lines(scenario: str, comparison: dict | None) -> list[str]:
+    """The issue's targets for this scenario against what was measured."""
+    if comparison is None:
+        return ["Targets: adaptive or static did not run (or could not deploy); no comparison."]
+    ratio = comparison["static_over_adaptive_p95"]
+    settled = comparison.get("static_over_adaptive_settled_p95")
+    if "adaptive_settled_p95_s" in comparison:
+        ratio_text = (f"{_s(ratio)} over the phase (requests in flight at the change included), {_s(settled)} over "
+                      f"the requests that started after it (adaptive {_s(comparison['adaptive_settled_p95_s'])} s, "
+                      f"static {_s(comparison['static_settled_p95_s'])} s)")  # fmt: skip
+    else:
+        ratio_text = _s(ratio)
+    text = (f"After the first change: static p95 ÷ adaptive p95 = {ratio_text}; failed requests adaptive "
+            f"{comparison['adaptive_failed']}, static {comparison['static_failed']}; served adaptive "
+            f"{comparison['adaptive_served']}, static {comparison['static_served']}.")  # fmt: skip
+    if scenario in ("node_slowdown", "link_degradation"):
+        zero = comparison["adaptive_failed"] == 0
+        met = ratio is not None and ratio >= 2.0 and zero
+        text += f" Target (≥ 2× lower p95, zero failures): **{'met' if met else 'NOT met'}** over the phase"
+        if "static_over_adaptive_settled_p95" in comparison:
+            met_settled = settled is not None and settled >= 2.0 and zero
+            text += f", **{'met' if met_settled else 'NOT met'}** over the requests started after the change"
+        text += "."
+    elif scenario == "node_loss":
+        met = (
+            comparison["adaptive_served"] > 0 and comparison["adaptive_failed"] < comparison["static_failed"]
+        )
+        text += f" Target (adaptive keeps serving where static cannot): **{'met' if met else 'NOT met'}**."
+    return [text]
+
+
+def markdown(result: dict) -> str:
+    """One scenario's report: set-up, SLO, the table, plans, targets, notes."""
+    sc, cfg, m = result["scenario"], result["config"], result["machine"]
+    workers = ", ".join(
+        f"{w['id']} ({w['memory'] / 1e6:.0f} MB" + (f", {w['slowdown']:g}× slower" if w["slowdown"] > 1 else "")
+        + ")" if w.get("memory") else w["id"] for w in sc["cluster"]["workers"])  # fmt: skip
+    slo = result["slo"]
+    slo_text = (f"SLO: a request within {slo['slo_s']:.2f} s = {SLO_FACTOR}× the p50 of {slo['from']} before "
+                f"the first change." if slo["slo_s"] else "SLO: none (no strategy served before the change).")  # fmt: skip
+    lines = [f"# Adaptation: {sc['name']}", "", sc["description"] + ".", "",
+             f"{m['date']}, {m['nproc']} cores ({m['cpu']}); 1-minute load average "
+             f"{_s(m['loadavg_start'], '.1f')} → {_s(m['loadavg_end'], '.1f')}. Model {cfg['model']}, "
+             f"{sc['sessions']} closed-loop chat sessions (temperature 0, {sc['max_tokens']} tokens each), "
+             f"{sc['duration_s']:g} s of load per strategy, warm-up {sc['warmup_s']:g} s. Workers: {workers}.",
+             "", "Timeline: " + "; ".join(f"{e['at_s']:g} s {e['label']}" for e in sc["timeline"]) + ".", "",
+             slo_text, "", *table_lines(result["table"], result["runs"]), "",
+             *target_lines(sc["name"], result["comparison"]), "", "Plans and events per strategy:", "",
+             *plan_lines(result["runs"]), "", f"Same answer text on every successful request: "
+             f"{'yes' if result['same_text'] else 'no'}.", ""]  # fmt: skip
+    if result.get("plot"):
+        lines += [f"![request latency over time]({result['plot']})", ""]
+    lines += ["Notes:", "", *NOTES, ""]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "- Each strategy runs on a fresh local stack (own Redis, SQLite, workers) with the same scenario; the "
+    "model is calibrated on every worker before the deployment is created, and the load starts once it is "
+    "ready. Strategies run one after the other, so they do not share the CPU, but the machine is shared "
+    "with other work (see the load average), which moves absolute figures by tens of per cent.",
+    "- Phases: a request belongs to the interval in which it ends, so one in flight at a change counts "
+    "after it. Requests that start in the warm-up are left out. p50/p95 over successful requests; tokens/s "
+    "= completion tokens of the phase's successful requests ÷ the phase's length; SLO met = share of the "
+    "phase's requests (failures included, as misses) within the SLO; re-plans = remap, resplit and recover "
+    "commits in the phase; first re-plan after = seconds from the change to the first of them. p50 ÷ before "
+    "= the phase's p50 over the same strategy's p50 before the first change: strategies run one after the "
+    "other on a shared machine whose speed drifts between runs, and this ratio is what stays comparable.",
+    "- Recovered after: seconds from the change until three requests in a row that started after it have a "
+    "median latency within 1.2× the p50 of the phase before it (a failure counts as infinitely slow); "
+    "'never': not within the phase.",
+    "- A client whose request failed waits 0.5 s before the next one, so a broken chain is not counted "
+    "thousands of times; the failure counts are therefore a rate, not a count of users turned away.",
+    "- Roles (@busiest, @middle, ...) are resolved on each strategy's own plan when the event fires: every "
+    "strategy meets the same adversity on its own plan, not the same node id.",
+]
