@@ -93,7 +93,7 @@ def plan_request(
     cluster: Cluster,
     policy: QosPolicy,
     current: list[tuple[str, int, int]] | None,
-    time_limit_s: float = 0.5,
+    time_limit_s: float = 0.1,
 ) -> PlanRequest:
     """The splitter request for this deployment now."""
     return PlanRequest(

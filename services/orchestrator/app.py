@@ -48,6 +48,17 @@ class OrchestratorSettings(ServiceSettings):
         default=1.0, ge=0, description="a change must be predicted to pay off twice, this far apart"
     )
     rollout_wait_s: float = Field(default=60.0, gt=0, description="give up on a rollout after this")
+    plan_time_limit_s: float = Field(
+        default=0.1,
+        gt=0,
+        le=60,
+        description="the splitter's search time per look (answers may be near-optimal)",
+    )
+    min_eval_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="least time between two looks of a deployment's loop (recoveries excepted)",
+    )
     request_timeout_s: float = Field(default=120.0, gt=0, description="one chain step at most")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens accepted")
 

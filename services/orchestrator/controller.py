@@ -124,6 +124,10 @@ class Controller:
                     await self._evaluate(live, trigger)
                 await self._record_measured(live)
                 backoff = 1.0
+                # Triggers that arrive meanwhile are kept and looked at together:
+                # each look costs the splitter's CPU, taken from the workers
+                # on a small shared host.
+                await asyncio.sleep(self.settings.min_eval_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must outlive any single failure
@@ -160,7 +164,7 @@ class Controller:
             if active is None:
                 await self.plane.request_profile(live.model)
             cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self._excluded(exclude))
-            req = plan_request(live.profile, cluster, live.policy, current)
+            req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
         except NoNodesError as exc:
             await self._set_state(live, "pending" if active is None else "degraded", str(exc))
