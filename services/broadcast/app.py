@@ -69,8 +69,8 @@ def create_app(settings: BroadcastSettings, bind_host: str | None = None) -> Fas
             yield
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 5.0)  # a driver stuck in I/O must not hold shutdown
             await driver.close()
             await publisher.close()
             engine.dispose()
