@@ -172,7 +172,7 @@ def test_heterogeneous_nodes_get_speeds_in_their_ratios(cluster) -> None:
         set_emulation(w, slowdown=k)
     try:
         time.sleep(3.0)  # let the probe windows fill with samples at the new speeds
-        r2, r4 = settled_ratios(mon, [f"worker-{i}" for i in range(3)], seconds=12.0)
+        r2, r4 = settled_ratios(mon, [f"worker-{i}" for i in range(3)], seconds=16.0)
     finally:
         for w in workers.workers:
             set_emulation(w, slowdown=1.0)
@@ -186,8 +186,8 @@ def test_slowdown_is_reported_within_3s_and_measured_within_20pct(cluster) -> No
     time.sleep(3.0)  # recover from earlier emulation
     # worker-0 is never slowed: it measures the machine's own drift between
     # "before" and "after", which alone reaches ±15 % here.
-    nodes = ["worker-1", "worker-0"]
-    before, ref_before = settled_speeds(mon, nodes, seconds=4.0)
+    nodes = ["worker-0", "worker-1"]
+    (before,) = settled_ratios(mon, nodes, seconds=6.0)  # worker-0 ÷ worker-1, read together
     since = last_event_id(mon)
     t0 = time.time()
     set_emulation(workers.workers[1], slowdown=4.0)
@@ -196,15 +196,14 @@ def test_slowdown_is_reported_within_3s_and_measured_within_20pct(cluster) -> No
             find_event(mon, since, "speed_changed", "worker-1", lambda e: e["data"]["ratio"] < 0.7), 5
         )
         time.sleep(2.0)
-        after, ref_after = settled_speeds(mon, nodes, seconds=4.0)
+        (after,) = settled_ratios(mon, nodes, seconds=6.0)
     finally:
         set_emulation(workers.workers[1], slowdown=1.0)
     print(
-        f"4x slowdown reported after {event['ts'] - t0:.2f}s, measured at "
-        f"{after / ref_after / (before / ref_before):.3f} of its earlier speed"
+        f"4x slowdown reported after {event['ts'] - t0:.2f}s, measured at {before / after:.3f} of its earlier speed"
     )
     assert event["ts"] - t0 <= 3.0, f"reported after {event['ts'] - t0:.2f}s"
-    assert after / ref_after == pytest.approx(before / ref_before / 4, rel=0.2)
+    assert before / after == pytest.approx(1 / 4, rel=0.2)
 
 
 def test_link_paced_to_20_mbit_is_measured_and_reported(cluster) -> None:
