@@ -96,12 +96,12 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
                stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:  # fmt: skip
     """Yield (delta, finish_reason) pairs; finish_reason set on the last one."""
     state = request.app.state
-    tok = state.book.tokenizers[name]
+    stop_ids = stop_token_ids(state.book.tokenizers[name])  # once, not per token
     stats, finish, t0 = SessionStats(), "length", time.perf_counter()
     try:
         async for token in generate(state.data_http, state.controller, name, ids, max_tokens,
-                                    body.sampling(), stop_token_ids(tok), stats):  # fmt: skip
-            if token in stop_token_ids(tok):
+                                    body.sampling(), stop_ids, stats):  # fmt: skip
+            if token in stop_ids:
                 finish = "stop"
                 break
             delta = stream.push(token)
