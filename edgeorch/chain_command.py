@@ -10,13 +10,12 @@ from edgeorch.chain import ChainSpecError, hop_summary, parse_stages, start_chai
 from edgeorch.client import ChainError
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
+from edgeorch.models.tokenizer import load_tokenizer
 from edgeorch.settings import CommonSettings
 
 
 def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
     """Run the prompt through the chain and print the answer; returns the exit code."""
-    from transformers import AutoTokenizer
-
     try:
         model_dir = store.path(args.model)
         adapter = adapter_for(load_config(model_dir))
@@ -24,7 +23,7 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
     except (ModelStoreError, ChainSpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     print(f"starting {len(ranges)} workers for {args.model} stages {args.stages} ...", file=sys.stderr)
     chain = start_chain(
         args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir,

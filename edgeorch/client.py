@@ -12,10 +12,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import httpx
 import torch
 
 from edgeorch import wire
+from edgeorch.hopclient import HopError, SyncHopClient
 from edgeorch.runtime.host import HOPS_HEADER
 from edgeorch.schemas.stage import Sampling
 
@@ -65,7 +65,7 @@ class ChainClient:
     def __init__(self, entry_url: str, entry_stage: str, timeout_s: float = 300.0):
         self.url = f"{entry_url.rstrip('/')}/v1/stages/{entry_stage}/forward"
         self.release_url = f"{entry_url.rstrip('/')}/v1/stages/{entry_stage}/sessions"
-        self.http = httpx.Client(timeout=timeout_s)
+        self.http = SyncHopClient(timeout_s=timeout_s)
 
     def close(self) -> None:
         """Close the keep-alive connection."""
@@ -81,12 +81,15 @@ class ChainClient:
         """One frame in, the chain's answer out."""
         body = wire.encode_frame(wire.Frame(meta=meta, tensors=tensors))
         t0 = time.perf_counter()
-        resp = self.http.post(self.url, content=body, headers={"content-type": wire.CONTENT_TYPE})
+        try:
+            resp = self.http.post(self.url, content=body, headers={"content-type": wire.CONTENT_TYPE})
+        except HopError as exc:
+            raise ChainError(502, f"entry stage at {self.url} unreachable: {exc}") from exc
         wall = time.perf_counter() - t0
         if resp.status_code != 200:
             try:
                 detail = resp.json().get("detail", resp.text)
-            except json.JSONDecodeError:
+            except ValueError:
                 detail = resp.text
             raise ChainError(resp.status_code, str(detail))
         hops = json.loads(resp.headers.get(HOPS_HEADER, "[]"))
@@ -126,7 +129,7 @@ class ChainClient:
         """Free a session's caches along the chain (best effort)."""
         try:
             self.http.delete(f"{self.release_url}/{session}")
-        except httpx.HTTPError:
+        except HopError:
             pass
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,6 @@ worker restarted empty) is replayed on the current route the same way.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -24,10 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import httpx
 import torch
 
 from edgeorch import wire
+from edgeorch.hopclient import HopClient, HopError
 from edgeorch.schemas.stage import Sampling
 
 log = logging.getLogger(__name__)
@@ -108,28 +107,26 @@ def _classify(route: Route, status: int, detail: str) -> StepFailure:
     return StepFailure(status, detail, None, status in (404, 409))
 
 
-async def _step(
-    http: httpx.AsyncClient, route: Route, tensors: dict[str, torch.Tensor], **meta
-) -> wire.Frame:
+async def _step(http: HopClient, route: Route, tensors: dict[str, torch.Tensor], **meta) -> wire.Frame:
     url = f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/forward"
     body = wire.encode_frame(wire.Frame(meta=meta, tensors=tensors))
     try:
         resp = await http.post(url, content=body, headers={"content-type": wire.CONTENT_TYPE})
-    except httpx.HTTPError as exc:
+    except HopError as exc:
         node = route.node_of(url)
         raise StepFailure(502, f"entry stage {route.entry_stage} at {url} unreachable: {exc!r}", node,
                           True) from exc  # fmt: skip
     if resp.status_code != 200:
         try:
             detail = str(resp.json().get("detail", resp.text))
-        except (json.JSONDecodeError, AttributeError):
+        except (ValueError, AttributeError):
             detail = resp.text
         raise _classify(route, resp.status_code, detail)
     return wire.decode_frame(resp.content)
 
 
 async def generate(
-    http: httpx.AsyncClient,
+    http: HopClient,
     routes: RouteProvider,
     deployment: str,
     prompt_ids: list[int],
@@ -188,11 +185,11 @@ async def generate(
             return
 
 
-async def release(http: httpx.AsyncClient, route: Route, session: str) -> None:
+async def release(http: HopClient, route: Route, session: str) -> None:
     """Free a session's caches along the chain (best effort)."""
     try:
         await http.delete(f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/sessions/{session}")
-    except httpx.HTTPError:
+    except HopError:
         pass
 
 
@@ -202,17 +199,17 @@ def _in_background(coro) -> None:
     task.add_done_callback(_background.discard)
 
 
-async def release_everywhere(http: httpx.AsyncClient, route: Route, session: str) -> None:
+async def release_everywhere(http: HopClient, route: Route, session: str) -> None:
     """Free a session on every stage of a broken chain (a release at the entry stops at the gap)."""
     for stage_id, url in route.stages:
         try:
-            await http.delete(f"{url.rstrip('/')}/v1/stages/{stage_id}/sessions/{session}", timeout=2.0)
-        except httpx.HTTPError:
+            await http.delete(f"{url.rstrip('/')}/v1/stages/{stage_id}/sessions/{session}", timeout_s=2.0)
+        except HopError:
             pass  # that node is the dead one, or its caches expire on their own
 
 
 async def encode(
-    http: httpx.AsyncClient,
+    http: HopClient,
     routes: RouteProvider,
     deployment: str,
     input_ids: torch.Tensor,

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
 import torch
 
 from edgeorch import wire
 from edgeorch.engine import load_adapter
+from edgeorch.hopclient import HopClient, HopError, HopResponse, HopTimeout
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.stage import LoadedStage
 from edgeorch.models.store import ModelStore
@@ -98,7 +98,7 @@ class StageHost:
         self._load_lock = asyncio.Lock()
         # One transmitter per worker: concurrent sends share the emulated link.
         self._link_lock = asyncio.Lock()
-        self.client: httpx.AsyncClient | None = None
+        self.client: HopClient | None = None
         # Called after every forward with what it measured (the monitor agent
         # turns these into passive speed and link samples).
         self.observers: list[Callable[[dict], None]] = []
@@ -106,10 +106,7 @@ class StageHost:
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.forward_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-        )
+        self.client = HopClient(timeout_s=self.forward_timeout_s, connect_timeout_s=5.0, max_idle_per_peer=32)
 
     async def close(self) -> None:
         """Close the client and stop the compute thread."""
@@ -264,7 +261,7 @@ class StageHost:
         time.sleep(elapsed_s * (k - 1.0))
         return elapsed_s * k
 
-    async def paced_post(self, url: str, payload: bytes, **kwargs) -> httpx.Response:
+    async def paced_post(self, url: str, payload: bytes, **kwargs) -> HopResponse:
         """POST through this node's emulated outgoing link (bandwidth, then RTT)."""
         emu = self.emulation
         if emu.bandwidth_mbps:
@@ -318,14 +315,14 @@ class StageHost:
         next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"
         try:
             resp = await self.paced_post(url, payload, headers={"content-type": wire.CONTENT_TYPE})
-        except httpx.TimeoutException as exc:
+        except HopTimeout as exc:
             raise DownstreamError(504, f"next hop {next_id!r} at {url} timed out: {exc!r}") from exc
-        except httpx.HTTPError as exc:
+        except HopError as exc:
             raise DownstreamError(502, f"next hop {next_id!r} at {url} unreachable: {exc!r}") from exc
         if resp.status_code != 200:
             try:
                 detail = resp.json().get("detail", resp.text)
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError):
                 detail = resp.text[:500]
             status = resp.status_code if resp.status_code < 500 else 502
             raise DownstreamError(
@@ -344,6 +341,6 @@ class StageHost:
                 resp = await self.client.delete(url.removesuffix("/forward") + f"/sessions/{session}")
                 if resp.status_code == 200:
                     released += resp.json().get("released", [])
-            except httpx.HTTPError as exc:
+            except HopError as exc:
                 log.warning("could not release session %s downstream of %s: %r", session, stage_id, exc)
         return released

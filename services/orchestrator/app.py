@@ -14,12 +14,12 @@ import json
 import logging
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch import bus
+from edgeorch.hopclient import HopClient
 from edgeorch.http_app import base_app
 from edgeorch.models.store import ModelStore
 from edgeorch.orchestration.clients import ControlPlane
@@ -109,8 +109,8 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
         controller = Controller(store, plane, settings, metrics, publisher)
         book = DeploymentBook(store, controller, ModelStore(settings.model_store))
         app.state.store, app.state.controller, app.state.book = store, controller, book
-        app.state.data_http = httpx.AsyncClient(timeout=settings.request_timeout_s,
-                                                limits=httpx.Limits(max_keepalive_connections=64))  # fmt: skip
+        # The data plane's own client: a step's entry hop costs ~0.5 ms with it, ~2 ms with httpx.
+        app.state.data_http = HopClient(timeout_s=settings.request_timeout_s, max_idle_per_peer=64)
         app.state.gateway_url = settings.public_url or bind_url or "http://127.0.0.1:8000"
         await book.restore()
         follower = asyncio.create_task(_follow_monitor(settings, controller))

@@ -8,19 +8,28 @@ tables; the rest is the controller's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
+from edgeorch.models.tokenizer import load_tokenizer
 from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, QosPolicy
+from edgeorch.schemas.profile import ModelProfile
 from services.orchestrator.controller import Controller, Live
 from services.orchestrator.store import NotFound, OrchestratorStore
 
 log = logging.getLogger(__name__)
+
+
+def _fingerprint(model_dir: Path) -> str:
+    """What a unit profile is computed from: the model's config file."""
+    return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
 
 
 class UnknownModel(LookupError):
@@ -36,18 +45,34 @@ class DeploymentBook:
         self.models = models
         self.tokenizers: dict[str, Any] = {}
 
-    def _load_model(self, model: str, policy: QosPolicy):
-        """Profile, family kind and tokenizer of a store model (blocking)."""
-        from transformers import AutoTokenizer
-
+    def _path(self, model: str) -> Path:
         try:
-            path = self.models.path(model)
+            return self.models.path(model)
         except ModelStoreError as exc:
             raise UnknownModel(str(exc)) from exc
+
+    def _load_model(self, model: str, policy: QosPolicy):
+        """Profile, family kind and tokenizer of a store model (blocking)."""
+        path = self._path(model)
         adapter = adapter_for(load_config(path))
         profile = adapter.profile(model, context_tokens=policy.workload.context_tokens, weight_format="fp32")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
         return profile, ("decoder" if adapter.is_decoder else "encoder"), tokenizer
+
+    def _restore_model(self, name: str, model: str, policy: QosPolicy) -> tuple[ModelProfile, Any]:
+        """Profile and tokenizer after a restart: the saved profile while the model's config is unchanged.
+
+        Computing the profile imports the family's transformers code, about
+        2.5 s of a restart on the 2-core test machine that must answer again
+        within 10 s; reading it back takes milliseconds.
+        """
+        path = self._path(model)
+        saved = self.store.saved_profile(name)
+        if saved is not None and saved[0] == _fingerprint(path):
+            return ModelProfile.model_validate_json(saved[1]), load_tokenizer(path)
+        profile, _, tokenizer = self._load_model(model, policy)
+        self.store.save_profile(name, _fingerprint(path), profile.model_dump_json())
+        return profile, tokenizer
 
     async def create(self, req: DeploymentRequest) -> DeploymentView:
         """Record a deployment and start planning it (raises UnknownModel, Conflict)."""
@@ -58,6 +83,8 @@ class DeploymentBook:
                 f"trusted_units {bad} out of range: {req.model} has units 0..{profile.num_units - 1}"
             )
         await run_in_threadpool(self.store.create, req.name, req.model, kind, req.policy, time.time())
+        fingerprint = _fingerprint(self._path(req.model))
+        await run_in_threadpool(self.store.save_profile, req.name, fingerprint, profile.model_dump_json())
         self.tokenizers[req.name] = tokenizer
         self.controller.start(Live(req.name, req.model, req.policy, profile))
         log.info("deployment %s: %s (%s, %d units), policy %s", req.name, req.model, kind,
@@ -70,7 +97,7 @@ class DeploymentBook:
             row = await run_in_threadpool(self.store.get, name)
             policy = QosPolicy.model_validate_json(row.policy_json)
             try:
-                profile, _, tokenizer = await run_in_threadpool(self._load_model, row.model, policy)
+                profile, tokenizer = await run_in_threadpool(self._restore_model, name, row.model, policy)
             except UnknownModel as exc:
                 await run_in_threadpool(self.store.set_state, name, "failed", str(exc))
                 continue

@@ -61,6 +61,16 @@ class EventRow(Base):
     data_json: Mapped[str] = mapped_column(Text)
 
 
+class ProfileRow(Base):
+    """A deployment's unit profile as computed at creation, so a restart need not load the model's code."""
+
+    __tablename__ = "orchestrator_profiles"
+
+    deployment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the model's config.json
+    profile_json: Mapped[str] = mapped_column(Text)
+
+
 class Conflict(ValueError):
     """The deployment exists already."""
 
@@ -119,7 +129,19 @@ class OrchestratorStore:
             if db.get(DeploymentRow, name) is None:
                 raise NotFound(f"no deployment {name!r}")
             db.execute(delete(PlanRow).where(PlanRow.deployment == name))
+            db.execute(delete(ProfileRow).where(ProfileRow.deployment == name))
             db.execute(delete(DeploymentRow).where(DeploymentRow.name == name))
+
+    def save_profile(self, name: str, fingerprint: str, profile_json: str) -> None:
+        """Keep the profile a deployment was planned with (replacing an older one)."""
+        with self._sessions.begin() as db:
+            db.merge(ProfileRow(deployment=name, fingerprint=fingerprint, profile_json=profile_json))
+
+    def saved_profile(self, name: str) -> tuple[str, str] | None:
+        """(fingerprint, profile JSON) saved for a deployment, if any."""
+        with self._sessions() as db:
+            row = db.get(ProfileRow, name)
+            return None if row is None else (row.fingerprint, row.profile_json)
 
     # ----- plans -------------------------------------------------------------
 

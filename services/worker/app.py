@@ -25,7 +25,7 @@ from edgeorch.schemas.monitor import NodeCapacity
 from edgeorch.schemas.stage import Emulation
 from edgeorch.settings import CommonSettings
 from services.worker.probe_routes import router as probe_router
-from services.worker.routes import router
+from services.worker.routes import FAST_FORWARD_ROUTE, router
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     app.state.admin_token = settings.admin_token
     app.include_router(router)
     app.include_router(probe_router)
+    # First match wins: the data path skips FastAPI's parameter machinery.
+    app.router.routes.insert(0, FAST_FORWARD_ROUTE)
     return app
 
 

@@ -7,10 +7,12 @@ reads, forward steps and session releases are the data path and stay open.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 from pydantic import ValidationError
+from starlette.routing import Route
 
 from edgeorch import wire
 from edgeorch.auth import AdminAuth
@@ -73,7 +75,32 @@ async def delete_stage(stage_id: StageId, host: Host) -> dict[str, str]:
 
 @router.post("/v1/stages/{stage_id}/forward", tags=["data plane"])
 async def forward(stage_id: StageId, request: Request, host: Host) -> Response:
-    """Run one step (a frame of tokens or activations) and return the chain's answer as a frame."""
+    """Run one step (a frame of tokens or activations) and return the chain's answer as a frame.
+
+    Requests are served by :func:`forward_fast` (same path, same answers);
+    this declaration documents the route in the OpenAPI schema.
+    """
+    return await _forward(host, stage_id, request)
+
+
+async def forward_fast(request: Request) -> Response:
+    """The forward route without FastAPI's per-request dependency machinery.
+
+    A decode step crosses this route once per stage; FastAPI's parameter
+    solving costs ~0.35 ms per call on the 2-core test machine, a tenth of a
+    hop. Registered ahead of :func:`forward`, which stays for the schema.
+    """
+    stage_id = request.path_params["stage_id"]
+    if not _ID.match(stage_id):
+        raise HTTPException(422, f"stage id {stage_id[:200]!r} must match {ID_PATTERN}")
+    return await _forward(request.app.state.host, stage_id, request)
+
+
+FAST_FORWARD_ROUTE = Route("/v1/stages/{stage_id}/forward", forward_fast, methods=["POST"])
+_ID = re.compile(ID_PATTERN)
+
+
+async def _forward(host: StageHost, stage_id: str, request: Request) -> Response:
     limit = request.app.state.settings.max_frame_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -191,13 +191,16 @@ def test_orchestrator_restart_keeps_deployments_plan_and_history(stack, smol) ->
     before = deployment(stack, "smol")
     t0 = time.monotonic()
     stack.restart_service("orchestrator")  # SIGKILL, then the same command on the same port
+    t_up = time.monotonic() - t0
     after = deployment(stack, "smol")
     assert (
         after["version"] >= before["version"]
         and after["history"][: len(before["history"])] == before["history"]
     )
     assert chat(stack, CAPITAL) == "The capital of France is Paris."
-    assert time.monotonic() - t0 <= 10.0
+    took = time.monotonic() - t0
+    print(f"orchestrator restart: healthy after {t_up:.1f} s, answering after {took:.1f} s")
+    assert took <= 10.0, f"healthy after {t_up:.1f} s, answered after {took:.1f} s"
     assert [e["id"] for e in events(stack)][:3] == [1, 2, 3]  # the decision log survived too
 
 

@@ -175,3 +175,39 @@ def test_store_prepare_is_idempotent(store: ModelStore) -> None:
     assert store.prepare(["tiny-llama"], progress=False) == []
     assert (store.root / "tiny-llama" / "edgeorch.json").stat().st_mtime_ns == before
     assert {"smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2"} <= set(store.prepared())
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2"])
+def test_load_tokenizer_matches_auto_tokenizer(store: ModelStore, name: str) -> None:
+    from transformers import AutoTokenizer
+
+    from edgeorch.models.tokenizer import load_tokenizer
+
+    path = store.path(name)
+    fast, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(str(path))
+    texts = ["Edge inference SPLITS a model by layers", "héllo wörld", "the capital of France?"]
+    a = fast(texts, padding=True, truncation=True)
+    b = auto(texts, padding=True, truncation=True)
+    assert type(fast) is type(auto) and dict(a) == dict(b)
+    if auto.chat_template:
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        assert fast.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == (
+            auto.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        )
+
+
+def test_load_tokenizer_falls_back_when_the_class_is_not_named(store: ModelStore, tmp_path) -> None:
+    import json
+    import shutil
+
+    from edgeorch.models.tokenizer import load_tokenizer
+
+    src = store.path("tiny-llama")
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "NoSuchTokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tmp_path)
+    assert tok("hello world").input_ids == load_tokenizer(src)("hello world").input_ids

@@ -59,6 +59,43 @@ def test_deployment_plan_history_and_events_survive_a_new_store(store, tmp_path)
     engine.dispose()
 
 
+def test_saved_profiles_are_replaced_and_deleted_with_their_deployment(store) -> None:
+    store.create("d", "smollm2-135m", "decoder", QosPolicy(), now=1.0)
+    assert store.saved_profile("d") is None
+    store.save_profile("d", "aa", '{"v": 1}')
+    store.save_profile("d", "bb", '{"v": 2}')
+    assert store.saved_profile("d") == ("bb", '{"v": 2}')
+    store.delete("d")
+    assert store.saved_profile("d") is None
+
+
+def test_a_restored_deployment_reads_its_saved_profile_until_the_config_changes(tmp_path) -> None:
+    import shutil
+
+    from edgeorch.models.store import ModelStore
+    from edgeorch.settings import CommonSettings
+    from services.orchestrator.deployments import DeploymentBook
+
+    real = ModelStore(CommonSettings().model_store)
+    root = tmp_path / "models"
+    shutil.copytree(real.path("tiny-llama"), root / "tiny-llama")
+    engine, sessions = make_engine(f"sqlite:///{tmp_path / 'o.db'}", Base)
+    st = OrchestratorStore(sessions)
+    st.create("d", "tiny-llama", "decoder", QosPolicy(), now=1.0)
+    book = DeploymentBook(st, controller=None, models=ModelStore(root))
+    profile, _ = book._restore_model("d", "tiny-llama", QosPolicy())  # nothing saved: computed, then saved
+    fingerprint, saved = st.saved_profile("d")
+    assert saved == profile.model_dump_json()
+    st.save_profile("d", fingerprint, saved.replace('"tiny-llama"', '"from-the-table"', 1))
+    again, _ = book._restore_model("d", "tiny-llama", QosPolicy())
+    assert again.model == "from-the-table"  # read back, not recomputed
+    cfg = root / "tiny-llama" / "config.json"
+    cfg.write_text(cfg.read_text() + "\n")  # the model was prepared again
+    fresh, _ = book._restore_model("d", "tiny-llama", QosPolicy())
+    assert fresh == profile and st.saved_profile("d")[0] != fingerprint
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("keys", "header", "status"),
     [("", None, 200), ("k1,k2", None, 401), ("k1,k2", "Bearer k2", 200), ("k1", "Bearer k2", 401),
