@@ -113,6 +113,16 @@ def test_oversize_body_is_413_and_unknown_stage_404(workers, chain) -> None:
         _post(_fwd(workers, 0, "no.such.stage"), _frame({"session": "s"}, x=torch.tensor([[1]]))).status_code
         == 404
     )
+    bad_id = _post(_fwd(workers, 0, "-starts-with-a-dash"), _frame({"session": "s"}, x=torch.tensor([[1]])))
+    assert bad_id.status_code == 422 and "must match" in bad_id.json()["detail"]
+
+
+def test_forward_is_documented_and_served_by_the_fast_route(workers) -> None:
+    schema = httpx.get(f"{workers.workers[0].url}/openapi.json").json()
+    assert "post" in schema["paths"]["/v1/stages/{stage_id}/forward"]
+    # Served without FastAPI's parameter checks, so its own check answers (not a list of errors).
+    resp = _post(_fwd(workers, 0, "bad id"), b"")
+    assert resp.status_code == 422 and isinstance(resp.json()["detail"], str)
 
 
 def test_position_mismatch_is_409_and_session_survives(chain) -> None:
