@@ -20,17 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeorch.planning.bounds import (
-    energy_bound,
-    packed_energy_bound,
-    packed_throughput_bound,
-    whole_unit_throughput_bound,
-)
+from edgeorch.planning.bounds import energy_bound, whole_unit_throughput_bound
 from edgeorch.planning.cost import Evaluation, evaluate, score, violations
 from edgeorch.planning.diagnose import diagnose, whole_unit_causes
 from edgeorch.planning.errors import Cause, InfeasibleError, UnsupportedRequestError
 from edgeorch.planning.heuristics import heuristic_plans, quick_plans
+from edgeorch.planning.packing import build_packer, packed_energy, packed_throughput
 from edgeorch.planning.problem import Problem, Stage
+from edgeorch.planning.realise import realised_plans
 from edgeorch.planning.relax import Constraints, Relaxer
 from edgeorch.planning.search import Search, SearchOutcome
 
@@ -64,14 +61,45 @@ class PlanResult:
     nodes_explored: int = 0
 
 
-def _extra_bound(problem: Problem, relaxer: Relaxer) -> float:
-    """A lower bound that sees node totals (the relaxation does not), per objective."""
+@dataclass(frozen=True)
+class PackingHint:
+    """The packing that attains the packing bound: a count vector per node, and each unit's class."""
+
+    take: np.ndarray
+    unit_class: np.ndarray
+    limit: float | None
+
+
+def _extra_bound(problem: Problem, relaxer: Relaxer) -> tuple[float, PackingHint | None]:
+    """A lower bound that sees node totals (the relaxation does not), and the packing behind it."""
     allowed = relaxer.base_allowed
+    if problem.objective == "latency":
+        return 0.0, None
+    packer = build_packer(problem, allowed)
     if problem.objective == "throughput":
-        return packed_throughput_bound(problem, allowed, whole_unit_throughput_bound(problem, allowed))
-    if problem.objective == "energy":
-        return max(energy_bound(problem), packed_energy_bound(problem, allowed))
-    return 0.0
+        low = whole_unit_throughput_bound(problem, allowed)
+        if packer is None:
+            return low, None
+        packed = packed_throughput(problem, packer, low, hops=_hop_floors(relaxer))
+        limit: float | None = packed.value
+    else:
+        low = energy_bound(problem)
+        if packer is None:
+            return low, None
+        packed = packed_energy(problem, packer)
+        limit = None
+    hint = PackingHint(packed.take, packer.unit_class, limit) if packed.take is not None else None
+    return max(low, packed.value), hint
+
+
+def _hop_floors(relaxer: Relaxer) -> tuple[np.ndarray, np.ndarray]:
+    """Per node, the least per-token load of a hop into it and out of it at any inner boundary."""
+    u_count = relaxer.problem.num_units
+    if u_count < 2:
+        inf = np.full(relaxer.problem.num_nodes, np.inf)
+        return inf, inf
+    loads = np.where(relaxer.trans_ok, relaxer.hop_load * float(relaxer.bytes_at[1:u_count].min()), np.inf)
+    return loads.min(axis=0), loads.min(axis=1)
 
 
 def _current_plan(problem: Problem) -> list[Stage] | None:
@@ -84,10 +112,12 @@ def _current_plan(problem: Problem) -> list[Stage] | None:
     return [Stage(index[nid], a, b) for nid, a, b in problem.current_stages]
 
 
-def _seek(search: Search, cons: Constraints, root, t0: float, limit: float) -> None:
-    """Incumbents and prices before the exact search: a quick plan, prices, then heuristics.
+def _seek(search: Search, cons: Constraints, root, t0: float, limit: float, hint: PackingHint | None) -> None:
+    """Incumbents and prices before the exact search, cheapest first, until one is proven optimal.
 
-    The quick plan gives the price search its target; the prices then both
+    A quick plan, then plans realising the packing bound (which usually
+    attain it: then nothing else runs), then prices and heuristics. The
+    quick plan gives the price search its target; the prices then both
     raise the lower bound and steer the heuristics away from overfull nodes.
     """
     problem, relaxer = search.p, search.r
@@ -98,10 +128,18 @@ def _seek(search: Search, cons: Constraints, root, t0: float, limit: float) -> N
     current = _current_plan(problem)
     if current is not None:
         search.offer(current)
+    if hint is not None:
+        for stages in realised_plans(relaxer, hint.take, hint.unit_class, hint.limit):
+            search.offer(stages)
+            if proven():
+                return
     for stages in quick_plans(relaxer):
         search.offer(stages)
-    if not proven():
-        search.find_prices(cons, root, share=PRICE_SHARE)
+    if proven():
+        return
+    search.find_prices(cons, root, share=PRICE_SHARE)
+    if proven():
+        return
     soft, hard = t0 + HEURISTIC_SHARE * limit, t0 + limit
     for stages in heuristic_plans(relaxer, cons, root, search.extra_bound, soft, hard, search.prices):
         search.offer(stages)
@@ -128,11 +166,11 @@ def plan_optimal(problem: Problem) -> PlanResult:
     packing = whole_unit_causes(problem, relaxer.base_allowed)
     if packing:
         raise InfeasibleError("no plan satisfies the constraints", packing)
-    extra = _extra_bound(problem, relaxer)
+    extra, hint = _extra_bound(problem, relaxer)
     limit = problem.time_limit_s
     search = Search(relaxer, t0 + limit, extra)
     if not search.root_is_enough(root_cons, root):
-        _seek(search, root_cons, root, t0, limit)
+        _seek(search, root_cons, root, t0, limit, hint)
     outcome = search.run(root_cons, root)
     elapsed = time.monotonic() - t0
     if outcome.stages is None:

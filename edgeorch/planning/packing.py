@@ -1,0 +1,217 @@
+"""Whole-unit packings of the units onto nodes, chain order and links forgotten.
+
+Units fall into few classes (embedding, identical layers, head), so what a
+node takes can be written as a count vector per class. A dynamic programme
+over the nodes, whose state is the count vector still to place, then finds
+the cheapest packing (energy) or whether one exists with every node's load
+within T (throughput). Both are lower bounds on the real problem, which adds
+chain order and links; and the packing that attains the bound is the best
+hint there is for a plan that attains it too (:mod:`edgeorch.planning.realise`).
+
+States are count vectors in C order, so that the flat index of ``s - v`` is
+``index(s) - index(v)``: one node's step is a gather over every (state,
+vector) pair and a ``minimum.reduceat`` per destination state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeorch.planning.problem import Problem
+
+# (state, vector) pairs times nodes beyond which a packing programme costs more than it saves.
+MAX_PACKING_WORK = 12_000_000
+# Count vectors (states) beyond which the classes are too varied to enumerate.
+MAX_STATES = 20_000
+
+
+@dataclass(frozen=True)
+class Packer:
+    """The count-vector programme of one problem: classes, states, and which node may take what.
+
+    ``unit_class[u]`` is unit u's class; ``vectors[i]`` the count vector of
+    state i; ``fits[n, i]`` whether node n may hold vector i (memory and
+    privacy). Pairs (``pair_state``, ``pair_vector``) are sorted by their
+    destination ``state - vector`` (the zero vector first within each), and
+    ``starts`` are the offsets of each destination's run.
+    """
+
+    unit_class: np.ndarray
+    counts: np.ndarray
+    vectors: np.ndarray
+    flops: np.ndarray
+    memory: np.ndarray
+    fits: np.ndarray
+    pair_state: np.ndarray
+    pair_vector: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def num_states(self) -> int:
+        """Count vectors from nothing to everything."""
+        return self.vectors.shape[0]
+
+    def run(self, weight: np.ndarray) -> list[np.ndarray]:
+        """Least cost to have each state left after nodes 0..n-1, for n = 0..N (N+1 tables).
+
+        ``weight[n, i]`` is what node n pays to take vector i (inf: it may
+        not). The first table has only the full state at 0.
+        """
+        cost = np.full(self.num_states, np.inf)
+        cost[-1] = 0.0
+        tables = [cost]
+        for w in weight:
+            if not np.isfinite(w[1:]).any():
+                tables.append(cost)  # this node takes nothing: the table stays
+                continue
+            cost = np.minimum.reduceat(cost[self.pair_state] + w[self.pair_vector], self.starts)
+            tables.append(cost)
+        return tables
+
+    def argmin(self, tables: list[np.ndarray], weight: np.ndarray) -> np.ndarray:
+        """(N, classes) the count vector per node of a packing that attains ``tables[-1][0]``.
+
+        Walks back from "nothing left"; a node takes nothing whenever that
+        ties, so the packing uses as few nodes as the optimum allows.
+        """
+        take = np.zeros((weight.shape[0], self.counts.size), dtype=np.int64)
+        state = 0
+        for n in range(weight.shape[0] - 1, -1, -1):
+            before, after = tables[n], tables[n + 1]
+            if before[state] <= after[state]:
+                continue
+            group = slice(self.starts[state], self.starts[state + 1] if state + 1 < self.num_states else None)
+            values = before[self.pair_state[group]] + weight[n, self.pair_vector[group]]
+            k = int(np.argmin(values))
+            vector = int(self.pair_vector[group][k])
+            take[n] = self.vectors[vector]
+            state = int(self.pair_state[group][k])
+        return take
+
+
+def unit_classes(problem: Problem, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class per unit by identical (flops, memory, allowed nodes), and per class a representative and count."""
+    keys: dict[tuple, int] = {}
+    unit_class = np.empty(problem.num_units, dtype=np.int64)
+    for u in range(problem.num_units):
+        key = (float(problem.flops_per_token[u]), int(problem.unit_memory_bytes[u]), allowed[u].tobytes())
+        unit_class[u] = keys.setdefault(key, len(keys))
+    reps = np.array([int(np.flatnonzero(unit_class == c)[0]) for c in range(len(keys))], dtype=np.int64)
+    return unit_class, reps, np.bincount(unit_class, minlength=len(keys))
+
+
+def build_packer(problem: Problem, allowed: np.ndarray, max_work: int = MAX_PACKING_WORK) -> Packer | None:
+    """The programme for ``problem``, or None when its classes are too many to enumerate."""
+    unit_class, reps, counts = unit_classes(problem, allowed)
+    if np.prod(counts + 1.0) > MAX_STATES:
+        return None
+    grids = np.meshgrid(*[np.arange(c + 1) for c in counts], indexing="ij")
+    vectors = np.stack([g.ravel() for g in grids], axis=1)
+    # Pairs (state s, vector v) with v <= s componentwise; destination s - v.
+    fits_in = (vectors[None, :, :] <= vectors[:, None, :]).all(axis=2)
+    pair_state, pair_vector = np.nonzero(fits_in)
+    if pair_state.size * problem.num_nodes > max_work:
+        return None
+    dest = pair_state - pair_vector
+    order = np.lexsort((pair_vector, dest))
+    pair_state, pair_vector, dest = pair_state[order], pair_vector[order], dest[order]
+    starts = np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]])
+    flops = vectors @ problem.flops_per_token[reps]
+    memory = vectors @ problem.unit_memory_bytes[reps].astype(np.float64)
+    fits = memory[None, :] <= problem.memory_bytes[:, None]
+    fits &= ((vectors[None, :, :] == 0) | allowed[reps].T[:, None, :]).all(axis=2)
+    return Packer(unit_class, counts, vectors, flops, memory, fits, pair_state, pair_vector, starts)
+
+
+@dataclass(frozen=True)
+class PackedBound:
+    """A lower bound from packing and a packing that attains it (count vector per node)."""
+
+    value: float
+    take: np.ndarray | None
+
+
+def packed_energy(problem: Problem, packer: Packer) -> PackedBound:
+    """Least compute energy over whole-unit packings (exact for the energy problem without links)."""
+    per_flop = problem.workload.tokens * problem.watts / problem.flops_per_s
+    weight = np.where(packer.fits, packer.flops[None, :] * per_flop[:, None], np.inf)
+    tables = packer.run(weight)
+    value = float(tables[-1][0])
+    return PackedBound(value, packer.argmin(tables, weight) if np.isfinite(value) else None)
+
+
+def hop_roles(packer: Packer, in_load: np.ndarray, out_load: np.ndarray, t: float) -> np.ndarray:
+    """(N, S) count vectors a node may take when its hops in and out must stay within T.
+
+    A node holding some units but not all has a hop out after each of its
+    stages except one that ends the chain, and a hop in before each except
+    one that starts it. So it needs a link out within T unless it may hold
+    the last unit and not the first, and a link in unless the reverse.
+    ``in_load[n]``/``out_load[n]`` are n's least per-token load of a hop in
+    and out at any inner boundary. Where the first or last unit's class has
+    other members, holding the class does not prove holding the unit, and
+    the rule stays on the safe side (it may only allow too much).
+    """
+    vec = packer.vectors
+    first, last = packer.unit_class[0], packer.unit_class[-1]
+    has_first, has_last = vec[:, first] > 0, vec[:, last] > 0
+    distinct = first != last
+    sure_first = has_first & (distinct and packer.counts[first] == 1)
+    sure_last = has_last & (distinct and packer.counts[last] == 1)
+    free_out = has_last & ~sure_first
+    free_in = has_first & ~sure_last
+    whole = (vec == packer.counts[None, :]).all(axis=1)
+    nothing = ~vec.any(axis=1)
+    ok_out = (out_load <= t)[:, None] | free_out[None, :]
+    ok_in = (in_load <= t)[:, None] | free_in[None, :]
+    return (ok_out & ok_in) | (whole | nothing)[None, :]
+
+
+def packed_throughput(
+    problem: Problem,
+    packer: Packer,
+    lower: float,
+    upper: float = np.inf,
+    hops: tuple[np.ndarray, np.ndarray] | None = None,
+) -> PackedBound:
+    """Least bottleneck T at which whole units pack with every node's load within T, by bisection.
+
+    Feasibility only changes where T passes the load of some node's count
+    vector or (with ``hops``, the (in, out) loads of :func:`hop_roles`) a
+    node's cheapest hop, so only those values are tried, from ``lower`` (a
+    bound already known) up to ``upper`` (an incumbent: above it nothing is
+    worth knowing). Returns ``lower`` without a packing when none exists in
+    that range.
+    """
+    load = packer.flops[None, :] / problem.flops_per_s[:, None]
+    tol = 1 + 1e-12
+    values = [load[packer.fits].ravel()]
+    if hops is not None:
+        values += [h[np.isfinite(h)] for h in hops]
+    every = np.concatenate(values)
+    candidates = np.unique(every[(every >= lower / tol) & (every <= upper * tol)])
+
+    def attempt(t: float) -> tuple[list[np.ndarray], np.ndarray]:
+        ok = packer.fits & (load <= t)
+        if hops is not None:
+            ok &= hop_roles(packer, hops[0], hops[1], t)
+        weight = np.where(ok, 0.0, np.inf)
+        return packer.run(weight), weight
+
+    lo, hi = 0, len(candidates) - 1
+    if hi < 0:
+        return PackedBound(lower, None)
+    tables, weight = attempt(float(candidates[hi]))
+    if not np.isfinite(tables[-1][0]):
+        return PackedBound(max(lower, float(candidates[hi])), None)
+    best = (tables, weight)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tables, weight = attempt(float(candidates[mid]))
+        if np.isfinite(tables[-1][0]):
+            hi, best = mid, (tables, weight)
+        else:
+            lo = mid + 1
+    return PackedBound(max(lower, float(candidates[lo])), packer.argmin(*best))
