@@ -25,7 +25,7 @@ from edgeorch.planning.cost import Evaluation, evaluate, score, violations
 from edgeorch.planning.diagnose import diagnose, whole_unit_causes
 from edgeorch.planning.errors import Cause, InfeasibleError, UnsupportedRequestError
 from edgeorch.planning.heuristics import heuristic_plans, quick_plans
-from edgeorch.planning.packing import build_packer, packed_energy, packed_throughput
+from edgeorch.planning.packing import HopLoads, build_packer, packed_energy, packed_throughput
 from edgeorch.planning.problem import Problem, Stage
 from edgeorch.planning.realise import realised_plans
 from edgeorch.planning.relax import Constraints, Relaxer
@@ -80,7 +80,7 @@ def _extra_bound(problem: Problem, relaxer: Relaxer) -> tuple[float, PackingHint
         low = whole_unit_throughput_bound(problem, allowed)
         if packer is None:
             return low, None
-        packed = packed_throughput(problem, packer, low, hops=_hop_floors(relaxer))
+        packed = packed_throughput(problem, packer, low, hops=_hop_loads(relaxer))
         limit: float | None = packed.value
     else:
         low = energy_bound(problem)
@@ -92,14 +92,16 @@ def _extra_bound(problem: Problem, relaxer: Relaxer) -> tuple[float, PackingHint
     return max(low, packed.value), hint
 
 
-def _hop_floors(relaxer: Relaxer) -> tuple[np.ndarray, np.ndarray]:
-    """Per node, the least per-token load of a hop into it and out of it at any inner boundary."""
-    u_count = relaxer.problem.num_units
-    if u_count < 2:
-        inf = np.full(relaxer.problem.num_nodes, np.inf)
-        return inf, inf
-    loads = np.where(relaxer.trans_ok, relaxer.hop_load * float(relaxer.bytes_at[1:u_count].min()), np.inf)
-    return loads.min(axis=0), loads.min(axis=1)
+def _hop_loads(relaxer: Relaxer) -> HopLoads:
+    """The hops' per-token loads for the throughput packing (inner hops with the fewest bytes)."""
+    r = relaxer
+    u_count = r.problem.num_units
+    inner = np.full(r.trans_ok.shape, np.inf)
+    if u_count > 1:
+        inner[r.trans_ok] = r.hop_load[r.trans_ok] * float(r.bytes_at[1:u_count].min())
+    return HopLoads(
+        inner, np.where(r.entry_linked, r.entry_load, np.inf), np.where(r.exit_linked, r.exit_load, np.inf)
+    )
 
 
 def _current_plan(problem: Problem) -> list[Stage] | None:

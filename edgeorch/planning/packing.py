@@ -142,61 +142,96 @@ def packed_energy(problem: Problem, packer: Packer) -> PackedBound:
     return PackedBound(value, packer.argmin(tables, weight) if np.isfinite(value) else None)
 
 
-def hop_roles(packer: Packer, in_load: np.ndarray, out_load: np.ndarray, t: float) -> np.ndarray:
-    """(N, S) count vectors a node may take when its hops in and out must stay within T.
+@dataclass(frozen=True)
+class HopLoads:
+    """Per-token loads of the hops a plan may take (inf: no link), for the throughput packing.
 
-    A node holding some units but not all has a hop out after each of its
-    stages except one that ends the chain, and a hop in before each except
-    one that starts it. So it needs a link out within T unless it may hold
-    the last unit and not the first, and a link in unless the reverse.
-    ``in_load[n]``/``out_load[n]`` are n's least per-token load of a hop in
-    and out at any inner boundary. Where the first or last unit's class has
-    other members, holding the class does not prove holding the unit, and
-    the rule stays on the safe side (it may only allow too much).
+    ``inner[m, n]`` is the least load of a hop m→n at any inner boundary;
+    ``entry[n]``/``exit[n]`` those of the source→n and n→source hops (0 for
+    the source itself).
+    """
+
+    inner: np.ndarray
+    entry: np.ndarray
+    exit: np.ndarray
+
+    def values(self) -> np.ndarray:
+        """Every finite load: where the set of hops within T changes."""
+        every = np.concatenate([self.inner.ravel(), self.entry, self.exit])
+        return every[np.isfinite(every)]
+
+
+def _closure(adj: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Nodes reachable from any of ``start`` along ``adj``."""
+    seen = start.copy()
+    while True:
+        grown = seen | adj[seen].any(axis=0)
+        if (grown == seen).all():
+            return seen
+        seen = grown
+
+
+def hop_roles(packer: Packer, ok: np.ndarray, hops: HopLoads, t: float) -> np.ndarray:
+    """``ok`` (N, S) less what no plan within T can use, given that its hops must stay within T too.
+
+    Repeated until nothing changes: a node that can take no unit is not on
+    the chain; a node on it must lie on a walk source→...→source of such
+    nodes over hops within T; and a node holding some units but not all has
+    a hop out after each of its stages except one that ends the chain, and a
+    hop in before each except one that starts it. So it needs a hop out
+    unless it may hold the last unit and not the first, and a hop in unless
+    the reverse. Where the first or last unit's class has other members,
+    holding the class does not prove holding the unit, and the rule stays on
+    the safe side (it may only allow too much).
     """
     vec = packer.vectors
     first, last = packer.unit_class[0], packer.unit_class[-1]
     has_first, has_last = vec[:, first] > 0, vec[:, last] > 0
-    distinct = first != last
+    distinct = bool(first != last)
     sure_first = has_first & (distinct and packer.counts[first] == 1)
     sure_last = has_last & (distinct and packer.counts[last] == 1)
     free_out = has_last & ~sure_first
     free_in = has_first & ~sure_last
-    whole = (vec == packer.counts[None, :]).all(axis=1)
-    nothing = ~vec.any(axis=1)
-    ok_out = (out_load <= t)[:, None] | free_out[None, :]
-    ok_in = (in_load <= t)[:, None] | free_in[None, :]
-    return (ok_out & ok_in) | (whole | nothing)[None, :]
+    some = vec.any(axis=1)
+    exempt = (vec == packer.counts[None, :]).all(axis=1) | ~some
+    inner = hops.inner <= t
+    starts, ends = hops.entry <= t, hops.exit <= t
+    while True:
+        alive = ok[:, some].any(axis=1)
+        links = inner & alive[:, None] & alive[None, :]
+        on_chain = _closure(links, alive & starts) & _closure(links.T, alive & ends)
+        ok_out = links.any(axis=1)[:, None] | free_out[None, :]
+        ok_in = links.any(axis=0)[:, None] | free_in[None, :]
+        keep = ((ok_out & ok_in) | exempt[None, :]) & (on_chain[:, None] | ~some[None, :])
+        tighter = ok & keep
+        if (tighter == ok).all():
+            return ok
+        ok = tighter
 
 
 def packed_throughput(
-    problem: Problem,
-    packer: Packer,
-    lower: float,
-    upper: float = np.inf,
-    hops: tuple[np.ndarray, np.ndarray] | None = None,
+    problem: Problem, packer: Packer, lower: float, upper: float = np.inf, hops: HopLoads | None = None
 ) -> PackedBound:
     """Least bottleneck T at which whole units pack with every node's load within T, by bisection.
 
     Feasibility only changes where T passes the load of some node's count
-    vector or (with ``hops``, the (in, out) loads of :func:`hop_roles`) a
-    node's cheapest hop, so only those values are tried, from ``lower`` (a
-    bound already known) up to ``upper`` (an incumbent: above it nothing is
-    worth knowing). Returns ``lower`` without a packing when none exists in
-    that range.
+    vector or (with ``hops``, see :func:`hop_roles`) of some hop, so only
+    those values are tried, from ``lower`` (a bound already known) up to
+    ``upper`` (an incumbent: above it nothing is worth knowing). Returns
+    ``lower`` without a packing when none exists in that range.
     """
     load = packer.flops[None, :] / problem.flops_per_s[:, None]
     tol = 1 + 1e-12
     values = [load[packer.fits].ravel()]
     if hops is not None:
-        values += [h[np.isfinite(h)] for h in hops]
+        values.append(hops.values())
     every = np.concatenate(values)
     candidates = np.unique(every[(every >= lower / tol) & (every <= upper * tol)])
 
     def attempt(t: float) -> tuple[list[np.ndarray], np.ndarray]:
         ok = packer.fits & (load <= t)
         if hops is not None:
-            ok &= hop_roles(packer, hops[0], hops[1], t)
+            ok = hop_roles(packer, ok, hops, t)
         weight = np.where(ok, 0.0, np.inf)
         return packer.run(weight), weight
 
