@@ -114,27 +114,37 @@ def _current_plan(problem: Problem) -> list[Stage] | None:
     return [Stage(index[nid], a, b) for nid, a, b in problem.current_stages]
 
 
-def _seek(search: Search, cons: Constraints, root, t0: float, limit: float, hint: PackingHint | None) -> None:
+def _realise(search: Search, hint: PackingHint | None, deadline: float) -> bool:
+    """Offer the current plan and plans realising the packing; True once one attains the bound.
+
+    Such a plan is optimal (the bound holds for every plan), so nothing else
+    need run: not even the relaxation.
+    """
+    current = _current_plan(search.p)
+    if current is not None:
+        search.offer(current)
+    if search.pruned(search.extra_bound):
+        return True
+    if hint is None:
+        return False
+    for stages in realised_plans(search.r, hint.take, hint.unit_class, hint.limit, deadline):
+        search.offer(stages)
+        if search.pruned(search.extra_bound):
+            return True
+    return False
+
+
+def _seek(search: Search, cons: Constraints, root, t0: float, limit: float) -> None:
     """Incumbents and prices before the exact search, cheapest first, until one is proven optimal.
 
-    A quick plan, then plans realising the packing bound (which usually
-    attain it: then nothing else runs), then prices and heuristics. The
-    quick plan gives the price search its target; the prices then both
+    The quick plan gives the price search its target; the prices then both
     raise the lower bound and steer the heuristics away from overfull nodes.
     """
-    problem, relaxer = search.p, search.r
+    relaxer = search.r
 
     def proven() -> bool:
         return search.pruned(max(root.value, search.extra_bound, search.price_bound))
 
-    current = _current_plan(problem)
-    if current is not None:
-        search.offer(current)
-    if hint is not None:
-        for stages in realised_plans(relaxer, hint.take, hint.unit_class, hint.limit):
-            search.offer(stages)
-            if proven():
-                return
     for stages in quick_plans(relaxer):
         search.offer(stages)
     if proven():
@@ -159,6 +169,12 @@ def plan_optimal(problem: Problem) -> PlanResult:
         raise UnsupportedRequestError("migration_weight has no unit for throughput; use max_migration_bytes")
     t0 = time.monotonic()
     relaxer = Relaxer(problem)
+    limit = problem.time_limit_s
+    extra, hint = _extra_bound(problem, relaxer)
+    search = Search(relaxer, t0 + limit, extra)
+    if _realise(search, hint, t0 + limit):
+        outcome = SearchOutcome(search.best_stages, search.best_value, extra, True, 0, False)
+        return _result(problem, outcome, time.monotonic() - t0)
     root_cons = Constraints(forced=relaxer.root_forced())
     root = relaxer.solve(root_cons)
     if root is None:
@@ -168,11 +184,8 @@ def plan_optimal(problem: Problem) -> PlanResult:
     packing = whole_unit_causes(problem, relaxer.base_allowed)
     if packing:
         raise InfeasibleError("no plan satisfies the constraints", packing)
-    extra, hint = _extra_bound(problem, relaxer)
-    limit = problem.time_limit_s
-    search = Search(relaxer, t0 + limit, extra)
     if not search.root_is_enough(root_cons, root):
-        _seek(search, root_cons, root, t0, limit, hint)
+        _seek(search, root_cons, root, t0, limit)
     outcome = search.run(root_cons, root)
     elapsed = time.monotonic() - t0
     if outcome.stages is None:

@@ -15,6 +15,7 @@ the caller checks every plan in full either way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -87,7 +88,11 @@ def _ends(r: Relaxer, take: np.ndarray, unit_class: np.ndarray, limit: float | N
 
 
 def realised_plans(
-    r: Relaxer, take: np.ndarray, unit_class: np.ndarray, limit: float | None = None
+    r: Relaxer,
+    take: np.ndarray,
+    unit_class: np.ndarray,
+    limit: float | None = None,
+    deadline: float = float("inf"),
 ) -> Iterator[list[Stage]]:
     """Ordered plans over the nodes of a packing, in orders the links allow (throughput: under ``limit``).
 
@@ -99,6 +104,8 @@ def realised_plans(
     used = [int(n) for n in np.flatnonzero(take.sum(axis=1) > 0)]
     adj = usable_links(r, limit)
     for first, last in _ends(r, take, unit_class, limit):
+        if time.monotonic() > deadline:
+            return
         order = hamiltonian_path(adj, used, first, last, ORDER_SEARCH_STEPS)
         if order is None:
             continue
@@ -107,15 +114,19 @@ def realised_plans(
             if stages is not None:
                 yield stages
             continue
-        yield from _u_shaped_splits(r, order, int(take[first].sum()), limit)
+        yield from _u_shaped_splits(r, order, int(take[first].sum()), limit, deadline)
 
 
-def _u_shaped_splits(r: Relaxer, order: list[int], units: int, limit: float | None) -> Iterator[list[Stage]]:
+def _u_shaped_splits(
+    r: Relaxer, order: list[int], units: int, limit: float | None, deadline: float
+) -> Iterator[list[Stage]]:
     """``order`` with its first node also last: its ``units`` split as a prefix of k and the rest."""
     p = r.problem
     x = order[0]
     memory = int(p.memory_bytes[x])
     for k in range(1, max(units, 2)):
+        if time.monotonic() > deadline:
+            return
         head_mem = int(r.mem_prefix[k])
         if head_mem > memory:
             return
