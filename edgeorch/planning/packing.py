@@ -59,6 +59,7 @@ class Packer:
         ``weight[n, i]`` is what node n pays to take vector i (inf: it may
         not). The first table has only the full state at 0.
         """
+        state, vector, starts = self._pairs(np.isfinite(weight).any(axis=0))
         cost = np.full(self.num_states, np.inf)
         cost[-1] = 0.0
         tables = [cost]
@@ -66,9 +67,18 @@ class Packer:
             if not np.isfinite(w[1:]).any():
                 tables.append(cost)  # this node takes nothing: the table stays
                 continue
-            cost = np.minimum.reduceat(cost[self.pair_state] + w[self.pair_vector], self.starts)
+            cost = np.minimum.reduceat(cost[state] + w[vector], starts)
             tables.append(cost)
         return tables
+
+    def _pairs(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pairs whose vector some node may take (fewer when loads are tight), with their runs."""
+        if active.all():
+            return self.pair_state, self.pair_vector, self.starts
+        keep = active[self.pair_vector]
+        state, vector = self.pair_state[keep], self.pair_vector[keep]
+        dest = state - vector
+        return state, vector, np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]])
 
     def argmin(self, tables: list[np.ndarray], weight: np.ndarray) -> np.ndarray:
         """(N, classes) the count vector per node of a packing that attains ``tables[-1][0]``.
