@@ -40,35 +40,58 @@ def usable_links(r: Relaxer, limit: float | None) -> np.ndarray:
 
 
 def hamiltonian_path(
-    adj: np.ndarray, nodes: list[int], first: int, last: int, steps: int
+    adj: np.ndarray,
+    nodes: list[int],
+    first: int,
+    last: int,
+    steps: int,
+    deadline: float = float("inf"),
 ) -> list[int] | None:
     """A path from ``first`` to ``last`` through every node of ``nodes`` once, or None.
 
     ``first == last`` asks for a cycle: the path leaves it and comes back.
-    Gives up after ``steps`` expansions (the search is exponential at worst).
+    Gives up after ``steps`` expansions or at ``deadline`` (the search is
+    exponential at worst).
     """
     if nodes == [first] and first == last:
         return [first]
+    left = np.zeros(adj.shape[0], dtype=bool)
+    left[nodes] = True
+    left[[first, last]] = False
+    if not _degrees_allow(adj, left, first, last):
+        return None
     path = [first]
     budget = [steps]
 
-    def extend(at: int, left: set[int]) -> bool:
-        if not left:
+    def extend(at: int, remaining: int) -> bool:
+        if remaining == 0:
             return bool(adj[at, last])
         budget[0] -= 1
-        if budget[0] < 0:
+        if budget[0] < 0 or time.monotonic() > deadline:
             return False
-        options = sorted((n for n in left if adj[at, n]), key=lambda n: int(adj[n, list(left)].sum()))
-        for n in options:
+        options = np.flatnonzero(adj[at] & left)
+        onward = (adj[options] & left).sum(axis=1)
+        for n in options[np.argsort(onward, kind="stable")].tolist():
             path.append(n)
-            if extend(n, left - {n}):
+            left[n] = False
+            if extend(n, remaining - 1):
                 return True
+            left[n] = True
             path.pop()
         return False
 
-    if not extend(first, set(nodes) - {first, last}):
+    if not extend(first, int(left.sum())):
         return None
     return [*path, last]
+
+
+def _degrees_allow(adj: np.ndarray, inner: np.ndarray, first: int, last: int) -> bool:
+    """Every inner node needs a link in from the path's other nodes and one out to them: else no path."""
+    sources, sinks = inner.copy(), inner.copy()
+    sources[first] = sinks[last] = True
+    has_in = adj[np.ix_(sources, inner)].any(axis=0)
+    has_out = adj[np.ix_(inner, sinks)].any(axis=1)
+    return bool(has_in.all() and has_out.all())
 
 
 def _ends(r: Relaxer, take: np.ndarray, unit_class: np.ndarray, limit: float | None) -> list[tuple[int, int]]:
@@ -106,7 +129,7 @@ def realised_plans(
     for first, last in _ends(r, take, unit_class, limit):
         if time.monotonic() > deadline:
             return
-        order = hamiltonian_path(adj, used, first, last, ORDER_SEARCH_STEPS)
+        order = hamiltonian_path(adj, used, first, last, ORDER_SEARCH_STEPS, deadline)
         if order is None:
             continue
         if first != last or len(order) == 1:
