@@ -113,17 +113,18 @@ def unit_classes(problem: Problem, allowed: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def build_packer(problem: Problem, allowed: np.ndarray, max_work: int = MAX_PACKING_WORK) -> Packer | None:
-    """The programme for ``problem``, or None when its classes are too many to enumerate."""
+    """The programme for ``problem``, or None when its classes are too many to enumerate.
+
+    Sizes are checked before anything is built: the pairs number
+    ``Π (c+1)(c+2)/2`` over the classes' counts c.
+    """
     unit_class, reps, counts = unit_classes(problem, allowed)
-    if np.prod(counts + 1.0) > MAX_STATES:
+    per_class = [(c + 1) * (c + 2) // 2 for c in counts.tolist()]
+    if np.prod(counts + 1.0) > MAX_STATES or np.prod(per_class, dtype=float) * problem.num_nodes > max_work:
         return None
     grids = np.meshgrid(*[np.arange(c + 1) for c in counts], indexing="ij")
     vectors = np.stack([g.ravel() for g in grids], axis=1)
-    # Pairs (state s, vector v) with v <= s componentwise; destination s - v.
-    fits_in = (vectors[None, :, :] <= vectors[:, None, :]).all(axis=2)
-    pair_state, pair_vector = np.nonzero(fits_in)
-    if pair_state.size * problem.num_nodes > max_work:
-        return None
+    pair_state, pair_vector = _pairs_below(counts)
     dest = pair_state - pair_vector
     order = np.lexsort((pair_vector, dest))
     pair_state, pair_vector, dest = pair_state[order], pair_vector[order], dest[order]
@@ -131,8 +132,21 @@ def build_packer(problem: Problem, allowed: np.ndarray, max_work: int = MAX_PACK
     flops = vectors @ problem.flops_per_token[reps]
     memory = vectors @ problem.unit_memory_bytes[reps].astype(np.float64)
     fits = memory[None, :] <= problem.memory_bytes[:, None]
-    fits &= ((vectors[None, :, :] == 0) | allowed[reps].T[:, None, :]).all(axis=2)
+    # A vector may go to a node when none of its classes is barred there.
+    barred = (~allowed[reps]).astype(np.int64)
+    fits &= ((vectors > 0).astype(np.int64) @ barred).T == 0
     return Packer(unit_class, counts, vectors, flops, memory, fits, pair_state, pair_vector, starts)
+
+
+def _pairs_below(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of every (state s, vector v) with v <= s componentwise, class by class."""
+    dims = tuple(int(c) + 1 for c in counts)
+    per_class = [np.array([(s, v) for s in range(d) for v in range(s + 1)]) for d in dims]
+    grids = np.meshgrid(*[np.arange(len(pc)) for pc in per_class], indexing="ij")
+    picks = [pc[g.ravel()] for pc, g in zip(per_class, grids, strict=True)]
+    state = np.ravel_multi_index(tuple(p[:, 0] for p in picks), dims)
+    vector = np.ravel_multi_index(tuple(p[:, 1] for p in picks), dims)
+    return state, vector
 
 
 @dataclass(frozen=True)

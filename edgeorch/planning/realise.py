@@ -122,7 +122,7 @@ def realised_plans(
     A node holding both the first and the last unit (a U-shape) appears as
     the first and the last slot, its memory (and load under ``limit``) split
     between them at each cut its packed units allow, the smallest first slot
-    first.
+    first. Stops at ``deadline`` (``time.monotonic()``).
     """
     used = [int(n) for n in np.flatnonzero(take.sum(axis=1) > 0)]
     adj = usable_links(r, limit)
