@@ -158,9 +158,16 @@ class PackedBound:
 
 
 def packed_energy(problem: Problem, packer: Packer) -> PackedBound:
-    """Least compute energy over whole-unit packings (exact for the energy problem without links)."""
+    """Least compute energy over whole-unit packings (exact for the energy problem without links).
+
+    With a migration weight, each node also pays for the units it takes
+    beyond those of the class it holds now (:func:`least_moved_bytes`).
+    """
     per_flop = problem.workload.tokens * problem.watts / problem.flops_per_s
-    weight = np.where(packer.fits, packer.flops[None, :] * per_flop[:, None], np.inf)
+    cost = packer.flops[None, :] * per_flop[:, None]
+    if problem.migration_weight > 0 and problem.current_owner is not None:
+        cost = cost + problem.migration_weight * least_moved_bytes(problem, packer)
+    weight = np.where(packer.fits, cost, np.inf)
     tables = packer.run(weight)
     value = float(tables[-1][0])
     return PackedBound(value, packer.argmin(tables, weight) if np.isfinite(value) else None)
@@ -193,6 +200,23 @@ def _closure(adj: np.ndarray, start: np.ndarray) -> np.ndarray:
         if (grown == seen).all():
             return seen
         seen = grown
+
+
+def least_moved_bytes(problem: Problem, packer: Packer) -> np.ndarray:
+    """(N, S) parameter bytes that must move if node n takes count vector i, whatever the chain.
+
+    Of the k units of a class that n takes, at most as many as n holds now
+    can stay; the others arrive, each with at least the class's smallest
+    parameter bytes. Units of a node that is gone are held by nobody.
+    """
+    owner = problem.current_owner
+    moved = np.zeros((problem.num_nodes, packer.num_states))
+    for c in range(packer.counts.size):
+        members = packer.unit_class == c
+        held = np.bincount(owner[members & (owner >= 0)], minlength=problem.num_nodes)
+        least = float(problem.param_bytes[members].min())
+        moved += least * np.maximum(0, packer.vectors[None, :, c] - held[:, None])
+    return moved
 
 
 def hop_roles(packer: Packer, ok: np.ndarray, hops: HopLoads, t: float) -> np.ndarray:

@@ -46,12 +46,14 @@ def hamiltonian_path(
     last: int,
     steps: int,
     deadline: float = float("inf"),
+    rank: np.ndarray | None = None,
 ) -> list[int] | None:
     """A path from ``first`` to ``last`` through every node of ``nodes`` once, or None.
 
     ``first == last`` asks for a cycle: the path leaves it and comes back.
     Gives up after ``steps`` expansions or at ``deadline`` (the search is
-    exponential at worst).
+    exponential at worst). ``rank`` (per node, lower first) orders the next
+    hops before Warnsdorff's rule does.
     """
     if nodes == [first] and first == last:
         return [first]
@@ -71,7 +73,8 @@ def hamiltonian_path(
             return False
         options = np.flatnonzero(adj[at] & left)
         onward = (adj[options] & left).sum(axis=1)
-        for n in options[np.argsort(onward, kind="stable")].tolist():
+        keys = (onward,) if rank is None else (onward, rank[options])
+        for n in options[np.lexsort(keys)].tolist():
             path.append(n)
             left[n] = False
             if extend(n, remaining - 1):
@@ -126,10 +129,11 @@ def realised_plans(
     """
     used = [int(n) for n in np.flatnonzero(take.sum(axis=1) > 0)]
     adj = usable_links(r, limit)
+    rank = _current_rank(r)
     for first, last in _ends(r, take, unit_class, limit):
         if time.monotonic() > deadline:
             return
-        order = hamiltonian_path(adj, used, first, last, ORDER_SEARCH_STEPS, deadline)
+        order = hamiltonian_path(adj, used, first, last, ORDER_SEARCH_STEPS, deadline, rank)
         if order is None:
             continue
         if first != last or len(order) == 1:
@@ -138,6 +142,22 @@ def realised_plans(
                 yield stages
             continue
         yield from _u_shaped_splits(r, order, int(take[first].sum()), limit, deadline)
+
+
+def _current_rank(r: Relaxer) -> np.ndarray | None:
+    """Where each node first appears in the current plan (absent: last), so orders follow it.
+
+    A plan in the current order can keep units where they are; in another it
+    may have to move them.
+    """
+    owner = r.problem.current_owner
+    if owner is None:
+        return None
+    rank = np.full(r.problem.num_nodes, len(owner), dtype=np.int64)
+    for u in range(len(owner) - 1, -1, -1):
+        if owner[u] >= 0:
+            rank[owner[u]] = u
+    return rank
 
 
 def _u_shaped_splits(

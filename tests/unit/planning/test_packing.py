@@ -9,6 +9,7 @@ realised plan attains the bound, so the answer is proven with no search.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -41,7 +42,8 @@ def _full_mesh(inst: Instance) -> bool:
 
 
 def test_energy_packing_never_exceeds_the_optimum_and_is_exact_on_a_full_mesh(solved) -> None:
-    checked = exact = 0
+    # The optimum includes migration_weight x moved bytes, which the packing charges too.
+    checked = exact = weighted = 0
     for inst, ref in solved:
         problem = to_problem(inst, "energy")
         relaxer = Relaxer(problem)
@@ -50,6 +52,7 @@ def test_energy_packing_never_exceeds_the_optimum_and_is_exact_on_a_full_mesh(so
             continue
         bound = packed_energy(problem, packer)
         checked += 1
+        weighted += problem.migration_weight > 0
         assert bound.value <= ref["energy"] * (1 + RTOL) + 1e-15
         plain = inst.get("owner") is None and inst.get("cap") is None and not inst.get("weight")
         if plain and _full_mesh(inst):
@@ -58,6 +61,21 @@ def test_energy_packing_never_exceeds_the_optimum_and_is_exact_on_a_full_mesh(so
             exact += 1
     assert checked >= INSTANCES // 3
     assert exact >= 5
+    assert weighted >= 5
+
+
+def test_migration_weight_raises_the_energy_packing() -> None:
+    rng = random.Random(SEED)
+    weighted = raised = 0
+    for inst in (random_instance(rng) for _ in range(INSTANCES)):
+        problem = to_problem(inst, "energy")
+        packer = build_packer(problem, Relaxer(problem).base_allowed)
+        if packer is None or not problem.migration_weight:
+            continue
+        plain = packed_energy(dataclasses.replace(problem, migration_weight=0.0), packer).value
+        weighted += 1
+        raised += packed_energy(problem, packer).value > plain * (1 + RTOL)
+    assert weighted >= 10 and raised >= weighted // 3
 
 
 def test_throughput_packing_never_exceeds_the_optimum(solved) -> None:
@@ -91,7 +109,8 @@ def test_the_packing_found_fits_and_places_every_unit(solved) -> None:
         flops = bound.take @ problem.flops_per_token[reps]
         memory = bound.take @ problem.unit_memory_bytes[reps]
         assert (memory <= problem.memory_bytes).all()
-        assert float(flops @ per_flop) == pytest.approx(bound.value, rel=1e-9)
+        if not problem.migration_weight:  # else the value also charges the bytes that must move
+            assert float(flops @ per_flop) == pytest.approx(bound.value, rel=1e-9)
 
 
 def test_hop_rules_only_ever_remove_vectors() -> None:
