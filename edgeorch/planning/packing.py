@@ -160,17 +160,72 @@ class PackedBound:
 def packed_energy(problem: Problem, packer: Packer) -> PackedBound:
     """Least compute energy over whole-unit packings (exact for the energy problem without links).
 
-    With a migration weight, each node also pays for the units it takes
-    beyond those of the class it holds now (:func:`least_moved_bytes`).
+    With a current plan, each node also pays the migration weight for the
+    bytes it must take in (:func:`least_moved_bytes`), and a cap on them is
+    priced in (:func:`_capped`).
     """
     per_flop = problem.workload.tokens * problem.watts / problem.flops_per_s
-    cost = packer.flops[None, :] * per_flop[:, None]
-    if problem.migration_weight > 0 and problem.current_owner is not None:
-        cost = cost + problem.migration_weight * least_moved_bytes(problem, packer)
-    weight = np.where(packer.fits, cost, np.inf)
+    energy = np.where(packer.fits, packer.flops[None, :] * per_flop[:, None], np.inf)
+    moved = least_moved_bytes(problem, packer) if problem.current_owner is not None else None
+    if moved is None:
+        return _solve(packer, energy)
+    priced = energy + problem.migration_weight * moved
+    if problem.max_migration_bytes is None:
+        return _solve(packer, priced)
+    return _capped(packer, priced, moved, float(problem.max_migration_bytes))
+
+
+def _solve(packer: Packer, weight: np.ndarray) -> PackedBound:
     tables = packer.run(weight)
     value = float(tables[-1][0])
     return PackedBound(value, packer.argmin(tables, weight) if np.isfinite(value) else None)
+
+
+def _moved_by(take: np.ndarray, packer: Packer, moved: np.ndarray) -> float:
+    """The least moved bytes of a packing (what :func:`least_moved_bytes` charges its nodes)."""
+    index = np.ravel_multi_index(tuple(take.T), tuple(int(c) + 1 for c in packer.counts))
+    return float(moved[np.arange(take.shape[0]), index].sum())
+
+
+def _capped(
+    packer: Packer, weight: np.ndarray, moved: np.ndarray, cap: float, steps: int = 16
+) -> PackedBound:
+    """The packing bound under a cap on moved bytes, by a Lagrangian price on them.
+
+    For any price λ >= 0, min(weight + λ·moved) - λ·cap is a lower bound on
+    the capped problem; the best λ is where the priced packing's moved bytes
+    cross the cap, found by doubling then bisection on a log scale. A
+    packing within the cap at λ = 0 is exact.
+    """
+    best = _solve(packer, weight)
+    if best.take is None or _moved_by(best.take, packer, moved) <= cap:
+        return best
+    lo, hi = 0.0, max(abs(best.value), 1.0) / max(cap, float(moved.max()), 1.0)
+    for _ in range(steps):
+        priced = _solve(packer, weight + hi * moved)
+        if priced.take is None:
+            return best
+        bound = PackedBound(priced.value - hi * cap, priced.take)
+        best = bound if bound.value > best.value else best
+        if _moved_by(priced.take, packer, moved) <= cap:
+            break
+        lo, hi = hi, hi * 4
+    else:
+        return best
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 4
+        priced = _solve(packer, weight + mid * moved)
+        if priced.take is None:
+            break
+        bound = PackedBound(priced.value - mid * cap, priced.take)
+        best = bound if bound.value > best.value else best
+        if _moved_by(priced.take, packer, moved) <= cap:
+            hi = mid
+        else:
+            lo = mid
+        if lo > 0 and hi <= lo * 1.01:
+            break
+    return best
 
 
 @dataclass(frozen=True)
@@ -266,7 +321,9 @@ def packed_throughput(
     vector or (with ``hops``, see :func:`hop_roles`) of some hop, so only
     those values are tried, from ``lower`` (a bound already known) up to
     ``upper`` (an incumbent: above it nothing is worth knowing). Returns
-    ``lower`` without a packing when none exists in that range.
+    ``lower`` without a packing when none exists in that range. With a cap
+    on migration, a packing must also keep its least moved bytes within it;
+    the programme then finds the packing that moves least.
     """
     load = packer.flops[None, :] / problem.flops_per_s[:, None]
     tol = 1 + 1e-12
@@ -276,24 +333,34 @@ def packed_throughput(
     every = np.concatenate(values)
     candidates = np.unique(every[(every >= lower / tol) & (every <= upper * tol)])
 
+    cap = problem.max_migration_bytes
+    moved = 0.0
+    if cap is not None and problem.current_owner is not None:
+        moved = least_moved_bytes(problem, packer)
+    limit = np.inf if cap is None else float(cap)
+
     def attempt(t: float) -> tuple[list[np.ndarray], np.ndarray]:
         ok = packer.fits & (load <= t)
         if hops is not None:
             ok = hop_roles(packer, ok, hops, t)
-        weight = np.where(ok, 0.0, np.inf)
+        weight = np.where(ok, moved, np.inf)
         return packer.run(weight), weight
+
+    def packs(tables: list[np.ndarray]) -> bool:
+        least = float(tables[-1][0])
+        return np.isfinite(least) and least <= limit
 
     lo, hi = 0, len(candidates) - 1
     if hi < 0:
         return PackedBound(lower, None)
     tables, weight = attempt(float(candidates[hi]))
-    if not np.isfinite(tables[-1][0]):
+    if not packs(tables):
         return PackedBound(max(lower, float(candidates[hi])), None)
     best = (tables, weight)
     while lo < hi:
         mid = (lo + hi) // 2
         tables, weight = attempt(float(candidates[mid]))
-        if np.isfinite(tables[-1][0]):
+        if packs(tables):
             hi, best = mid, (tables, weight)
         else:
             lo = mid + 1

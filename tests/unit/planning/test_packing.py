@@ -109,7 +109,8 @@ def test_the_packing_found_fits_and_places_every_unit(solved) -> None:
         flops = bound.take @ problem.flops_per_token[reps]
         memory = bound.take @ problem.unit_memory_bytes[reps]
         assert (memory <= problem.memory_bytes).all()
-        if not problem.migration_weight:  # else the value also charges the bytes that must move
+        if not problem.migration_weight and problem.max_migration_bytes is None:
+            # Else the value also charges (or prices) the bytes that must move.
             assert float(flops @ per_flop) == pytest.approx(bound.value, rel=1e-9)
 
 
@@ -145,3 +146,17 @@ def test_bench_clusters_are_proven_by_a_realised_packing(objective: str) -> None
         result = plan_optimal(problem)
         assert result.optimal and result.gap == 0.0
         assert result.nodes_explored == 0  # no branching: the bound was attained
+
+
+@pytest.mark.parametrize("objective", ["throughput", "energy"])
+def test_a_zero_migration_cap_proves_the_current_plan(objective: str) -> None:
+    # The current plan was made for a cluster whose fastest node was 4x slower.
+    problem = make_cluster(random.Random(16_001), 16, 32, objective)
+    slowed = problem.flops_per_s.copy()
+    slowed[int(np.argmax(slowed))] /= 4
+    before = plan_optimal(dataclasses.replace(problem, flops_per_s=slowed))
+    current = tuple((problem.node_ids[s.node], s.start, s.end) for s in before.stages)
+    result = plan_optimal(dataclasses.replace(problem, current_stages=current, max_migration_bytes=0))
+    assert result.optimal and result.gap == 0.0
+    assert result.evaluation.migration_bytes == 0
+    assert result.nodes_explored == 0
