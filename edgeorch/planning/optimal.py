@@ -1,5 +1,10 @@
-"""The optimal planner: relaxation, heuristics, branch and bound, final check.
+"""The optimal planner: packing, relaxation, heuristics, branch and bound, final check.
 
+0. Throughput and energy: pack whole units onto nodes with the chain order
+   forgotten (:mod:`edgeorch.planning.packing`): a lower bound, and a packing
+   that attains it. Ordered along the links
+   (:mod:`edgeorch.planning.realise`), that packing usually gives a plan of
+   the same value: proven optimal, done (solver ``packing+ordered-dp``).
 1. Solve the per-stage relaxation (exact DP over (unit boundary, node)). If it
    has no solution, nothing is feasible: diagnose why.
 2. If its plan also keeps every coupled limit (a node's memory and load over
@@ -174,7 +179,7 @@ def plan_optimal(problem: Problem) -> PlanResult:
     search = Search(relaxer, t0 + limit, extra)
     if _realise(search, hint, t0 + limit):
         outcome = SearchOutcome(search.best_stages, search.best_value, extra, True, 0, False)
-        return _result(problem, outcome, time.monotonic() - t0)
+        return _result(problem, outcome, time.monotonic() - t0, solver="packing+ordered-dp")
     root_cons = Constraints(forced=relaxer.root_forced())
     root = relaxer.solve(root_cons)
     if root is None:
@@ -201,7 +206,9 @@ def _no_plan(problem: Problem, outcome: SearchOutcome, root, elapsed: float) -> 
     return InfeasibleError("no plan satisfies the constraints", diagnose(problem, root.stages))
 
 
-def _result(problem: Problem, outcome: SearchOutcome, elapsed: float) -> PlanResult:
+def _result(
+    problem: Problem, outcome: SearchOutcome, elapsed: float, solver: str = "dp+branch-and-bound"
+) -> PlanResult:
     """The found plan, checked once more against every constraint, with its figures."""
     broken = violations(problem, outcome.stages)
     if broken:
@@ -226,7 +233,7 @@ def _result(problem: Problem, outcome: SearchOutcome, elapsed: float) -> PlanRes
     return PlanResult(
         stages=outcome.stages,
         evaluation=ev,
-        solver="dp+branch-and-bound",
+        solver=solver,
         optimal=bool(outcome.optimal),
         time_s=elapsed,
         objective_value=value,

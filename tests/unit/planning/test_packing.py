@@ -146,6 +146,7 @@ def test_bench_clusters_are_proven_by_a_realised_packing(objective: str) -> None
         result = plan_optimal(problem)
         assert result.optimal and result.gap == 0.0
         assert result.nodes_explored == 0  # no branching: the bound was attained
+        assert result.solver == "packing+ordered-dp"
 
 
 @pytest.mark.parametrize("objective", ["throughput", "energy"])
