@@ -139,12 +139,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def time_planner(reps: int, time_limit_s: float) -> list[dict]:
+def time_planner(
+    reps: int, time_limit_s: float, sizes: list[tuple[int, int]] = SIZES, objectives: list[str] = OBJECTIVES
+) -> list[dict]:
     """Plan generated clusters of every size for every objective; one record per run."""
     runs = []
-    for nodes, layers in SIZES:
+    for nodes, layers in sizes:
         count = reps if nodes <= 64 else max(3, reps // 2)
-        for objective in OBJECTIVES:
+        for objective in objectives:
             for seed in range(count):
                 problem = make_cluster(
                     random.Random(1000 * nodes + seed), nodes, layers, objective, None, time_limit_s
@@ -248,6 +250,25 @@ def ratio_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """``16x32,200x80`` as [(16, 32), (200, 80)]."""
+    return [(int(a), int(b)) for a, b in (part.split("x") for part in text.split(","))]
+
+
+def _quick_look(args: argparse.Namespace) -> int:
+    """Only the timing table for the chosen sizes and objectives (and the 50 ms run if 16x32 is one)."""
+    runs = time_planner(args.reps, args.time_limit, args.sizes, args.objectives)
+    print(timing_table(runs))
+    if (16, 32) in args.sizes:
+        budget = [
+            _timed(make_cluster(random.Random(16_000 + s), 16, 32, obj, None, 0.05), 16, 32, s)
+            for obj in args.objectives
+            for s in range(args.reps)
+        ]
+        print("\nwith time_limit_s = 0.05:\n" + timing_table(budget))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both benchmarks, write JSON and Markdown, print the Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -256,7 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clusters", type=int, default=50, help="clusters for the baseline comparison")
     parser.add_argument("--time-limit", type=float, default=1.0, help="planner time_limit_s")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=SIZES,
+        help="cluster sizes as NODESxLAYERS,... (default: all); a quick look writes nothing",
+    )
+    parser.add_argument(
+        "--objectives", type=lambda s: s.split(","), default=OBJECTIVES, help="comma-separated"
+    )
     args = parser.parse_args(argv)
+    if args.sizes != SIZES or args.objectives != OBJECTIVES or args.clusters == 0:
+        return _quick_look(args)
     load_before = os.getloadavg()
     started = time.perf_counter()
     _log("planning time versus cluster size:")

@@ -3,13 +3,16 @@
 The relaxation lets a node host many small stages, each within its limits,
 and so can be far below the true optimum for throughput and energy when the
 best nodes are short of memory. These bounds forget the chain order instead
-and keep the totals; the search uses the larger of the two.
+and keep the totals; the search uses the largest. They are the cheap ones,
+and the fallback when units are too varied for the exact packing programme
+of :mod:`edgeorch.planning.packing`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from edgeorch.planning.packing import unit_classes
 from edgeorch.planning.problem import Problem
 
 
@@ -73,23 +76,8 @@ def _unit_classes(
     problem: Problem, allowed: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Units grouped by identical (flops, memory, allowed nodes): count, flops, memory, allowed row."""
-    keys: dict[tuple, int] = {}
-    for u in range(problem.num_units):
-        key = (float(problem.flops_per_token[u]), int(problem.unit_memory_bytes[u]), allowed[u].tobytes())
-        keys.setdefault(key, u)
-    reps = list(keys.values())
-    counts = np.array(
-        [sum(1 for u in range(problem.num_units) if _same(problem, allowed, u, r)) for r in reps]
-    )
+    _, reps, counts = unit_classes(problem, allowed)
     return counts, problem.flops_per_token[reps], problem.unit_memory_bytes[reps], allowed[reps]
-
-
-def _same(problem: Problem, allowed: np.ndarray, u: int, r: int) -> bool:
-    return (
-        problem.flops_per_token[u] == problem.flops_per_token[r]
-        and problem.unit_memory_bytes[u] == problem.unit_memory_bytes[r]
-        and bool((allowed[u] == allowed[r]).all())
-    )
 
 
 def _combos(counts: np.ndarray, max_combos: int) -> np.ndarray | None:
@@ -186,90 +174,3 @@ def energy_bound(problem: Problem) -> float:
             if room[j] <= 0:
                 j += 1
     return energy
-
-
-# Node x count-vector pairs beyond which the exact packing bounds below cost more than they save.
-MAX_PACKING_WORK = 20_000
-
-
-def _node_combos(problem: Problem, allowed: np.ndarray) -> tuple | None:
-    """Unit classes, every count vector, and per node which vectors fit its memory and privacy."""
-    counts, flops, mem, allow = _unit_classes(problem, allowed)
-    combo = _combos(counts, MAX_PACKING_WORK)
-    if combo is None or combo.shape[0] * problem.num_nodes > MAX_PACKING_WORK:
-        return None
-    fits = (combo @ mem.astype(np.float64))[None, :] <= problem.memory_bytes[:, None]
-    fits &= ((combo[None, :, :] == 0) | allow.T[:, None, :]).all(axis=2)
-    return counts, combo, combo @ flops, fits
-
-
-def _shift(table: np.ndarray, combo: np.ndarray) -> tuple[tuple, tuple]:
-    """Slices of a count-indexed table: source states s >= c and their destinations s - c."""
-    src = tuple(slice(int(c), None) for c in combo)
-    dst = tuple(slice(0, n - int(c)) for n, c in zip(table.shape, combo, strict=True))
-    return src, dst
-
-
-def packed_energy_bound(problem: Problem, allowed: np.ndarray) -> float:
-    """Least energy over whole-unit packings of the units onto nodes (chain order and links ignored).
-
-    Hops cost no energy, so this is the energy problem itself without the
-    chain's order and links: a dynamic programme over nodes whose state is how
-    many units of each class are still to place. With a full mesh of links it
-    is exact. Returns 0 when the classes are too many (no bound).
-    """
-    prepared = _node_combos(problem, allowed)
-    if prepared is None:
-        return 0.0
-    counts, combo, combo_flops, fits = prepared
-    per_flop = problem.workload.tokens * problem.watts / problem.flops_per_s
-    cost = np.full(tuple(counts + 1), np.inf)
-    cost[tuple(counts)] = 0.0
-    for n in range(problem.num_nodes):
-        nxt = cost.copy()
-        for i in np.flatnonzero(fits[n]):
-            if not combo[i].any():
-                continue
-            src, dst = _shift(cost, combo[i])
-            np.minimum(nxt[dst], cost[src] + combo_flops[i] * per_flop[n], out=nxt[dst])
-        cost = nxt
-    return float(cost[(0,) * len(counts)])
-
-
-def packed_throughput_bound(problem: Problem, allowed: np.ndarray, lower: float) -> float:
-    """Least bottleneck at which whole units pack onto nodes with every node's load within it.
-
-    Feasibility at T is the same count-vector programme with booleans; the
-    least feasible T among the loads of count vectors is found by bisection.
-    Link loads and chain order are ignored, so this is a lower bound. Returns
-    ``lower`` when the classes are too many.
-    """
-    prepared = _node_combos(problem, allowed)
-    if prepared is None:
-        return lower
-    counts, combo, combo_flops, fits = prepared
-    load = combo_flops[None, :] / problem.flops_per_s[:, None]
-
-    def packs(t: float) -> bool:
-        reach = np.zeros(tuple(counts + 1), dtype=bool)
-        reach[tuple(counts)] = True
-        for n in range(problem.num_nodes):
-            nxt = reach.copy()
-            for i in np.flatnonzero(fits[n] & (load[n] <= t)):
-                if combo[i].any():
-                    src, dst = _shift(reach, combo[i])
-                    nxt[dst] |= reach[src]
-            reach = nxt
-        return bool(reach[(0,) * len(counts)])
-
-    candidates = np.unique(load[fits & (load >= lower * (1 - 1e-12))])
-    lo, hi = 0, len(candidates) - 1
-    if hi < 0 or not packs(float(candidates[hi])):
-        return lower
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if packs(float(candidates[mid])):
-            hi = mid
-        else:
-            lo = mid + 1
-    return max(lower, float(candidates[lo]))

@@ -52,10 +52,14 @@ def _slice(terms: AdditiveTerms, slots: np.ndarray) -> AdditiveTerms:
     )
 
 
-def ordered_plan(r: Relaxer, slots: Sequence[int], caps: np.ndarray | None = None) -> list[Stage] | None:
+def ordered_plan(
+    r: Relaxer, slots: Sequence[int], caps: np.ndarray | None = None, load_caps: np.ndarray | None = None
+) -> list[Stage] | None:
     """Best plan whose stages visit ``slots`` (node indices) in that order, each at most once.
 
     ``caps`` gives the memory of each slot; by default its node's memory.
+    ``load_caps`` (s/token per slot) share a node's load between two slots
+    of the same node, as ``caps`` share its memory.
     """
     p = r.problem
     slots = np.asarray(slots, dtype=np.int64)
@@ -65,6 +69,8 @@ def ordered_plan(r: Relaxer, slots: Sequence[int], caps: np.ndarray | None = Non
     lo = np.maximum(
         earliest_start_disallowed(r.base_allowed[:, slots]), earliest_start_budget(r.mem_prefix, caps)
     )
+    if load_caps is not None:
+        lo = np.maximum(lo, earliest_start_budget(r.flops_prefix, load_caps * p.flops_per_s[slots]))
     later = np.triu(np.ones((k_count, k_count), dtype=bool), k=1)
     graph = SlotGraph(
         lo=lo,

@@ -1,5 +1,10 @@
-"""The optimal planner: relaxation, heuristics, branch and bound, final check.
+"""The optimal planner: packing, relaxation, heuristics, branch and bound, final check.
 
+0. Throughput and energy: pack whole units onto nodes with the chain order
+   forgotten (:mod:`edgeorch.planning.packing`): a lower bound, and a packing
+   that attains it. Ordered along the links
+   (:mod:`edgeorch.planning.realise`), that packing usually gives a plan of
+   the same value: proven optimal, done (solver ``packing+ordered-dp``).
 1. Solve the per-stage relaxation (exact DP over (unit boundary, node)). If it
    has no solution, nothing is feasible: diagnose why.
 2. If its plan also keeps every coupled limit (a node's memory and load over
@@ -20,17 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeorch.planning.bounds import (
-    energy_bound,
-    packed_energy_bound,
-    packed_throughput_bound,
-    whole_unit_throughput_bound,
-)
+from edgeorch.planning.bounds import energy_bound, whole_unit_throughput_bound
 from edgeorch.planning.cost import Evaluation, evaluate, score, violations
 from edgeorch.planning.diagnose import diagnose, whole_unit_causes
 from edgeorch.planning.errors import Cause, InfeasibleError, UnsupportedRequestError
 from edgeorch.planning.heuristics import heuristic_plans, quick_plans
+from edgeorch.planning.packing import HopLoads, build_packer, packed_energy, packed_throughput
 from edgeorch.planning.problem import Problem, Stage
+from edgeorch.planning.realise import realised_plans
 from edgeorch.planning.relax import Constraints, Relaxer
 from edgeorch.planning.search import Search, SearchOutcome
 
@@ -64,14 +66,47 @@ class PlanResult:
     nodes_explored: int = 0
 
 
-def _extra_bound(problem: Problem, relaxer: Relaxer) -> float:
-    """A lower bound that sees node totals (the relaxation does not), per objective."""
+@dataclass(frozen=True)
+class PackingHint:
+    """The packing that attains the packing bound: a count vector per node, and each unit's class."""
+
+    take: np.ndarray
+    unit_class: np.ndarray
+    limit: float | None
+
+
+def _extra_bound(problem: Problem, relaxer: Relaxer) -> tuple[float, PackingHint | None]:
+    """A lower bound that sees node totals (the relaxation does not), and the packing behind it."""
     allowed = relaxer.base_allowed
+    if problem.objective == "latency":
+        return 0.0, None
+    packer = build_packer(problem, allowed)
     if problem.objective == "throughput":
-        return packed_throughput_bound(problem, allowed, whole_unit_throughput_bound(problem, allowed))
-    if problem.objective == "energy":
-        return max(energy_bound(problem), packed_energy_bound(problem, allowed))
-    return 0.0
+        low = whole_unit_throughput_bound(problem, allowed)
+        if packer is None:
+            return low, None
+        packed = packed_throughput(problem, packer, low, hops=_hop_loads(relaxer))
+        limit: float | None = packed.value
+    else:
+        low = energy_bound(problem)
+        if packer is None:
+            return low, None
+        packed = packed_energy(problem, packer)
+        limit = None
+    hint = PackingHint(packed.take, packer.unit_class, limit) if packed.take is not None else None
+    return max(low, packed.value), hint
+
+
+def _hop_loads(relaxer: Relaxer) -> HopLoads:
+    """The hops' per-token loads for the throughput packing (inner hops with the fewest bytes)."""
+    r = relaxer
+    u_count = r.problem.num_units
+    inner = np.full(r.trans_ok.shape, np.inf)
+    if u_count > 1:
+        inner[r.trans_ok] = r.hop_load[r.trans_ok] * float(r.bytes_at[1:u_count].min())
+    return HopLoads(
+        inner, np.where(r.entry_linked, r.entry_load, np.inf), np.where(r.exit_linked, r.exit_load, np.inf)
+    )
 
 
 def _current_plan(problem: Problem) -> list[Stage] | None:
@@ -84,24 +119,44 @@ def _current_plan(problem: Problem) -> list[Stage] | None:
     return [Stage(index[nid], a, b) for nid, a, b in problem.current_stages]
 
 
+def _realise(search: Search, hint: PackingHint | None, deadline: float) -> bool:
+    """Offer the current plan and plans realising the packing; True once one attains the bound.
+
+    Such a plan is optimal (the bound holds for every plan), so nothing else
+    need run: not even the relaxation.
+    """
+    current = _current_plan(search.p)
+    if current is not None:
+        search.offer(current)
+    if search.pruned(search.extra_bound):
+        return True
+    if hint is None:
+        return False
+    for stages in realised_plans(search.r, hint.take, hint.unit_class, hint.limit, deadline):
+        search.offer(stages)
+        if search.pruned(search.extra_bound):
+            return True
+    return False
+
+
 def _seek(search: Search, cons: Constraints, root, t0: float, limit: float) -> None:
-    """Incumbents and prices before the exact search: a quick plan, prices, then heuristics.
+    """Incumbents and prices before the exact search, cheapest first, until one is proven optimal.
 
     The quick plan gives the price search its target; the prices then both
     raise the lower bound and steer the heuristics away from overfull nodes.
     """
-    problem, relaxer = search.p, search.r
+    relaxer = search.r
 
     def proven() -> bool:
         return search.pruned(max(root.value, search.extra_bound, search.price_bound))
 
-    current = _current_plan(problem)
-    if current is not None:
-        search.offer(current)
     for stages in quick_plans(relaxer):
         search.offer(stages)
-    if not proven():
-        search.find_prices(cons, root, share=PRICE_SHARE)
+    if proven():
+        return
+    search.find_prices(cons, root, share=PRICE_SHARE)
+    if proven():
+        return
     soft, hard = t0 + HEURISTIC_SHARE * limit, t0 + limit
     for stages in heuristic_plans(relaxer, cons, root, search.extra_bound, soft, hard, search.prices):
         search.offer(stages)
@@ -119,6 +174,12 @@ def plan_optimal(problem: Problem) -> PlanResult:
         raise UnsupportedRequestError("migration_weight has no unit for throughput; use max_migration_bytes")
     t0 = time.monotonic()
     relaxer = Relaxer(problem)
+    limit = problem.time_limit_s
+    extra, hint = _extra_bound(problem, relaxer)
+    search = Search(relaxer, t0 + limit, extra)
+    if _realise(search, hint, t0 + limit):
+        outcome = SearchOutcome(search.best_stages, search.best_value, extra, True, 0, False)
+        return _result(problem, outcome, time.monotonic() - t0, solver="packing+ordered-dp")
     root_cons = Constraints(forced=relaxer.root_forced())
     root = relaxer.solve(root_cons)
     if root is None:
@@ -128,9 +189,6 @@ def plan_optimal(problem: Problem) -> PlanResult:
     packing = whole_unit_causes(problem, relaxer.base_allowed)
     if packing:
         raise InfeasibleError("no plan satisfies the constraints", packing)
-    extra = _extra_bound(problem, relaxer)
-    limit = problem.time_limit_s
-    search = Search(relaxer, t0 + limit, extra)
     if not search.root_is_enough(root_cons, root):
         _seek(search, root_cons, root, t0, limit)
     outcome = search.run(root_cons, root)
@@ -148,7 +206,9 @@ def _no_plan(problem: Problem, outcome: SearchOutcome, root, elapsed: float) -> 
     return InfeasibleError("no plan satisfies the constraints", diagnose(problem, root.stages))
 
 
-def _result(problem: Problem, outcome: SearchOutcome, elapsed: float) -> PlanResult:
+def _result(
+    problem: Problem, outcome: SearchOutcome, elapsed: float, solver: str = "dp+branch-and-bound"
+) -> PlanResult:
     """The found plan, checked once more against every constraint, with its figures."""
     broken = violations(problem, outcome.stages)
     if broken:
@@ -173,7 +233,7 @@ def _result(problem: Problem, outcome: SearchOutcome, elapsed: float) -> PlanRes
     return PlanResult(
         stages=outcome.stages,
         evaluation=ev,
-        solver="dp+branch-and-bound",
+        solver=solver,
         optimal=bool(outcome.optimal),
         time_s=elapsed,
         objective_value=value,
