@@ -22,6 +22,18 @@ from edgeorch.schemas.profile import ModelProfile
 # is assumed fast until measured, which takes about a second.
 UNMEASURED_BANDWIDTH_BYTES_PER_S = 1e9
 UNMEASURED_RTT_S = 0.002
+# The cost model (DESIGN.md §3) charges a hop rtt/2 per token: the request
+# crosses the link once and the answer goes straight back to the source. Our
+# workers answer back along the chain, so every hop's link is crossed by the
+# request and by the response of every step: a full round trip. The planner
+# is therefore given twice the measured RTT. Without this, a middle link
+# slowed to 150 ms RTT cost 1.8x the latency measured on the static plan, but
+# the planner predicted only a 20-25 % gain from moving off it, below the
+# 30 % hysteresis, so it stayed put for 25 s. Known bias: the model's exit
+# hop (last stage -> source) is then charged a round trip that our data
+# plane does not pay (the answer rides the previous hop's response), which
+# makes a slow node look slightly worse as the last stage than it is.
+RTT_CHARGE_FACTOR = 2.0
 
 
 class NoNodesError(RuntimeError):
@@ -74,7 +86,7 @@ def cluster_from_monitor(
             specs_links.append(LinkSpec(
                 src=a.id, dst=b.id,
                 bandwidth_bytes_per_s=lk.get("bandwidth_bytes_per_s") or UNMEASURED_BANDWIDTH_BYTES_PER_S,
-                rtt_s=lk.get("rtt_s") if lk.get("rtt_s") is not None else UNMEASURED_RTT_S,
+                rtt_s=RTT_CHARGE_FACTOR * (lk["rtt_s"] if lk.get("rtt_s") is not None else UNMEASURED_RTT_S),
             ))  # fmt: skip
     return Cluster(specs, specs_links, urls)
 

@@ -49,7 +49,8 @@ def test_cluster_keeps_live_calibrated_allowed_nodes_and_fills_unmeasured_links(
     cl = cluster_from_monitor(nodes, links, allowed=None, exclude={"e"})
     assert [n.id for n in cl.nodes] == ["a", "b"]
     by_pair = {(lk.src, lk.dst): lk for lk in cl.links}
-    assert by_pair["a", "b"].bandwidth_bytes_per_s == 5e6 and by_pair["a", "b"].rtt_s == 0.004
+    # The planner is given the round trip a step pays on each hop (request and response).
+    assert by_pair["a", "b"].bandwidth_bytes_per_s == 5e6 and by_pair["a", "b"].rtt_s == 0.008
     assert by_pair["b", "a"].bandwidth_bytes_per_s == UNMEASURED_BANDWIDTH_BYTES_PER_S
     assert set(cl.urls) == {"a", "b"}
     assert [n.id for n in cluster_from_monitor(nodes, links, ["b"], set()).nodes] == ["b"]
@@ -73,8 +74,9 @@ def test_predicted_step_is_one_token_through_the_chain_by_hand() -> None:
     p = predict(req, [("a", 0, 3), ("b", 3, 6)])
     # compute: a runs 2 layers (2e6 flops at 1e9), b runs 2 layers + head (3e6 at 2e9)
     compute = 2e6 / 1e9 + 3e6 / 2e9
-    # hops: a->b carries 64 B, b->a (exit) carries 4 B; each costs rtt/2 + bytes/bandwidth; entry is on a
-    hops = (0.005 + 64 / 1e6) + (0.005 + 4 / 1e6)
+    # hops: a->b carries 64 B, b->a (exit) carries 4 B; each costs the planner's rtt/2 (the measured
+    # round trip, RTT_CHARGE_FACTOR) + bytes/bandwidth; entry is on a
+    hops = (0.01 + 64 / 1e6) + (0.01 + 4 / 1e6)
     assert p.step_s == pytest.approx(compute + hops)
     assert predict(req, [("a", 0, 3), ("gone", 3, 6)]) is None
 
