@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import struct
 import time
 
@@ -174,13 +175,16 @@ def test_emulated_slowdown_and_link_show_in_timings(workers, chain) -> None:
     ids, client = chain
     admin = f"{workers.workers[1].url}/v1/admin/emulation"
     client.generate([1, 2, 3], 3)  # warm
-    base = min(
+    # Medians of 3: a single step of this tiny model varies by tens of per cent on 2 shared cores.
+    base = statistics.median(
         client.step({"x": torch.tensor([[5] * 64])}, session="e0").hops[1]["compute_s"] for _ in range(3)
     )
     assert httpx.post(admin, json={"slowdown": 5.0, "rtt_ms": 100}).status_code == 200
     try:
-        res = client.step({"x": torch.tensor([[5] * 64])}, session="e1")
-        assert res.hops[1]["compute_s"] >= 4.0 * base
+        steps = [client.step({"x": torch.tensor([[5] * 64])}, session=f"e{i}") for i in range(1, 4)]
+        slowed = statistics.median(r.hops[1]["compute_s"] for r in steps)
+        assert slowed >= 3.0 * base, (slowed, base)
+        res = steps[-1]
         # Worker 1's outgoing hop now costs at least one emulated RTT.
         assert res.hops[1]["downstream_s"] >= 0.1
         assert httpx.get(admin).json()["slowdown"] == 5.0
