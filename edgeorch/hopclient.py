@@ -168,9 +168,7 @@ class HopClient:
 
     async def _round_trip(self, conn: _Connection, head: bytes, content: bytes, reused: bool) -> HopResponse:
         try:
-            conn.writer.write(head + content if len(content) < 65536 else head)
-            if len(content) >= 65536:
-                conn.writer.write(content)
+            conn.writer.writelines((head, content))
             await conn.writer.drain()
             status_head = await _read_head(conn.reader)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:

@@ -67,11 +67,12 @@ class DeploymentBook:
         within 10 s; reading it back takes milliseconds.
         """
         path = self._path(model)
+        fingerprint = _fingerprint(path)
         saved = self.store.saved_profile(name)
-        if saved is not None and saved[0] == _fingerprint(path):
+        if saved is not None and saved[0] == fingerprint:
             return ModelProfile.model_validate_json(saved[1]), load_tokenizer(path)
         profile, _, tokenizer = self._load_model(model, policy)
-        self.store.save_profile(name, _fingerprint(path), profile.model_dump_json())
+        self.store.save_profile(name, fingerprint, profile.model_dump_json())
         return profile, tokenizer
 
     async def create(self, req: DeploymentRequest) -> DeploymentView:

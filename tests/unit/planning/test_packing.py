@@ -41,13 +41,18 @@ def _full_mesh(inst: Instance) -> bool:
     return len(inst["links"]) == n * (n - 1)
 
 
+def _packed(inst: dict, objective: str):
+    """The instance as a problem, its relaxation and its packer (None when too large to build)."""
+    problem = to_problem(inst, objective)
+    relaxer = Relaxer(problem)
+    return problem, relaxer, build_packer(problem, relaxer.base_allowed)
+
+
 def test_energy_packing_never_exceeds_the_optimum_and_is_exact_on_a_full_mesh(solved) -> None:
     # The optimum includes migration_weight x moved bytes, which the packing charges too.
     checked = exact = weighted = 0
     for inst, ref in solved:
-        problem = to_problem(inst, "energy")
-        relaxer = Relaxer(problem)
-        packer = build_packer(problem, relaxer.base_allowed)
+        problem, _, packer = _packed(inst, "energy")
         if packer is None or ref["energy"] is None:
             continue
         bound = packed_energy(problem, packer)
@@ -81,9 +86,7 @@ def test_migration_weight_raises_the_energy_packing() -> None:
 def test_throughput_packing_never_exceeds_the_optimum(solved) -> None:
     checked = tight = 0
     for inst, ref in solved:
-        problem = to_problem(inst, "throughput")
-        relaxer = Relaxer(problem)
-        packer = build_packer(problem, relaxer.base_allowed)
+        problem, relaxer, packer = _packed(inst, "throughput")
         if packer is None or ref["throughput"] is None:
             continue
         bound = packed_throughput(problem, packer, 0.0, hops=_hop_loads(relaxer))
