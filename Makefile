@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/ruff format --check edgeorch services tests bench
 
 test: install models lint
-	$(BIN)/pytest -q --timeout=600
+	$(BIN)/pytest -q --timeout=600 --durations=30
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" --timeout=300

@@ -7,6 +7,7 @@ how long the monitor takes to say so.
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import statistics
@@ -184,10 +185,17 @@ def test_heterogeneous_nodes_get_speeds_in_their_ratios(cluster) -> None:
 def test_slowdown_is_reported_within_3s_and_measured_within_20pct(cluster) -> None:
     mon, workers = cluster
     time.sleep(3.0)  # recover from earlier emulation
-    # worker-0 is never slowed: it measures the machine's own drift between
-    # "before" and "after", which alone reaches ±15 % here.
-    nodes = ["worker-0", "worker-1"]
-    (before,) = settled_ratios(mon, nodes, seconds=6.0)  # worker-0 ÷ worker-1, read together
+    # worker-0 and worker-2 are never slowed: they measure the machine's own
+    # drift between "before" and "after", which alone reaches ±15 % here.
+    # Against the two of them (geometric mean) that drift weighs less than
+    # against one: CI once read 0.30 against worker-0 alone.
+    nodes = ["worker-1", "worker-0", "worker-2"]
+
+    def relative_speed() -> float:
+        r0, r2 = settled_ratios(mon, nodes, seconds=8.0)  # worker-1 ÷ each reference, read together
+        return math.sqrt(r0 * r2)
+
+    before = relative_speed()
     since = last_event_id(mon)
     t0 = time.time()
     set_emulation(workers.workers[1], slowdown=4.0)
@@ -195,15 +203,15 @@ def test_slowdown_is_reported_within_3s_and_measured_within_20pct(cluster) -> No
         event = wait_for(
             find_event(mon, since, "speed_changed", "worker-1", lambda e: e["data"]["ratio"] < 0.7), 5
         )
-        time.sleep(2.0)
-        (after,) = settled_ratios(mon, nodes, seconds=6.0)
+        time.sleep(3.0)  # let the probe window fill with samples at the new speed
+        after = relative_speed()
     finally:
         set_emulation(workers.workers[1], slowdown=1.0)
     print(
-        f"4x slowdown reported after {event['ts'] - t0:.2f}s, measured at {before / after:.3f} of its earlier speed"
+        f"4x slowdown reported after {event['ts'] - t0:.2f}s, measured at {after / before:.3f} of its earlier speed"
     )
     assert event["ts"] - t0 <= 3.0, f"reported after {event['ts'] - t0:.2f}s"
-    assert before / after == pytest.approx(1 / 4, rel=0.2)
+    assert after / before == pytest.approx(1 / 4, rel=0.2)
 
 
 def test_link_paced_to_20_mbit_is_measured_and_reported(cluster) -> None:
