@@ -34,6 +34,7 @@ from bench.adapt_scenario import (
     scenario_names,
 )
 from bench.adapt_stats import choose_slo, first_change_comparison, markdown, strategy_rows
+from edgeorch.schemas.profile import profile_key
 from edgeorch.settings import CommonSettings
 from edgeorch.stack import LocalStack
 from edgeorch.up_command import calibrate
@@ -218,7 +219,7 @@ def run_strategy(scenario: AdaptScenario, name: str, policy: dict, store: Path) 
         t_start = time.monotonic()
         stack.start()
         with httpx.Client(timeout=30) as client:
-            calibrate(client, stack.monitor_url, stack.admin_token, MODEL,
+            calibrate(client, stack.monitor_url, stack.admin_token, profile_key(MODEL, scenario.weight_format),
                       [w.node_id for w in scenario.cluster.workers], 60.0)  # fmt: skip
         d = deploy(stack, policy)
         out["startup_s"] = time.monotonic() - t_start
@@ -361,6 +362,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def strategy_policy(name: str, scenario: AdaptScenario) -> dict:
+    """The deployment policy of a strategy in a scenario: the strategy's rules, the scenario's weights."""
+    policy = dict(STRATEGIES[name])
+    if scenario.weight_format != "fp32":  # fp32 is the default: policies of earlier runs read the same
+        policy["weight_format"] = scenario.weight_format
+    return policy
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every scenario × strategy; results are rewritten after each strategy."""
     args = parse_args(argv)
@@ -378,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.strategies:
             t = time.monotonic()
             try:
-                runs[name] = run_strategy(scenario, name, STRATEGIES[name], args.store)
+                runs[name] = run_strategy(scenario, name, strategy_policy(name, scenario), args.store)
             except Exception as exc:  # one broken run must not lose the others; its row says why
                 log(f"  {name}: run failed: {exc!r}")
-                runs[name] = {"strategy": name, "policy": STRATEGIES[name], "infeasible": True,
+                runs[name] = {"strategy": name, "policy": strategy_policy(name, scenario), "infeasible": True,
                               "run_failed": True, "reason": f"run failed: {exc!r}"[:400]}  # fmt: skip
             runs = {n: runs[n] for n in STRATEGIES if n in runs}  # the table's order stays the same
             md = write_results(scenario, runs, machine, args.out_dir)

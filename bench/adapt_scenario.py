@@ -6,6 +6,7 @@ A file in ``bench/scenarios/`` (see ``node_slowdown.yaml``)::
     duration_s: 40          # load runs this long (seconds since the first request)
     warmup_s: 3             # requests that start earlier are recorded but left out of the statistics
     sessions: 2             # closed-loop chat sessions at the start
+    weight_format: fp32     # the deployment's weights under every strategy (default fp32, exact)
     workers:                # the same fields as scenarios/*.yaml (edgeorch.scenario.WorkerSpec)
       - {id: n1, memory: 360MB}
     timeline:
@@ -101,6 +102,9 @@ class AdaptScenario(BaseModel):
     warmup_s: float = Field(default=3.0, ge=0, **_F)
     sessions: int = Field(default=2, ge=1, le=64)
     max_tokens: int = Field(default=24, ge=1, le=512)
+    weight_format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        default="fp32", description="the deployment's weight format, the same under every strategy"
+    )
     cluster: Scenario
     timeline: list[TimelineEvent] = Field(min_length=1)
 

@@ -301,7 +301,8 @@ def markdown(result: dict) -> str:
                 f"the first change." if slo["slo_s"] else "SLO: none (no strategy served before the change).")  # fmt: skip
     lines = [f"# Adaptation: {sc['name']}", "", sc["description"] + ".", "",
              f"{m['date']}, {m['nproc']} cores ({m['cpu']}); 1-minute load average "
-             f"{_s(m['loadavg_start'], '.1f')} → {_s(m['loadavg_end'], '.1f')}. Model {cfg['model']}, "
+             f"{_s(m['loadavg_start'], '.1f')} → {_s(m['loadavg_end'], '.1f')}. Model {cfg['model']} "
+             f"({sc.get('weight_format', 'fp32')} weights), "
              f"{sc['sessions']} closed-loop chat sessions (temperature 0, {sc['max_tokens']} tokens each), "
              f"{sc['duration_s']:g} s of load per strategy, warm-up {sc['warmup_s']:g} s. Workers: {workers}.",
              "", "Timeline: " + "; ".join(f"{e['at_s']:g} s {e['label']}" for e in sc["timeline"]) + ".", "",

@@ -87,6 +87,21 @@ class LinkEstimator:
         self.bandwidth.add(nbytes / transfer)
 
 
+# One RTT sample this far from the link's median says the link itself changed,
+# not the host: a factor of 2 and at least 10 ms (loopback noise on a busy
+# 2-core host reaches a few ms; a GC pause can pass 10 ms, which is why a jump
+# only asks for more samples and never replaces the median by itself).
+RTT_JUMP_FACTOR = 2.0
+RTT_JUMP_MIN_S = 0.010
+
+
+def rtt_jumped(median: float | None, sample: float) -> bool:
+    """Whether one RTT ``sample`` is far enough from the link's ``median`` to be worth re-measuring now."""
+    if median is None:
+        return False
+    return abs(sample - median) >= max(RTT_JUMP_MIN_S, (RTT_JUMP_FACTOR - 1.0) * min(sample, median))
+
+
 def relative_change(old: float, new: float) -> float:
     """|new − old| / old, with 0 → anything counting as infinite change."""
     if old <= 0:

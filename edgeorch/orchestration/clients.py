@@ -79,10 +79,13 @@ class ControlPlane:
 
     # ----- broadcast ---------------------------------------------------------
 
-    async def start_rollout(self, deployment: str, model: str, stages: list[dict], wait_s: float) -> dict:
+    async def start_rollout(
+        self, deployment: str, model: str, stages: list[dict], wait_s: float, weight_format: str = "fp32"
+    ) -> dict:
         """Start a rollout; an older version still draining is released at once (its sessions are
         replayed by the gateway); while another rollout still prepares, wait for it (409)."""
-        body = {"deployment": deployment, "plan": {"model": model, "stages": stages}, "supersede_drain": True}
+        plan = {"model": model, "stages": stages, "format": weight_format}
+        body = {"deployment": deployment, "plan": plan, "supersede_drain": True}
         deadline = time.monotonic() + wait_s
         while True:
             try:

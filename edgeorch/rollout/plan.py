@@ -50,7 +50,7 @@ def place(deployment: str, version: int, plan: Plan) -> list[PlacedStage]:
             nxt = NextHop(url=urls[i + 1], stage_id=ids[i + 1])
         placed.append(
             PlacedStage(stage_id=ids[i], node_id=s.node_id, url=urls[i], model=plan.model,
-                        start=s.start, end=s.end, next=nxt)
+                        start=s.start, end=s.end, next=nxt, format=plan.format)
         )  # fmt: skip
     return placed
 
@@ -114,7 +114,8 @@ def desired_for_node(node_id: str, snapshots: list[DeploymentSnapshot]) -> list[
             for p in place(snap.name, v, snap.plans[v]):
                 if p.node_id == node_id:
                     stages.append({"stage_id": p.stage_id, "version": v, "model": p.model, "start": p.start,
-                                   "end": p.end, "next": p.next.model_dump(mode="json") if p.next else None})  # fmt: skip
+                                   "end": p.end, "next": p.next.model_dump(mode="json") if p.next else None,
+                                   "format": p.format})  # fmt: skip
         prepare = None
         if snap.rollout_phase == "preparing" and snap.rollout_version is not None:
             nodes = {s.node_id for s in snap.plans[snap.rollout_version].stages}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian
+from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian, rtt_jumped
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.probes import ModelProbe, calibrate, load_probe
 from edgeorch.schemas.monitor import (
@@ -28,6 +28,7 @@ from edgeorch.schemas.monitor import (
     Registration,
     SpeedSample,
 )
+from edgeorch.schemas.profile import EXACT_FORMAT, split_profile_key
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ SMALL_PROBE_BYTES = 64
 # hogs one: 256 KiB is 0.1 s at 20 Mbit/s and unresolvably fast on loopback.
 MIN_PROBE_BYTES, MAX_PROBE_BYTES = 32 * 1024, 256 * 1024
 PROBE_TRANSFER_TARGET_S = 0.025
+# When the RTT to one peer jumps, the node's own uplink has most likely
+# changed, and with it every outgoing link. Left to the probe rounds, the
+# other links' medians would flip one sample per round (~4 s with a 150 ms
+# RTT and three peers), long enough for a planner to route around the bad
+# link through another one just as bad: measured on link_degradation_int8,
+# the first re-plan moved the slow node's traffic to a peer whose link had
+# not been re-measured yet. So a jump starts a burst: enough back-to-back
+# rounds of every peer, concurrently, to turn each window's median over.
+UPLINK_BURST_COOLDOWN_S = 2.0
 
 
 @dataclass
@@ -174,11 +184,16 @@ class MonitorAgent:
     # ----- speed -----------------------------------------------------------
 
     async def profile(self, model: str) -> ProfileReport:
-        """Calibrate ``model`` on this node now, and keep probing its speed afterwards."""
-        model_dir = self.host.store.path(model)
+        """Calibrate ``model`` (a profile key: a model, or ``model@format``) on this node now,
+        and keep probing its speed afterwards."""
+        name, fmt = split_profile_key(model)
+        model_dir = self.host.store.path(name)
         probe = self.probes.get(model)
         if probe is None:
-            probe, _ = await self.host.run_compute(lambda: load_probe(model, model_dir), emulate=False)
+            engine_format = None if fmt == EXACT_FORMAT else fmt
+            probe, _ = await self.host.run_compute(
+                lambda: load_probe(model, model_dir, engine_format), emulate=False
+            )
             self.probes[model] = probe
         slowdown = self.host.emulation.slowdown
         report, _ = await self.host.run_compute(lambda: calibrate(probe, slowdown), emulate=False)
@@ -280,17 +295,34 @@ class MonitorAgent:
     # ----- links -----------------------------------------------------------
 
     async def _link_loop(self) -> None:
+        last_burst = -UPLINK_BURST_COOLDOWN_S
         while True:
             await asyncio.sleep(self.cfg.link_probe_interval_s)
-            for dst, url in list(self.peers.items()):
-                try:
-                    await self._probe_link(dst, url)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a dead peer is the monitor's business
-                    log.debug("link probe to %s failed: %r", dst, exc)
+            peers = list(self.peers.items())
+            jumped = [dst for dst, url in peers if await self._try_probe(dst, url)]
+            if jumped and time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S:
+                last_burst = time.monotonic()
+                await self.burst_probe(peers, reason=f"RTT to {', '.join(jumped)} jumped")
 
-    async def _probe_link(self, dst: str, url: str) -> None:
+    async def burst_probe(self, peers: list[tuple[str, str]], reason: str) -> None:
+        """Probe every peer, concurrently, until each link's median rests on new samples."""
+        rounds = LinkEstimator().window // 2  # with the round just done: a majority of the window
+        log.info("%s: re-measuring %d links (%d rounds)", reason, len(peers), rounds)
+        for _ in range(rounds):
+            await asyncio.gather(*(self._try_probe(dst, url) for dst, url in peers))
+
+    async def _try_probe(self, dst: str, url: str) -> bool:
+        """One probe of the link to ``dst``; True when its RTT jumped (False also when it failed)."""
+        try:
+            return await self._probe_link(dst, url)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a dead peer is the monitor's business
+            log.debug("link probe to %s failed: %r", dst, exc)
+            return False
+
+    async def _probe_link(self, dst: str, url: str) -> bool:
+        """A small and a large transfer to ``dst``; True when the small one's RTT jumped off the median."""
         est = self.links.setdefault(dst, LinkEstimator())
         sink = f"{url.rstrip('/')}/v1/probe/sink"
         t0 = time.perf_counter()
@@ -301,4 +333,6 @@ class MonitorAgent:
         size = max(MIN_PROBE_BYTES, min(MAX_PROBE_BYTES, size))
         t0 = time.perf_counter()
         (await self.host.paced_post(sink, b"\0" * size)).raise_for_status()
+        jumped = rtt_jumped(est.rtt.value(), t_small)
         est.add_pair((SMALL_PROBE_BYTES, t_small), (size, time.perf_counter() - t0))
+        return jumped

@@ -30,6 +30,7 @@ from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import SessionStore
 from edgeorch.runtime.units import UnitCache
+from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,9 @@ class StageHost:
         hop = {"stage": stage_id, "node": self.node_id, "compute_s": compute_s, "queue_s": queue_s}
         self.metrics.observe_compute(stage_id, compute_s, len(hosted.loaded.units))
         url = hosted.forward_url()
-        sample = {"stage": stage_id, "model": hosted.spec.model, "start": hosted.loaded.start,
-                  "end": hosted.loaded.end, "q_len": int(inp.x.shape[1]), "compute_s": compute_s}  # fmt: skip
+        model = profile_key(hosted.spec.model, hosted.spec.format)  # the speed it is measured under
+        sample = {"stage": stage_id, "model": model, "start": hosted.loaded.start, "end": hosted.loaded.end,
+                  "q_len": int(inp.x.shape[1]), "compute_s": compute_s}  # fmt: skip
         if url is None:
             answer = wire.encode_frame(out)
             hop["handler_s"] = time.perf_counter() - t_start

@@ -215,7 +215,13 @@ class RolloutAgent:
             prepared = self._prepared.setdefault(key, _Prepared())
             t0 = time.perf_counter()
             try:
-                spec = StageSpec(model=s["model"], start=s["start"], end=s["end"], next=s["next"])
+                spec = StageSpec(
+                    model=s["model"],
+                    start=s["start"],
+                    end=s["end"],
+                    next=s["next"],
+                    format=s.get("format", "fp32"),
+                )  # absent: a broadcast from before formats
                 info, _ = await self.host.load(sid, spec)
                 await self.host.warm(sid)
             except Exception as exc:  # a stage that cannot load fails the prepare, not the worker

@@ -50,6 +50,11 @@ class QosPolicy(BaseModel):
     )
     recover: bool = Field(default=True, description="carry sessions over a stage that dies")
     nodes: list[str] | None = Field(default=None, description="only these nodes may host stages")
+    weight_format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        default="fp32",
+        description="weights of every stage: fp32 (exact: the unsplit model's output), or the lossy bf16, "
+        "int8, int4 of the lean engine; memory and calibrated speed follow it",
+    )
 
 
 class DeploymentRequest(BaseModel):

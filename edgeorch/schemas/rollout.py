@@ -33,6 +33,9 @@ class Plan(BaseModel):
 
     model: str = Field(min_length=1, max_length=256, description="store name or checkpoint directory")
     stages: list[PlanStage] = Field(min_length=1, max_length=256)
+    format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        default="fp32", description="weight format every stage loads (the lean engine's; fp32 is exact)"
+    )
 
     @model_validator(mode="after")
     def _tiles(self) -> Plan:
@@ -115,6 +118,7 @@ class PlacedStage(BaseModel):
     start: int
     end: int
     next: NextHop | None
+    format: str = "fp32"
 
 
 class VersionStatus(BaseModel):

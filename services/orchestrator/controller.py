@@ -27,7 +27,7 @@ from edgeorch.orchestration.decide import decide
 from edgeorch.orchestration.generation import ChainFailure, Route
 from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
 from edgeorch.schemas.orchestrator import MeasuredView, PredictedView, QosPolicy, StageView
-from edgeorch.schemas.profile import ModelProfile
+from edgeorch.schemas.profile import ModelProfile, profile_key
 from services.orchestrator.store import OrchestratorStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class Live:
     last_periodic: float = field(default_factory=time.monotonic)
     pending: float | None = None  # since when a change has been predicted to pay off (monotonic)
     task: asyncio.Task | None = None
+
+    @property
+    def profile_key(self) -> str:
+        """What nodes calibrate this deployment under: its model in its weight format."""
+        return profile_key(self.model, self.policy.weight_format)
 
 
 class Controller:
@@ -160,9 +165,9 @@ class Controller:
         active = await run_in_threadpool(self.store.active_plan, live.name)
         current = [(s.node, s.start, s.end) for s in active.stages] if active else None
         try:
-            nodes, links = await asyncio.gather(self.plane.nodes(live.model), self.plane.links())
+            nodes, links = await asyncio.gather(self.plane.nodes(live.profile_key), self.plane.links())
             if active is None:
-                await self.plane.request_profile(live.model)
+                await self.plane.request_profile(live.profile_key)
             cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self._excluded(exclude))
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
@@ -241,7 +246,7 @@ class Controller:
         t0 = time.time()
         try:
             rollout = await self.plane.start_rollout(
-                live.name, live.model, body, self.settings.rollout_wait_s
+                live.name, live.model, body, self.settings.rollout_wait_s, live.policy.weight_format
             )
             live.pending = None
         except ServiceError as exc:

@@ -27,9 +27,12 @@ from services.orchestrator.store import NotFound, OrchestratorStore
 log = logging.getLogger(__name__)
 
 
-def _fingerprint(model_dir: Path) -> str:
-    """What a unit profile is computed from: the model's config file."""
-    return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
+def _fingerprint(model_dir: Path, weight_format: str) -> str:
+    """What a unit profile is computed from: the model's config file and the weight format."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    if weight_format != "fp32":  # fp32 keeps the fingerprints saved before formats existed
+        digest.update(f"\0{weight_format}".encode())
+    return digest.hexdigest()
 
 
 class UnknownModel(LookupError):
@@ -55,7 +58,9 @@ class DeploymentBook:
         """Profile, family kind and tokenizer of a store model (blocking)."""
         path = self._path(model)
         adapter = adapter_for(load_config(path))
-        profile = adapter.profile(model, context_tokens=policy.workload.context_tokens, weight_format="fp32")
+        profile = adapter.profile(
+            model, context_tokens=policy.workload.context_tokens, weight_format=policy.weight_format
+        )
         tokenizer = load_tokenizer(path)
         return profile, ("decoder" if adapter.is_decoder else "encoder"), tokenizer
 
@@ -67,7 +72,7 @@ class DeploymentBook:
         within 10 s; reading it back takes milliseconds.
         """
         path = self._path(model)
-        fingerprint = _fingerprint(path)
+        fingerprint = _fingerprint(path, policy.weight_format)
         saved = self.store.saved_profile(name)
         if saved is not None and saved[0] == fingerprint:
             return ModelProfile.model_validate_json(saved[1]), load_tokenizer(path)
@@ -84,7 +89,7 @@ class DeploymentBook:
                 f"trusted_units {bad} out of range: {req.model} has units 0..{profile.num_units - 1}"
             )
         await run_in_threadpool(self.store.create, req.name, req.model, kind, req.policy, time.time())
-        fingerprint = _fingerprint(self._path(req.model))
+        fingerprint = _fingerprint(self._path(req.model), req.policy.weight_format)
         await run_in_threadpool(self.store.save_profile, req.name, fingerprint, profile.model_dump_json())
         self.tokenizers[req.name] = tokenizer
         self.controller.start(Live(req.name, req.model, req.policy, profile))

@@ -236,6 +236,27 @@ def test_link_paced_to_20_mbit_is_measured_and_reported(cluster) -> None:
         assert bw == pytest.approx(20e6 / 8, rel=0.2)
 
 
+def test_an_uplink_rtt_jump_is_measured_on_every_outgoing_link_within_3s(cluster) -> None:
+    mon, workers = cluster
+
+    def out_of_2() -> list[float | None]:
+        return [lk["rtt_s"] for lk in httpx.get(f"{mon.url}/v1/links").json() if lk["src"] == "worker-2"]
+
+    assert len(out_of_2()) == 2
+    t0 = time.monotonic()
+    set_emulation(workers.workers[2], rtt_ms=150)
+    try:
+        # One jumped probe sets off a burst of probes to every peer, so both
+        # medians turn over together instead of one sample per 0.5 s round.
+        wait_for(lambda: all(r and r >= 0.13 for r in out_of_2()), 6)
+        took = time.monotonic() - t0
+    finally:
+        set_emulation(workers.workers[2])
+    print(f"150 ms RTT on worker-2's uplink measured on both its links after {took:.2f}s")
+    assert took <= 3.0, f"both links measured after {took:.2f}s"
+    wait_for(lambda: all(r and r < 0.05 for r in out_of_2()), 6)  # and back, for the tests after this one
+
+
 def test_killed_worker_is_lost_within_3s_and_a_new_one_joins_and_is_profiled(cluster) -> None:
     mon, workers = cluster
     since = last_event_id(mon)

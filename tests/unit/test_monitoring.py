@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from edgeorch.monitoring.cluster import ClusterState, Thresholds, UnknownNode
-from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian, bandwidth_changed, rtt_changed
+from edgeorch.monitoring.estimators import (
+    LinkEstimator,
+    RollingMedian,
+    bandwidth_changed,
+    rtt_changed,
+    rtt_jumped,
+)
 from edgeorch.schemas.monitor import Heartbeat, LinkSample, NodeCapacity, Registration, SpeedSample
 
 CAP = NodeCapacity(cores=2, memory_bytes=8 << 30, trusted=True, watts=7.5)
@@ -63,6 +69,22 @@ def test_rtt_change_needs_relative_and_absolute_size() -> None:
     assert rtt_changed(0.001, 0.0025, 0.5) is False  # 150 % but only 1.5 ms
     assert rtt_changed(0.010, 0.030, 0.5) is True
     assert rtt_changed(0.100, 0.120, 0.5) is False
+
+
+@pytest.mark.parametrize(
+    ("median", "sample", "jumped"),
+    [
+        (None, 0.2, False),
+        (0.001, 0.151, True),
+        (0.151, 0.001, True),  # an uplink degraded, then restored
+        (0.001, 0.008, False),  # loopback noise: 8x, but 7 ms
+        (0.150, 0.165, False),
+        (0.150, 0.290, False),  # a slow link's jitter: under 2x
+        (0.020, 0.045, True),
+    ],  # fmt: skip
+)
+def test_an_rtt_jump_needs_a_factor_of_two_and_10_ms(median, sample, jumped) -> None:
+    assert rtt_jumped(median, sample) is jumped
 
 
 def test_join_lose_return() -> None:

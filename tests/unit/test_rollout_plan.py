@@ -137,3 +137,13 @@ def test_desired_state_is_plain_json() -> None:
     assert json.loads(json.dumps(doc)) == doc
     nxt = doc[0]["stages"][0]["next"]
     assert nxt["stage_id"] == "d.v1.s1" and nxt["url"].startswith("http://b:8100")
+
+
+def test_the_plan_format_reaches_every_stage_a_node_must_load() -> None:
+    int8 = Plan.model_validate({**V1.model_dump(mode="json"), "format": "int8"})
+    assert {p.format for p in place("q", 1, int8)} == {"int8"}
+    [entry] = desired_for_node("b", [DeploymentSnapshot("q", active_version=1, plans={1: int8})])
+    assert [s["format"] for s in entry["stages"]] == ["int8"]
+    assert V1.format == "fp32"  # plans stored before formats existed read as the exact format
+    with pytest.raises(ValidationError):
+        Plan.model_validate({**V1.model_dump(mode="json"), "format": "int3"})
