@@ -16,6 +16,7 @@ import httpx
 
 from edgeorch.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.client import ChainClient, Generation
+from edgeorch.engine.formats import check_format
 from edgeorch.launcher import LocalWorkers
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,20 @@ def load_chain(
     model: str,
     ranges: list[tuple[int, int]],
     prefix: str = "chain",
-    options: dict | None = None,
+    options: dict | list[dict] | None = None,
     token: str = "",
 ) -> list[str]:
     """PUT one stage per worker, each pointing at the next; returns the stage ids.
 
-    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``);
-    ``token`` is the workers' admin token, if they have one.
+    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``),
+    or, as a list, one dict per stage (a format per node); ``token`` is the
+    workers' admin token, if they have one.
     """
     if len(workers.workers) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
+    per_stage = options if isinstance(options, list) else [options or {}] * len(ranges)
+    if len(per_stage) != len(ranges):
+        raise ChainSpecError(f"{len(per_stage)} stage options for {len(ranges)} stages")
     ids = [f"{prefix}.s{i}" for i in range(len(ranges))]
     for i, (a, b) in reversed(list(enumerate(ranges))):
         nxt = None
@@ -84,7 +89,7 @@ def load_chain(
             nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1]}
         resp = httpx.put(
             f"{workers.workers[i].url}/v1/stages/{ids[i]}",
-            json={"model": model, "start": a, "end": b, "next": nxt, **(options or {})},
+            json={"model": model, "start": a, "end": b, "next": nxt, **per_stage[i]},
             headers=admin_headers(token),
             timeout=300,
         )
@@ -100,7 +105,7 @@ def start_chain(
     model_store: Path | None = None,
     threads: int = 0,
     log_dir: Path | None = None,
-    options: dict | None = None,
+    options: dict | list[dict] | None = None,
     token: str = "",
 ) -> Chain:
     """Start len(ranges) workers, load the stages (spec ``options`` on each), return a ready chain.
@@ -118,6 +123,25 @@ def start_chain(
         workers.stop()
         raise
     return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0]))
+
+
+def parse_formats(text: str | None, n_stages: int) -> list[dict] | None:
+    """``--format``: one weight format for every stage, or one per stage ("int8" or "fp32,int8,int8").
+
+    Returns per-stage spec options (the lean engine in each format), None
+    when ``text`` is empty. Activations cross hops in float32 whatever a
+    stage's format, so stages of different formats chain as they are.
+    """
+    if not text:
+        return None
+    formats = [f.strip() for f in text.split(",")]
+    if len(formats) == 1:
+        formats *= n_stages
+    if len(formats) != n_stages:
+        raise ChainSpecError(f"--format lists {len(formats)} formats for {n_stages} stages")
+    for f in formats:
+        check_format(f)
+    return [{"engine": "lean", "format": f} for f in formats]
 
 
 def hop_summary(gen: Generation) -> list[dict]:

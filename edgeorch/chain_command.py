@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from edgeorch.chain import ChainSpecError, hop_summary, parse_stages, start_chain
+from edgeorch.chain import ChainSpecError, hop_summary, parse_formats, parse_stages, start_chain
 from edgeorch.client import ChainError
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
@@ -20,13 +20,14 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
         model_dir = store.path(args.model)
         adapter = adapter_for(load_config(model_dir))
         ranges = parse_stages(args.stages, adapter.num_units)
+        options = parse_formats(args.format, len(ranges))
     except (ModelStoreError, ChainSpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(model_dir)
     print(f"starting {len(ranges)} workers for {args.model} stages {args.stages} ...", file=sys.stderr)
     chain = start_chain(
-        args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir,
+        args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir, options=options,
         token=CommonSettings().admin_token,  # the temporary workers guard their admin calls like any other
     )  # fmt: skip
     try:

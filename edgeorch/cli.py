@@ -163,6 +163,8 @@ def _add_chain(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
+    p.add_argument("--format", default=None,
+                   help="weights: fp32 (default, exact), bf16, int8, int4 for every stage, or one per stage: fp32,int8,int8")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p.add_argument("--store")
     p.add_argument("--log-dir", help="where worker logs go (default: a temporary directory)")

@@ -8,6 +8,7 @@ agent registers again and carries on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -43,8 +44,9 @@ PROBE_TRANSFER_TARGET_S = 0.025
 # RTT and three peers), long enough for a planner to route around the bad
 # link through another one just as bad: measured on link_degradation_int8,
 # the first re-plan moved the slow node's traffic to a peer whose link had
-# not been re-measured yet. So a jump starts a burst: enough back-to-back
-# rounds of every peer, concurrently, to turn each window's median over.
+# not been re-measured yet. So a jump, seen by a probe or by a decode step's
+# hop, starts a burst: enough back-to-back RTT probes of every peer,
+# concurrently, to turn each window's median over.
 UPLINK_BURST_COOLDOWN_S = 2.0
 
 
@@ -91,6 +93,8 @@ class MonitorAgent:
         self.peers: dict[str, str] = {}  # node id -> url
         self.pending_profiles: list[ProfileReport] = []
         self._profiling: set[str] = set()
+        self._jumped: set[str] = set()  # peers whose RTT jumped in traffic since the last burst
+        self._burst_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.registered = False
         host.observers.append(self._on_forward)
@@ -271,7 +275,11 @@ class MonitorAgent:
                 (n for n, u in self.peers.items() if u.rstrip("/") == sample["next_url"].rstrip("/")), None
             )
             if dst is not None and sample["hop_s"] > 0:
-                self.links.setdefault(dst, LinkEstimator()).add(sample["bytes_out"], sample["hop_s"])
+                est = self.links.setdefault(dst, LinkEstimator())
+                if sample["bytes_out"] <= est.small_bytes and rtt_jumped(est.rtt.value(), sample["hop_s"]):
+                    self._jumped.add(dst)  # a decode step saw it first: re-measure the uplink now
+                    self._burst_wanted.set()
+                est.add(sample["bytes_out"], sample["hop_s"])
 
     @staticmethod
     def _add_decode_traffic(speed: _Speed, shape: tuple[int, int], raw: float) -> None:
@@ -297,37 +305,53 @@ class MonitorAgent:
     async def _link_loop(self) -> None:
         last_burst = -UPLINK_BURST_COOLDOWN_S
         while True:
-            await asyncio.sleep(self.cfg.link_probe_interval_s)
+            # A jump seen in traffic (a decode step's hop) wakes the loop at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._burst_wanted.wait(), self.cfg.link_probe_interval_s)
             peers = list(self.peers.items())
-            jumped = [dst for dst, url in peers if await self._try_probe(dst, url)]
+            jumped = set(self._jumped) if self._burst_wanted.is_set() else set()
+            if not jumped:
+                jumped = {dst for dst, url in peers if await self._try_probe(dst, url)}
+            self._burst_wanted.clear()
+            self._jumped.clear()
             if jumped and time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S:
+                await self.burst_probe(peers, reason=f"RTT to {', '.join(sorted(jumped))} jumped")
                 last_burst = time.monotonic()
-                await self.burst_probe(peers, reason=f"RTT to {', '.join(jumped)} jumped")
 
     async def burst_probe(self, peers: list[tuple[str, str]], reason: str) -> None:
-        """Probe every peer, concurrently, until each link's median rests on new samples."""
-        rounds = LinkEstimator().window // 2  # with the round just done: a majority of the window
-        log.info("%s: re-measuring %d links (%d rounds)", reason, len(peers), rounds)
-        for _ in range(rounds):
-            await asyncio.gather(*(self._try_probe(dst, url) for dst, url in peers))
+        """RTT probes to every peer, concurrently, until each link's RTT median rests on new samples.
 
-    async def _try_probe(self, dst: str, url: str) -> bool:
+        Small probes only: a round then costs one RTT, not a paced transfer
+        per peer through this node's (serialised) uplink, and RTT is what
+        jumped. Bandwidth follows at the normal probe rate.
+        """
+        rounds = LinkEstimator().window // 2 + 1  # a majority of the window
+        log.info("%s: re-measuring the RTT of %d links (%d rounds)", reason, len(peers), rounds)
+        for _ in range(rounds):
+            await asyncio.gather(*(self._try_probe(dst, url, rtt_only=True) for dst, url in peers))
+
+    async def _try_probe(self, dst: str, url: str, rtt_only: bool = False) -> bool:
         """One probe of the link to ``dst``; True when its RTT jumped (False also when it failed)."""
         try:
-            return await self._probe_link(dst, url)
+            return await self._probe_link(dst, url, rtt_only)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a dead peer is the monitor's business
             log.debug("link probe to %s failed: %r", dst, exc)
             return False
 
-    async def _probe_link(self, dst: str, url: str) -> bool:
-        """A small and a large transfer to ``dst``; True when the small one's RTT jumped off the median."""
+    async def _probe_link(self, dst: str, url: str, rtt_only: bool = False) -> bool:
+        """A small and a large transfer to ``dst`` (the small one alone with ``rtt_only``);
+        True when the small one's RTT jumped off the median."""
         est = self.links.setdefault(dst, LinkEstimator())
         sink = f"{url.rstrip('/')}/v1/probe/sink"
         t0 = time.perf_counter()
         (await self.host.paced_post(sink, b"\0" * SMALL_PROBE_BYTES)).raise_for_status()
         t_small = time.perf_counter() - t0
+        if rtt_only:
+            jumped = rtt_jumped(est.rtt.value(), t_small)
+            est.add(SMALL_PROBE_BYTES, t_small)
+            return jumped
         bw = est.bandwidth.value()
         size = MIN_PROBE_BYTES if bw is None else int(bw * PROBE_TRANSFER_TARGET_S)
         size = max(MIN_PROBE_BYTES, min(MAX_PROBE_BYTES, size))

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from edgeorch.chain import ChainSpecError, parse_stages
+from edgeorch.chain import ChainSpecError, parse_formats, parse_stages
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, SessionStore, UnknownSession
 from edgeorch.schemas.stage import Sampling
@@ -100,6 +100,16 @@ def test_parse_stages_accepts_a_tiling() -> None:
 def test_parse_stages_rejects_gaps_and_overlaps(text: str, message: str) -> None:
     with pytest.raises(ChainSpecError, match=message):
         parse_stages(text, 32)
+
+
+def test_parse_formats_gives_one_lean_spec_per_stage() -> None:
+    assert parse_formats(None, 3) is None and parse_formats("", 3) is None
+    assert parse_formats("int8", 2) == [{"engine": "lean", "format": "int8"}] * 2
+    assert [o["format"] for o in parse_formats("fp32, int8,int4", 3)] == ["fp32", "int8", "int4"]
+    with pytest.raises(ChainSpecError, match="2 formats for 3 stages"):
+        parse_formats("fp32,int8", 3)
+    with pytest.raises(ValueError, match="unknown weight format 'int3'"):
+        parse_formats("int3", 1)
 
 
 def test_kv_cache_retry_after_a_failed_step_does_not_duplicate_keys() -> None:
