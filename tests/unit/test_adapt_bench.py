@@ -129,6 +129,9 @@ def test_slo_comes_from_adaptive_before_the_change_and_comparison_reads_the_tabl
     assert first_change_comparison(table) == {"static_over_adaptive_p95": 2.5, "adaptive_failed": 0,
                                               "static_failed": 2, "adaptive_served": 9, "static_served": 2}  # fmt: skip
     assert first_change_comparison({"adaptive": table["adaptive"]}) is None
+    # Static ran on a 25 % slower machine: its p95 of 5 s is 2 s of its own p50, adaptive's 2 s is 1.25 of its 1.6 s.
+    table["adaptive"][0], table["static"][0] = {"p50_s": 1.6}, {"p50_s": 2.0}
+    assert first_change_comparison(table)["drift_corrected_ratio"] == pytest.approx(2.0)
     # Over the requests started after the change (10 s): the one in flight at it is left out.
     runs = {"adaptive": {"requests": [req(9, 16), req(11, 13), req(13, 15)]},
             "static": {"requests": [req(9, 16), req(11, 17), req(17, 23)]}}  # fmt: skip
