@@ -304,16 +304,24 @@ class MonitorAgent:
 
     async def _link_loop(self) -> None:
         last_burst = -UPLINK_BURST_COOLDOWN_S
+        next_round = time.monotonic() + self.cfg.link_probe_interval_s
         while True:
-            # A jump seen in traffic (a decode step's hop) wakes the loop at once.
+            # A jump seen in traffic (a decode step's hop) wakes the loop at once;
+            # the regular rounds keep their own schedule either way.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._burst_wanted.wait(), self.cfg.link_probe_interval_s)
-            peers = list(self.peers.items())
-            jumped = set(self._jumped) if self._burst_wanted.is_set() else set()
-            if not jumped:
-                jumped = {dst for dst, url in peers if await self._try_probe(dst, url)}
+                await asyncio.wait_for(self._burst_wanted.wait(), max(0.0, next_round - time.monotonic()))
             self._burst_wanted.clear()
-            self._jumped.clear()
+            jumped, self._jumped = self._jumped, set()
+            peers = list(self.peers.items())
+            if not jumped and time.monotonic() >= next_round:
+                for dst, url in peers:
+                    if (
+                        await self._try_probe(dst, url)
+                        and time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S
+                    ):
+                        jumped.add(dst)  # the burst probes every peer, this round's rest included
+                        break
+                next_round = time.monotonic() + self.cfg.link_probe_interval_s
             if jumped and time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S:
                 await self.burst_probe(peers, reason=f"RTT to {', '.join(sorted(jumped))} jumped")
                 last_burst = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EXACT_FORMAT = "fp32"
+LOSSY_FORMATS = ("bf16", "int8", "int4")  # the lean engine's other weight formats
 
 
 def profile_key(model: str, weight_format: str = EXACT_FORMAT) -> str:
@@ -26,9 +27,13 @@ def profile_key(model: str, weight_format: str = EXACT_FORMAT) -> str:
 
 
 def split_profile_key(key: str) -> tuple[str, str]:
-    """(model, weight format) of a :func:`profile_key`."""
+    """(model, weight format) of a :func:`profile_key`.
+
+    Only a known lossy format after the last ``@`` is a format: a checkpoint
+    directory may itself contain an ``@`` (``/data/a@b`` is an fp32 key).
+    """
     model, sep, fmt = key.rpartition("@")
-    return (model, fmt) if sep and model and fmt else (key, EXACT_FORMAT)
+    return (model, fmt) if sep and model and fmt in LOSSY_FORMATS else (key, EXACT_FORMAT)
 
 
 class UnitProfile(BaseModel):

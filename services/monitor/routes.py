@@ -81,7 +81,9 @@ async def list_events(
 class ProfileRequest(BaseModel):
     """A model every node should calibrate."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(
+        min_length=1, max_length=270, description="a profile key: a model, or model@format (bf16, int8, int4)"
+    )
 
 
 @router.post("/v1/profiles", status_code=202, tags=["profiles"], dependencies=[AdminAuth])

@@ -25,7 +25,7 @@ async def probe_sink(request: Request) -> dict[str, int]:
 class ProfileRequest(BaseModel):
     """Which model to calibrate."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=270, description="a model, or model@format")
 
 
 @router.post("/v1/profile", response_model=ProfileReport)
@@ -38,3 +38,5 @@ async def profile(body: ProfileRequest, request: Request) -> ProfileReport:
         return await agent.profile(body.model)
     except ModelStoreError as exc:
         raise HTTPException(404, str(exc)) from exc
+    except ValueError as exc:  # a model this engine cannot run, or in that format
+        raise HTTPException(422, str(exc)) from exc

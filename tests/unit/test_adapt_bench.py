@@ -34,7 +34,8 @@ def test_every_shipped_scenario_parses_and_forces_a_split() -> None:
         assert s.name == name and s.timeline
         # SmolLM2 with the KV cache of the default workload needs ~745 MB in fp32 and
         # ~258 MB in int8 (the orchestrator's profile): no node may hold it alone at the start.
-        need = {"fp32": 745e6, "int8": 258e6}[s.weight_format]
+        need = {"fp32": 745e6, "int8": 258e6}.get(s.weight_format)
+        assert need, f"{name}: add the memory SmolLM2 needs in {s.weight_format} here"
         assert all(w.memory_bytes is not None and w.memory_bytes < need for w in s.cluster.workers), name
 
 
