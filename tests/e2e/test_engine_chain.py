@@ -29,16 +29,7 @@ def _chat_ids(tok, prompt: str) -> list[int]:
 
 
 def _greedy(stage, ids: list[int], n: int, stop: int) -> list[int]:
-    cache, x, pos, out = stage.new_cache(), torch.tensor([ids]), 0, []
-    for _ in range(n):
-        logits = stage.run(StageInput(x=x, position=pos), cache)
-        cache.advance(x.shape[1])
-        pos += x.shape[1]
-        out.append(int(logits[0, -1].argmax()))
-        if out[-1] == stop:
-            break
-        x = torch.tensor([[out[-1]]])
-    return out
+    return _greedy_stages([stage], ids, n, stop)
 
 
 @pytest.mark.slow
