@@ -95,6 +95,7 @@ class MonitorAgent:
         self._profiling: set[str] = set()
         self._jumped: set[str] = set()  # peers whose RTT jumped in traffic since the last burst
         self._burst_wanted = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.registered = False
         host.observers.append(self._on_forward)
@@ -175,7 +176,9 @@ class MonitorAgent:
             try:
                 await self._beat_once()
                 backoff = self.cfg.heartbeat_interval_s
-                await asyncio.sleep(self.cfg.heartbeat_interval_s)
+                with contextlib.suppress(TimeoutError):  # a finished uplink burst reports at once
+                    await asyncio.wait_for(self._beat_now.wait(), self.cfg.heartbeat_interval_s)
+                self._beat_now.clear()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: log, back off, retry
@@ -337,6 +340,11 @@ class MonitorAgent:
         log.info("%s: re-measuring the RTT of %d links (%d rounds)", reason, len(peers), rounds)
         for _ in range(rounds):
             await asyncio.gather(*(self._try_probe(dst, url, rtt_only=True) for dst, url in peers))
+        # Report every re-measured link now, not up to a heartbeat later: the
+        # first jumped link may already be at the monitor, and a plan made on
+        # it alone routes through the other links' old figures (measured: a
+        # re-plan 2.0 s after the change put the slowed node first).
+        self._beat_now.set()
 
     async def _try_probe(self, dst: str, url: str, rtt_only: bool = False) -> bool:
         """One probe of the link to ``dst``; True when its RTT jumped (False also when it failed)."""
