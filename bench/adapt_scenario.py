@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeorch.scenario import NODE_ID_PATTERN, Scenario, ScenarioError, WorkerSpec, parse_scenario
+from edgeorch.schemas.profile import WeightFormat
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 ROLES = ("@busiest", "@first", "@middle", "@last", "@spare")
@@ -102,7 +103,7 @@ class AdaptScenario(BaseModel):
     warmup_s: float = Field(default=3.0, ge=0, **_F)
     sessions: int = Field(default=2, ge=1, le=64)
     max_tokens: int = Field(default=24, ge=1, le=512)
-    weight_format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+    weight_format: WeightFormat = Field(
         default="fp32", description="the deployment's weight format, the same under every strategy"
     )
     cluster: Scenario

@@ -27,13 +27,14 @@ construction; a unit test holds them to it.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
+from edgeorch.schemas.profile import WeightFormat
+
 FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
 # int8 scales and int4 scales/zeros are bf16: the kernels take them so.

@@ -316,16 +316,14 @@ class MonitorAgent:
             self._burst_wanted.clear()
             jumped, self._jumped = self._jumped, set()
             peers = list(self.peers.items())
+            may_burst = time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S
             if not jumped and time.monotonic() >= next_round:
                 for dst, url in peers:
-                    if (
-                        await self._try_probe(dst, url)
-                        and time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S
-                    ):
+                    if await self._try_probe(dst, url) and may_burst:
                         jumped.add(dst)  # the burst probes every peer, this round's rest included
                         break
                 next_round = time.monotonic() + self.cfg.link_probe_interval_s
-            if jumped and time.monotonic() - last_burst >= UPLINK_BURST_COOLDOWN_S:
+            if jumped and may_burst:
                 await self.burst_probe(peers, reason=f"RTT to {', '.join(sorted(jumped))} jumped")
                 last_burst = time.monotonic()
 
@@ -336,7 +334,7 @@ class MonitorAgent:
         per peer through this node's (serialised) uplink, and RTT is what
         jumped. Bandwidth follows at the normal probe rate.
         """
-        rounds = LinkEstimator().window // 2 + 1  # a majority of the window
+        rounds = LinkEstimator.window // 2 + 1  # a majority of the window
         log.info("%s: re-measuring the RTT of %d links (%d rounds)", reason, len(peers), rounds)
         for _ in range(rounds):
             await asyncio.gather(*(self._try_probe(dst, url, rtt_only=True) for dst, url in peers))
@@ -364,8 +362,8 @@ class MonitorAgent:
         t0 = time.perf_counter()
         (await self.host.paced_post(sink, b"\0" * SMALL_PROBE_BYTES)).raise_for_status()
         t_small = time.perf_counter() - t0
+        jumped = rtt_jumped(est.rtt.value(), t_small)
         if rtt_only:
-            jumped = rtt_jumped(est.rtt.value(), t_small)
             est.add(SMALL_PROBE_BYTES, t_small)
             return jumped
         bw = est.bandwidth.value()
@@ -373,6 +371,5 @@ class MonitorAgent:
         size = max(MIN_PROBE_BYTES, min(MAX_PROBE_BYTES, size))
         t0 = time.perf_counter()
         (await self.host.paced_post(sink, b"\0" * size)).raise_for_status()
-        jumped = rtt_jumped(est.rtt.value(), t_small)
         est.add_pair((SMALL_PROBE_BYTES, t_small), (size, time.perf_counter() - t0))
         return jumped

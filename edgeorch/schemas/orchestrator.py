@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeorch.schemas.plan import Objective, Strategy, Workload
+from edgeorch.schemas.profile import WeightFormat
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
 
 DeploymentState = Literal["pending", "ready", "degraded", "failed"]
@@ -50,7 +51,7 @@ class QosPolicy(BaseModel):
     )
     recover: bool = Field(default=True, description="carry sessions over a stage that dies")
     nodes: list[str] | None = Field(default=None, description="only these nodes may host stages")
-    weight_format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+    weight_format: WeightFormat = Field(
         default="fp32",
         description="weights of every stage: fp32 (exact: the unsplit model's output), or the lossy bf16, "
         "int8, int4 of the lean engine; memory and calibrated speed follow it",

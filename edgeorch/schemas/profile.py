@@ -8,10 +8,16 @@ never written by hand.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# The weight formats of the lean engine (edgeorch.engine.formats), named here
+# so that every schema that carries one (stage specs, plans, policies) checks
+# the same list without importing torch.
+WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
 EXACT_FORMAT = "fp32"
-LOSSY_FORMATS = ("bf16", "int8", "int4")  # the lean engine's other weight formats
+LOSSY_FORMATS = tuple(f for f in get_args(WeightFormat) if f != EXACT_FORMAT)
 
 
 def profile_key(model: str, weight_format: str = EXACT_FORMAT) -> str:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
+from edgeorch.schemas.profile import WeightFormat
 from edgeorch.schemas.stage import ID_PATTERN, NextHop
 
 # Deployment names become the first part of stage ids ("{deployment}.v{version}.s{index}"),
@@ -33,7 +34,7 @@ class Plan(BaseModel):
 
     model: str = Field(min_length=1, max_length=256, description="store name or checkpoint directory")
     stages: list[PlanStage] = Field(min_length=1, max_length=256)
-    format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+    format: WeightFormat = Field(
         default="fp32", description="weight format every stage loads (the lean engine's; fp32 is exact)"
     )
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
+from edgeorch.schemas.profile import WeightFormat
+
 # Stage and session ids travel in URLs and metric labels: keep them plain.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
@@ -33,7 +35,7 @@ class StageSpec(BaseModel):
         default="lean",
         description="lean: edgeorch's fast engine; hf: the Hugging Face modules (the reference)",
     )
-    format: Literal["fp32", "bf16", "int8", "int4"] = Field(
+    format: WeightFormat = Field(
         default="fp32", description="weights: fp32 (exact), bf16, int8 or int4 with bf16 matmuls (lean only)"
     )
 
