@@ -1,11 +1,16 @@
 """What adaptation is worth: scenario runs of the whole stack under each planning strategy.
 
-Run: ``python -m bench.adapt [--scenarios a,b] [--strategies x,y] [--duration 1.0] [--sessions 2]``.
+Run: ``python -m bench.adapt [--scenarios a,b] [--strategies x,y] [--duration 1.0] [--sessions 2] [--net auto]``.
 For each scenario of ``bench/scenarios/`` and each strategy: a fresh LocalStack
 with the scenario's workers, the deployment ``smol`` (SmolLM2-135M) under the
 strategy's policy, N closed-loop chat sessions through the gateway while the
 timeline is applied (emulation, SIGKILL, a worker joining, more sessions),
-every request and plan change recorded, then the stack is stopped. Writes
+every request and plan change recorded, then the stack is stopped. Links:
+with ``--net netns`` (``auto``, the default, picks it where the machine
+allows: root and a kernel with namespaces and ``tbf``) every worker runs in
+a network namespace of its own and a link's bandwidth is a real ``tc tbf``
+cap on the node's uplink; with ``loopback`` the worker paces its own sends.
+RTT is the worker's emulation either way (no ``netem`` here). Writes
 ``bench/results/adapt_<scenario>.{json,md,png}`` after each strategy, so an
 interrupted run keeps what it measured.
 """
@@ -34,6 +39,7 @@ from bench.adapt_scenario import (
     scenario_names,
 )
 from bench.adapt_stats import choose_slo, first_change_comparison, markdown, strategy_rows
+from edgeorch.netns import unavailable_reason
 from edgeorch.schemas.profile import profile_key
 from edgeorch.settings import CommonSettings
 from edgeorch.stack import LocalStack
@@ -171,14 +177,21 @@ class Run:
             return {"node": node}
         worker = self.stack.worker(node).url
         emu = httpx.get(f"{worker}/v1/admin/emulation", timeout=10).json()
+        shaped = None
         if event.kind == "slowdown":
             emu["slowdown"] = event.factor
         else:
-            emu.update({k: v for k, v in (("bandwidth_mbps", event.bandwidth_mbps), ("rtt_ms", event.rtt_ms))
+            bandwidth = event.bandwidth_mbps
+            if (
+                bandwidth is not None and self.stack.testbed is not None
+            ):  # the kernel shapes it, not the worker
+                self.stack.set_uplink(node, bandwidth)
+                shaped, bandwidth = self.stack.testbed.uplink(node), None
+            emu.update({k: v for k, v in (("bandwidth_mbps", bandwidth), ("rtt_ms", event.rtt_ms))
                         if v is not None})  # fmt: skip
         r = httpx.post(f"{worker}/v1/admin/emulation", json=emu, headers=self.headers, timeout=10)
         r.raise_for_status()
-        return {"node": node, "emulation": r.json()}
+        return {"node": node, "emulation": r.json(), **({"tbf": shaped} if shaped else {})}
 
 
 def deploy(stack: LocalStack, policy: dict, timeout_s: float = 180.0) -> dict:
@@ -208,12 +221,15 @@ def plan_changes(events: list[dict], t0: float) -> list[dict]:
     return out
 
 
-def run_strategy(scenario: AdaptScenario, name: str, policy: dict, store: Path) -> dict:
+def run_strategy(
+    scenario: AdaptScenario, name: str, policy: dict, store: Path, network: str = "loopback"
+) -> dict:
     """One strategy on a fresh stack: deploy, load + timeline, records; the stack is always stopped."""
     log_dir = Path(tempfile.mkdtemp(prefix=f"edgeorch-adapt-{scenario.name}-{name}-"))
     stack = LocalStack(scenario.cluster, model_store=store, log_dir=log_dir, private_redis=True,
-                       jobs_worker=False, report=lambda msg: None)  # fmt: skip
+                       jobs_worker=False, report=lambda msg: None, network=network)  # fmt: skip
     out: dict = {"strategy": name, "policy": policy, "logs": str(log_dir), "commit": code_version(),
+                 "network": network,
                  "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
     try:
         t_start = time.monotonic()
@@ -348,6 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--merge", action="store_true",
                    help="keep the other strategies' runs already in the scenario's JSON (rerun only --strategies)")  # fmt: skip
+    p.add_argument("--net", choices=("auto", "netns", "loopback"), default="auto",
+                   help="links: real tbf caps in a namespace per worker (netns), the workers' own pacing "
+                        "(loopback), or netns where the machine allows (auto, the default)")  # fmt: skip
     p.add_argument("--rebuild", action="store_true",
                    help="run nothing: remake the tables and plots from the JSON files in --out-dir")  # fmt: skip
     args = p.parse_args(argv)
@@ -359,7 +378,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration must be positive and --sessions at least 1")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.store = args.store or CommonSettings().model_store
+    if not args.rebuild:
+        args.net = choose_network(args.net, p.error)
     return args
+
+
+def choose_network(asked: str, error) -> str:
+    """``auto`` → netns where a testbed can be made, else loopback (said on stderr); ``netns`` must work."""
+    if asked == "loopback":
+        return asked
+    reason = unavailable_reason()
+    if reason is None:
+        return "netns"
+    if asked == "netns":
+        error(f"--net netns: {reason}")
+    log(f"links emulated by the workers (loopback): {reason}")
+    return "loopback"
 
 
 def strategy_policy(name: str, scenario: AdaptScenario) -> dict:
@@ -387,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.strategies:
             t = time.monotonic()
             try:
-                runs[name] = run_strategy(scenario, name, strategy_policy(name, scenario), args.store)
+                runs[name] = run_strategy(
+                    scenario, name, strategy_policy(name, scenario), args.store, args.net
+                )
             except Exception as exc:  # one broken run must not lose the others; its row says why
                 log(f"  {name}: run failed: {exc!r}")
                 runs[name] = {"strategy": name, "policy": strategy_policy(name, scenario), "infeasible": True,

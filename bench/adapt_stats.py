@@ -299,6 +299,22 @@ def target_lines(scenario: str, comparison: dict | None) -> list[str]:
     return [text]
 
 
+def network_line(runs: dict[str, dict]) -> str:
+    """How the runs' links were made (runs from before the option existed were all loopback)."""
+    say = {"netns": "a network namespace per worker, bandwidth capped by tc tbf on its uplink, RTT emulated "
+                    "by the worker",
+           "loopback": "every process on loopback, bandwidth and RTT emulated by the worker"}  # fmt: skip
+    by_net: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        if not run.get("run_failed"):
+            by_net.setdefault(run.get("network", "loopback"), []).append(name)
+    if len(by_net) == 1:
+        return f"Links: {say[next(iter(by_net))]}."
+    return (
+        "Links: " + "; ".join(f"{say[n]} ({', '.join(names)})" for n, names in sorted(by_net.items())) + "."
+    )
+
+
 def markdown(result: dict) -> str:
     """One scenario's report: set-up, SLO, the table, plans, targets, notes."""
     sc, cfg, m = result["scenario"], result["config"], result["machine"]
@@ -313,7 +329,8 @@ def markdown(result: dict) -> str:
              f"{_s(m['loadavg_start'], '.1f')} → {_s(m['loadavg_end'], '.1f')}. Model {cfg['model']} "
              f"({sc.get('weight_format', 'fp32')} weights), "
              f"{sc['sessions']} closed-loop chat sessions (temperature 0, {sc['max_tokens']} tokens each), "
-             f"{sc['duration_s']:g} s of load per strategy, warm-up {sc['warmup_s']:g} s. Workers: {workers}.",
+             f"{sc['duration_s']:g} s of load per strategy, warm-up {sc['warmup_s']:g} s. Workers: {workers}. "
+             f"{network_line(result['runs'])}",
              "", "Timeline: " + "; ".join(f"{e['at_s']:g} s {e['label']}" for e in sc["timeline"]) + ".", "",
              slo_text, "", *table_lines(result["table"], result["runs"]), "",
              *target_lines(sc["name"], result["comparison"]), "", "Plans and events per strategy:", "",

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -69,11 +69,22 @@ class LocalService(LocalProcess):
     """One `edgeorch <service>` child process on a loopback port, with its log file."""
 
     def __init__(
-        self, name: str, args: list[str], port: int, env: dict[str, str], log_dir: Path, log_mode: str = "wb"
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        env: dict[str, str],
+        log_dir: Path,
+        log_mode: str = "wb",
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
     ):
+        """``host``: the address it listens on and is reached at; ``prefix``: argv before Python
+        (``ip netns exec NS`` for a worker in a namespace of its own)."""
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "edgeorch.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+        self.host = host
+        self.url = f"http://{host}:{port}"
+        argv = [*prefix, sys.executable, "-m", "edgeorch.cli", *args, "--host", host, "--port", str(port)]
         super().__init__(name, argv, env, log_dir, log_mode)
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
@@ -119,12 +130,16 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
 class RedisServer(LocalProcess):
     """A throw-away ``redis-server`` on a loopback port: no snapshots, no append-only file."""
 
-    def __init__(self, server: str, port: int, log_dir: Path, work_dir: Path):
-        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    def __init__(self, server: str, port: int, log_dir: Path, work_dir: Path, host: str = "127.0.0.1"):
+        argv = [server, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
                 "--dir", str(work_dir)]  # fmt: skip
+        if host != "127.0.0.1":
+            # Protected mode admits loopback clients only; a testbed's bridge address is reachable
+            # from its own namespaces and nothing else.
+            argv += ["--protected-mode", "no"]
         super().__init__("redis", argv, {}, log_dir)
         self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.url = f"redis://{host}:{port}/0"
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
         """Block until it answers PING."""

@@ -4,6 +4,12 @@ Order (each tier waits for the previous one's ``/healthz``): Redis (only when
 none answers at the configured URL), then monitor, splitter and broadcast,
 then the orchestrator, the Celery jobs worker and the workers of a scenario
 file. ``stop()`` goes back tier by tier, newest first.
+
+``network="netns"`` puts every worker in a network namespace of its own
+(:mod:`edgeorch.netns`): the control plane and a private Redis listen on the
+bridge's address, each worker on its namespace's, and a worker's
+``bandwidth_mbps`` becomes a real ``tbf`` cap on its uplink instead of
+user-space pacing.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from edgeorch.launcher import (
     port_is_free,
     redis_answers,
 )
+from edgeorch.netns import Testbed
 from edgeorch.scenario import Scenario, WorkerSpec, load_scenario
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The documented ports; used when `default_ports` is set and they are free.
 DEFAULT_PORTS = {"orchestrator": 8000, "monitor": 8001, "splitter": 8002, "broadcast": 8003}
 FIRST_WORKER_PORT = 8100
+NETWORKS = ("loopback", "netns")
 
 
 class StackError(RuntimeError):
@@ -107,6 +115,7 @@ class LocalStack:
         default_ports: bool = False,
         start_timeout_s: float = 120.0,
         report: Callable[[str], None] | None = None,
+        network: str = "loopback",
     ):
         """Describe a stack; nothing starts before :meth:`start` (or ``with``).
 
@@ -115,7 +124,13 @@ class LocalStack:
         for every service (tables are prefixed); default a SQLite file per service under
         ``state_dir`` (a temporary directory by default). ``admin_token`` None generates one,
         "" runs without. ``default_ports`` tries 8000-8003 and 8100+ before free ports.
+        ``network``: "loopback" (every process on 127.0.0.1) or "netns" (a namespace per worker).
         """
+        if network not in NETWORKS:
+            raise StackError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
+        self.network = network
+        self.testbed: Testbed | None = None
+        self.host = "127.0.0.1"  # where the control plane listens; the bridge's address with netns
         if not isinstance(scenario, Scenario):
             scenario = load_scenario(scenario)
         self.scenario = scenario.with_workers(workers) if workers is not None else scenario
@@ -125,7 +140,7 @@ class LocalStack:
         self.state_dir = Path(state_dir).expanduser() if state_dir else None
         self.database_url = database_url
         self.redis_url = redis_url or os.environ.get("EDGEORCH_REDIS_URL") or DEFAULT_REDIS_URL
-        self.private_redis = private_redis
+        self.private_redis = private_redis or network == "netns"  # the shared one listens on loopback only
         self.admin_token = secrets.token_urlsafe(24) if admin_token is None else admin_token
         self.api_keys = [k for k in api_keys if k]
         self.rollout_secret = rollout_secret or secrets.token_urlsafe(32)
@@ -191,6 +206,11 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.network == "netns":
+                self.testbed = Testbed()
+                self.host = self.testbed.host_ip
+                self._report(f"testbed {self.testbed.bridge}: control plane at {self.host}, "
+                             f"a namespace per worker in {self.testbed.subnet}")  # fmt: skip
             self._start_redis()
             self._start_tier([("monitor", []), ("splitter", []), ("broadcast", [])])
             if self.with_orchestrator:
@@ -248,7 +268,7 @@ class LocalStack:
             self._report(f"using the Redis at {self.redis_url}")
             return
         server = RedisServer(shutil.which("redis-server") or "redis-server", free_port(),
-                             self.log_dir, self.state_dir)  # fmt: skip
+                             self.log_dir, self.state_dir, host=self.host)  # fmt: skip
         self._tiers.append([server])
         self.redis_server, self.redis_url = server, server.url
         server.wait_healthy(self.start_timeout_s)
@@ -262,8 +282,8 @@ class LocalStack:
             port = self._port(DEFAULT_PORTS.get(name))
             env = self._service_env(name)
             if name == "orchestrator":
-                env["EDGEORCH_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
-            service = LocalService(name, [name, *args], port, env, self.log_dir)
+                env["EDGEORCH_PUBLIC_URL"] = f"http://{self.host}:{port}"
+            service = LocalService(name, [name, *args], port, env, self.log_dir, host=self.host)
             self._log_names.add(name)
             tier.append(service)
             self.services[name] = service
@@ -279,15 +299,18 @@ class LocalStack:
         jobs.wait_healthy(self.start_timeout_s)
         self._report(f"jobs worker {jobs.hostname} ready (queue {self.jobs_queue})")
 
-    def _worker_env(self, spec: WorkerSpec, port: int) -> dict[str, str]:
+    def _worker_env(self, spec: WorkerSpec, host: str, port: int) -> dict[str, str]:
+        capacity = spec.environment()
+        if self.testbed is not None:  # the uplink's tbf shapes the bytes, not the worker
+            capacity.pop("EDGEORCH_EMULATION_BANDWIDTH_MBPS", None)
         return {
             **self._common_env(),
             "EDGEORCH_NODE_ID": spec.node_id,
-            "EDGEORCH_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+            "EDGEORCH_ADVERTISE_URL": f"http://{host}:{port}",
             "EDGEORCH_MONITOR_URL": self.monitor_url,
             "EDGEORCH_BROADCAST_URL": self.broadcast_url,
             "EDGEORCH_TORCH_THREADS": str(self.torch_threads),
-            **spec.environment(),
+            **capacity,
             **self.worker_env,
         }
 
@@ -305,8 +328,13 @@ class LocalStack:
             raise StackError(f"worker {spec.node_id!r} is running already")
         taken = {w.port for w in self.workers}
         port = self._port(FIRST_WORKER_PORT + len(self.workers), taken)
+        host, prefix = "127.0.0.1", []
+        if self.testbed is not None:
+            host, prefix = self.testbed.add_node(spec.node_id), self.testbed.exec_prefix(spec.node_id)
+            self.testbed.set_uplink(spec.node_id, spec.bandwidth_mbps)
         log_name = self._log_name(spec.node_id)
-        w = LocalService(log_name, ["worker"], port, self._worker_env(spec, port), self.log_dir)
+        w = LocalService(log_name, ["worker"], port, self._worker_env(spec, host, port), self.log_dir,
+                         host=host, prefix=prefix)  # fmt: skip
         w.name = spec.node_id  # the node id, whatever its log file is called
         self.workers.append(w)
         self._worker_tier.append(w)
@@ -325,6 +353,13 @@ class LocalStack:
             self._report(f"worker {w.name} ready at {w.url}")
         return w
 
+    def set_uplink(self, node_id: str, mbps: float | None) -> None:
+        """Cap a node's outgoing traffic in its kernel (``network="netns"`` only; None lifts the cap)."""
+        if self.testbed is None:
+            raise StackError("real uplink caps need network='netns'; use the worker's emulation instead")
+        self.worker(node_id)  # a running worker, or KeyError
+        self.testbed.set_uplink(node_id, mbps)
+
     def restart_service(self, name: str, sig: int = signal.SIGKILL) -> LocalService:
         """Stop a control-plane service (SIGKILL by default: a crash) and start it again on its port."""
         old = self.services.get(name)
@@ -334,7 +369,7 @@ class LocalStack:
         env = self._service_env(name)
         if name == "orchestrator":
             env["EDGEORCH_PUBLIC_URL"] = old.url
-        new = LocalService(name, [name], old.port, env, self.log_dir, log_mode="ab")
+        new = LocalService(name, [name], old.port, env, self.log_dir, log_mode="ab", host=self.host)
         for tier in self._tiers:
             tier[:] = [new if p is old else p for p in tier]
         self.services[name] = new
@@ -363,6 +398,8 @@ class LocalStack:
             except Exception:  # keep stopping the rest: a leaked process is worse than a log line
                 log.exception("stopping %s failed", [p.name for p in tier])
         self.workers.clear()
+        if self.testbed is not None:
+            self.testbed.close()
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -1,0 +1,169 @@
+"""Real links for a local testbed: one network namespace per worker, a bridge between them, shaped uplinks.
+
+Emulation on a worker paces its own outgoing activations in user space.
+Where the machine allows it (root, iproute2, a kernel with network
+namespaces and the ``tbf`` qdisc), a :class:`Testbed` instead gives every
+worker a network stack of its own: a namespace with one veth interface,
+attached to a bridge in the root namespace that also carries the control
+plane's address. Traffic between two workers then crosses two real
+interfaces, and ``set_uplink`` caps a node's outgoing traffic with a token
+bucket (``tc qdisc ... tbf``) in its kernel, so every byte it sends —
+activations, probes, heartbeats — is shaped, TCP included.
+
+RTT is not shaped here: ``netem`` is not on this kernel; the worker's
+emulated RTT stays in use for that. Everything a testbed makes carries its
+own short id in its name and is removed by :meth:`Testbed.close`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import shutil
+import subprocess
+import uuid
+
+log = logging.getLogger(__name__)
+
+QUEUE_LATENCY = "500ms"  # how long a packet may wait in the shaper before it is dropped
+MIN_BURST_BYTES = 4096  # above one 1514-byte frame, small enough that a 32 KB probe sees the rate
+BURST_S = 0.002  # otherwise 2 ms of traffic at the rate
+
+
+class NetnsError(RuntimeError):
+    """A namespace, interface or qdisc could not be made or changed."""
+
+
+def _run(argv: list[str]) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise NetnsError(
+            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return proc.stdout
+
+
+def unavailable_reason() -> str | None:
+    """Why a testbed cannot be made on this machine, or None when it can (tries a namespace and a tbf)."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"{tool} (iproute2) is not on PATH"
+    probe = f"eoprobe{uuid.uuid4().hex[:6]}"
+    try:
+        _run(["ip", "netns", "add", probe])
+        try:
+            _run(["ip", "netns", "exec", probe, "ip", "link", "set", "lo", "up"])
+            _run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+                  "rate", "10mbit", "burst", "4kb", "latency", QUEUE_LATENCY])  # fmt: skip
+        finally:
+            _run(["ip", "netns", "del", probe])
+    except (NetnsError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot make a namespace with a tbf qdisc: {exc}"
+    return None
+
+
+def tbf_args(mbps: float) -> list[str]:
+    """The ``tbf`` parameters that cap a link at ``mbps`` Mbit/s."""
+    if not mbps > 0:
+        raise ValueError(f"a rate must be positive, not {mbps!r}")
+    rate_bits = int(mbps * 1e6)
+    burst = max(MIN_BURST_BYTES, int(rate_bits / 8 * BURST_S))
+    return ["rate", f"{rate_bits}bit", "burst", str(burst), "latency", QUEUE_LATENCY]
+
+
+def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
+    used = [ipaddress.ip_interface(w).network for w in _run(["ip", "-4", "-o", "addr", "show"]).split()
+            if "/" in w and w[0].isdigit()]  # fmt: skip
+    for _ in range(200):
+        net = ipaddress.ip_network(f"10.{rng.randrange(100, 200)}.{rng.randrange(0, 256)}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise NetnsError("no free 10.x.y.0/24 subnet for a testbed")
+
+
+class Testbed:
+    """A bridge with the control plane's address and one namespace per node.
+
+    ``with Testbed() as tb: ip = tb.add_node("n1"); argv = tb.exec_prefix("n1") + [...]``.
+    """
+
+    def __init__(self) -> None:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise NetnsError(f"no network namespaces here: {reason}")
+        self.id = uuid.uuid4().hex[:5]
+        self.subnet = _free_subnet(random.Random())
+        hosts = self.subnet.hosts()
+        self.host_ip = str(next(hosts))  # the bridge: where the control plane listens
+        self._addresses = hosts
+        self.bridge = f"eo{self.id}b"
+        self.nodes: dict[str, tuple[str, str, str]] = {}  # node -> (namespace, interface, address)
+        self._count = 0
+        try:
+            _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+            _run(["ip", "addr", "add", f"{self.host_ip}/{self.subnet.prefixlen}", "dev", self.bridge])
+            _run(["ip", "link", "set", self.bridge, "up"])
+        except NetnsError:
+            self.close()
+            raise
+
+    def add_node(self, node_id: str) -> str:
+        """A namespace for ``node_id`` joined to the bridge; returns its address."""
+        if node_id in self.nodes:
+            return self.nodes[node_id][2]
+        self._count += 1
+        ns, host_if, node_if = (
+            f"eo{self.id}-{self._count}",
+            f"eo{self.id}h{self._count}",
+            f"eo{self.id}n{self._count}",
+        )
+        address = str(next(self._addresses))
+        self.nodes[node_id] = (ns, node_if, address)
+        _run(["ip", "netns", "add", ns])
+        _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if])
+        _run(["ip", "link", "set", node_if, "netns", ns])
+        _run(["ip", "link", "set", host_if, "master", self.bridge, "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", node_if])
+        _run(["ip", "-n", ns, "link", "set", node_if, "up"])
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        return address
+
+    def exec_prefix(self, node_id: str) -> list[str]:
+        """The argv prefix that runs a command inside the node's namespace."""
+        return ["ip", "netns", "exec", self.nodes[node_id][0]]
+
+    def set_uplink(self, node_id: str, mbps: float | None) -> None:
+        """Cap what the node sends at ``mbps`` Mbit/s (None: no cap)."""
+        ns, iface, _ = self.nodes[node_id]
+        tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
+        if mbps is None:
+            subprocess.run([*tc, "del", "dev", iface, "root"], capture_output=True, timeout=30)
+            return
+        _run([*tc, "replace", "dev", iface, "root", "tbf", *tbf_args(mbps)])
+        log.info("uplink of %s capped at %g Mbit/s", node_id, mbps)
+
+    def uplink(self, node_id: str) -> str:
+        """``tc qdisc show`` of the node's interface (what shapes it now)."""
+        ns, iface, _ = self.nodes[node_id]
+        return _run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", iface]).strip()
+
+    def close(self) -> None:
+        """Remove every namespace (their veth pairs go with them) and the bridge; safe to call twice."""
+        for ns, node_if, _ in self.nodes.values():
+            # The host end first: a namespace's own interfaces go only once the kernel has torn it
+            # down, which happens after `ip netns del` returns.
+            host_if = node_if.replace(f"eo{self.id}n", f"eo{self.id}h", 1)
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self.nodes.clear()
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
