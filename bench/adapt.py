@@ -38,7 +38,7 @@ from bench.adapt_scenario import (
     resolve_node,
     scenario_names,
 )
-from bench.adapt_stats import choose_slo, first_change_comparison, markdown, strategy_rows
+from bench.adapt_stats import choose_slo, first_change_comparison, markdown, rounds_summary, strategy_rows
 from edgeorch.netns import unavailable_reason
 from edgeorch.schemas.profile import profile_key
 from edgeorch.settings import CommonSettings
@@ -294,8 +294,18 @@ def machine_info() -> dict:
             "loadavg_start": os.getloadavg()[0], "loadavg_end": None}  # fmt: skip
 
 
-def summarise(scenario: AdaptScenario, runs: dict[str, dict], machine: dict, plot: str | None) -> dict:
-    """The scenario's result: raw runs plus the per-phase table every report is made from."""
+def summarise(
+    scenario: AdaptScenario,
+    runs: dict[str, dict],
+    machine: dict,
+    plot: str | None,
+    repeats: dict[str, list[dict]] | None = None,
+) -> dict:
+    """The scenario's result: raw runs plus the per-phase table every report is made from.
+
+    ``repeats``: later rounds' runs per strategy (``--repeats``); round k pairs
+    each strategy's k-th run, and the target is also judged on the median.
+    """
     times = [e.at_s for e in scenario.timeline]
     labels = [e.label() for e in scenario.timeline]
     slo_s, slo_from = choose_slo(runs, times, scenario.warmup_s)
@@ -313,16 +323,43 @@ def summarise(scenario: AdaptScenario, runs: dict[str, dict], machine: dict, plo
                                        "failed_backoff_s": FAILED_BACKOFF_S},
             "machine": {**machine, "loadavg_end": machine.get("loadavg_end") or os.getloadavg()[0]}, "slo": {"slo_s": slo_s, "from": slo_from},
             "table": table, "comparison": first_change_comparison(table, runs, window), "same_text": len(texts) <= 1,
-            "texts": sorted(texts), "plot": plot, "runs": runs}  # fmt: skip
+            "texts": sorted(texts), "plot": plot, "runs": runs,
+            **rounds(scenario, runs, repeats or {}, times, window, slo_s)}  # fmt: skip
 
 
-def write_results(scenario: AdaptScenario, runs: dict[str, dict], machine: dict, out_dir: Path) -> str:
+def rounds(scenario: AdaptScenario, runs: dict[str, dict], repeats: dict[str, list[dict]],
+           times: list[float], window: tuple[float, float], slo_s: float | None) -> dict:  # fmt: skip
+    """``repeats`` (raw) and each round's comparison with their summary, when there are later rounds."""
+    if not any(repeats.values()):
+        return {}
+    labels = [e.label() for e in scenario.timeline]
+    comparisons = []
+    for k in range(1 + max(len(v) for v in repeats.values())):
+        pair = {}
+        for name in ("adaptive", "static"):
+            later = repeats.get(name) or []
+            pair[name] = runs.get(name) if k == 0 else (later[k - 1] if k - 1 < len(later) else None)
+        if any(r is None or r.get("infeasible") for r in pair.values()):
+            comparisons.append(None)
+            continue
+        table = {name: strategy_rows(run, times, labels, scenario.warmup_s, scenario.duration_s, slo_s)
+                 for name, run in pair.items()}  # fmt: skip
+        comparisons.append(first_change_comparison(table, pair, window))
+    return {
+        "repeats": repeats,
+        "round_comparisons": comparisons,
+        "rounds_summary": rounds_summary(comparisons),
+    }
+
+
+def write_results(scenario: AdaptScenario, runs: dict[str, dict], machine: dict, out_dir: Path,
+                  repeats: dict[str, list[dict]] | None = None) -> str:  # fmt: skip
     """JSON, PNG and Markdown for one scenario; returns the Markdown."""
     from bench.adapt_plot import plot_latency
 
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"adapt_{scenario.name}.png"
-    result = summarise(scenario, runs, machine, png.name)
+    result = summarise(scenario, runs, machine, png.name, repeats)
     plot_latency(result, png)
     (out_dir / f"adapt_{scenario.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
@@ -341,7 +378,7 @@ def rebuild(names: list[str], out_dir: Path) -> int:
         sc = dict(result["scenario"])
         sc["timeline"] = [{k: v for k, v in e.items() if k != "label"} for e in sc["timeline"]]
         scenario = AdaptScenario.model_validate(sc)
-        write_results(scenario, result["runs"], result["machine"], out_dir)
+        write_results(scenario, result["runs"], result["machine"], out_dir, result.get("repeats"))
         log(f"rebuilt {path.with_suffix('.md')} and .png")
     return 0
 
@@ -364,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--merge", action="store_true",
                    help="keep the other strategies' runs already in the scenario's JSON (rerun only --strategies)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds: round 1 runs every strategy, each later one reruns adaptive and static, and the "
+                        "target is also judged on the median of the rounds' ratios (default 1)")  # fmt: skip
     p.add_argument("--net", choices=("auto", "netns", "loopback"), default="auto",
                    help="links: real tbf caps in a namespace per worker (netns), the workers' own pacing "
                         "(loopback), or netns where the machine allows (auto, the default)")  # fmt: skip
@@ -374,8 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown or not args.strategies:
         p.error(f"unknown strategies {unknown}; choose among {list(STRATEGIES)}")
-    if args.duration <= 0 or (args.sessions is not None and args.sessions < 1):
-        p.error("--duration must be positive and --sessions at least 1")
+    if args.duration <= 0 or (args.sessions is not None and args.sessions < 1) or args.repeats < 1:
+        p.error("--duration must be positive, --sessions and --repeats at least 1")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.store = args.store or CommonSettings().model_store
     if not args.rebuild:
@@ -412,25 +452,31 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [load_adapt_scenario(s).scaled(args.duration, args.sessions) for s in args.scenarios]
     for scenario in scenarios:
         log(f"[{scenario.name}] {scenario.description}")
-        machine, runs = machine_info(), {}
+        machine, runs, repeats = machine_info(), {}, {}
         stored = args.out_dir / f"adapt_{scenario.name}.json"
         if args.merge and stored.exists():
             old = json.loads(stored.read_text())
             runs = {n: r for n, r in old["runs"].items() if n not in args.strategies}
+            repeats = {n: r for n, r in (old.get("repeats") or {}).items() if n not in args.strategies}
             machine = {**old["machine"], "loadavg_end": None, "merged": True}
-        for name in args.strategies:
-            t = time.monotonic()
-            try:
-                runs[name] = run_strategy(
-                    scenario, name, strategy_policy(name, scenario), args.store, args.net
-                )
-            except Exception as exc:  # one broken run must not lose the others; its row says why
-                log(f"  {name}: run failed: {exc!r}")
-                runs[name] = {"strategy": name, "policy": strategy_policy(name, scenario), "infeasible": True,
-                              "run_failed": True, "reason": f"run failed: {exc!r}"[:400]}  # fmt: skip
-            runs = {n: runs[n] for n in STRATEGIES if n in runs}  # the table's order stays the same
-            md = write_results(scenario, runs, machine, args.out_dir)
-            log(f"[{scenario.name}] {name} done in {time.monotonic() - t:.0f} s")
+        for k in range(args.repeats):
+            names = args.strategies if k == 0 else [n for n in ("adaptive", "static") if n in args.strategies]
+            for name in names:
+                t = time.monotonic()
+                policy = strategy_policy(name, scenario)
+                try:
+                    run = run_strategy(scenario, name, policy, args.store, args.net)
+                except Exception as exc:  # one broken run must not lose the others; its row says why
+                    log(f"  {name}: run failed: {exc!r}")
+                    run = {"strategy": name, "policy": policy, "infeasible": True, "run_failed": True,
+                           "reason": f"run failed: {exc!r}"[:400]}  # fmt: skip
+                if k == 0:
+                    runs[name] = run
+                    runs = {n: runs[n] for n in STRATEGIES if n in runs}  # the table's order stays the same
+                else:
+                    repeats.setdefault(name, []).append(run)
+                md = write_results(scenario, runs, machine, args.out_dir, repeats)
+                log(f"[{scenario.name}] round {k + 1}: {name} done in {time.monotonic() - t:.0f} s")
         print(md)
     return 0
 

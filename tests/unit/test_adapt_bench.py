@@ -159,3 +159,32 @@ def test_the_markdown_report_has_a_row_per_phase_and_says_infeasible(tmp_path) -
     assert "| even | infeasible: nodes short of memory" in md
     plot_latency(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_repeated_rounds_pair_each_strategys_kth_run_and_judge_the_median() -> None:
+    from bench.adapt import summarise
+
+    s = scenario({"at_s": 10, "kind": "slowdown", "node": "@busiest", "factor": 4}, name="node_slowdown")
+
+    def run(after_s: float) -> dict:
+        reqs = [{**req(t, t + 1.0), "text": "a", "version": 1, "status": 200} for t in range(3, 9)]
+        reqs += [{**req(t, t + after_s), "text": "a", "version": 1, "status": 200} for t in range(11, 30, 3)]
+        return {"policy": {}, "requests": reqs, "plan_changes": [], "timeline": [], "network": "netns"}
+
+    # static's after-phase requests take 3 s throughout; adaptive's 1, 2 and 1.2 s in the three rounds.
+    runs = {"adaptive": run(1.0), "static": run(3.0)}
+    repeats = {"adaptive": [run(2.0), run(1.2)], "static": [run(3.0), run(3.0)]}
+    machine = {"nproc": 2, "cpu": "x", "date": "now", "loadavg_start": 1.0}
+    result = summarise(s, runs, machine, None, repeats)
+    summary = result["rounds_summary"]
+    assert summary["rounds"] == 3
+    assert summary["ratios"] == pytest.approx([3.0, 1.5, 2.5])
+    assert summary["median_ratio"] == pytest.approx(2.5) and summary["adaptive_failed"] == 0
+    md = markdown(result)
+    assert "Over 3 rounds" in md and "median 2.50" in md
+    assert "Target on the medians (≥ 2× lower p95, zero failures): **met** over the phase" in md
+    assert "Links: a network namespace per worker" in md
+    # A round whose static run failed to start counts as no comparison, not as a ratio.
+    repeats["static"][1] = {"policy": {}, "infeasible": True, "run_failed": True, "reason": "x"}
+    assert summarise(s, runs, machine, None, repeats)["rounds_summary"]["ratios"] == pytest.approx([3.0, 1.5])
+    assert "repeats" not in summarise(s, runs, machine, None, {})
