@@ -12,7 +12,8 @@ activations, probes, heartbeats — is shaped, TCP included.
 
 RTT is not shaped here: ``netem`` is not on this kernel; the worker's
 emulated RTT stays in use for that. Everything a testbed makes carries its
-own short id in its name and is removed by :meth:`Testbed.close`.
+own short id in its name and is removed by :meth:`Testbed.close`; a testbed
+whose process died without closing it (SIGKILL) is removed by the next one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import uuid
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 QUEUE_LATENCY = "500ms"  # how long a packet may wait in the shaper before it is dropped
 MIN_BURST_BYTES = 4096  # above one 1514-byte frame, small enough that a 32 KB probe sees the rate
 BURST_S = 0.002  # otherwise 2 ms of traffic at the rate
+OWNER = "edgeorch testbed of pid "  # the bridge's alias: whose testbed it is
 
 
 class NetnsError(RuntimeError):
@@ -85,6 +88,36 @@ def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
     raise NetnsError("no free 10.x.y.0/24 subnet for a testbed")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale() -> list[str]:
+    """Remove the testbeds of processes that are gone; returns their bridges' names."""
+    removed = []
+    for line in _run(["ip", "-o", "link", "show", "type", "bridge"]).splitlines():
+        name = re.match(r"\d+: (eo[0-9a-f]{5}b)[:@]", line)
+        owner = re.search(re.escape(OWNER) + r"(\d+)", line)
+        if not name or not owner or _pid_alive(int(owner.group(1))):
+            continue
+        tb_id = name.group(1)[2:-1]
+        for ns in _run(["ip", "netns", "list"]).split():
+            if ns.startswith(f"eo{tb_id}-"):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        for iface in re.findall(rf"\d+: (eo{tb_id}h\d+)[:@]", _run(["ip", "-o", "link", "show"])):
+            subprocess.run(["ip", "link", "del", iface], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", name.group(1)], capture_output=True, timeout=30)
+        removed.append(name.group(1))
+        log.info("removed the testbed %s of a process that is gone", name.group(1))
+    return removed
+
+
 class Testbed:
     """A bridge with the control plane's address and one namespace per node.
 
@@ -95,6 +128,7 @@ class Testbed:
         reason = unavailable_reason()
         if reason is not None:
             raise NetnsError(f"no network namespaces here: {reason}")
+        remove_stale()
         self.id = uuid.uuid4().hex[:5]
         self.subnet = _free_subnet(random.Random())
         hosts = self.subnet.hosts()
@@ -105,6 +139,7 @@ class Testbed:
         self._count = 0
         try:
             _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+            _run(["ip", "link", "set", self.bridge, "alias", f"{OWNER}{os.getpid()}"])
             _run(["ip", "addr", "add", f"{self.host_ip}/{self.subnet.prefixlen}", "dev", self.bridge])
             _run(["ip", "link", "set", self.bridge, "up"])
         except NetnsError:

@@ -126,3 +126,21 @@ def test_a_closed_testbed_leaves_no_namespace_or_interface() -> None:
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     assert not any(ns in listed for ns in spaces)
     assert f"eo{tb.id}" not in links
+
+
+def test_a_testbed_left_by_a_killed_process_is_removed_by_the_next() -> None:
+    import sys
+
+    from edgeorch.netns import remove_stale
+
+    code = ("import os; from edgeorch.netns import Testbed; tb = Testbed(); tb.add_node('a'); "
+            "print(tb.bridge, tb.nodes['a'][0], flush=True); os.kill(os.getpid(), 9)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    bridge, ns = out.stdout.split()
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+    assert bridge in ip("-o", "link", "show") and ns in ip("netns", "list")
+    assert bridge in remove_stale()
+    assert bridge not in ip("-o", "link", "show") and ns not in ip("netns", "list")
