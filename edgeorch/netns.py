@@ -55,17 +55,41 @@ def unavailable_reason() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"{tool} (iproute2) is not on PATH"
-    probe = f"eoprobe{uuid.uuid4().hex[:6]}"
+    tag = uuid.uuid4().hex[:6]
+    ns, bridge, host_if, node_if = f"eoprobe{tag}", f"eop{tag}b", f"eop{tag}h", f"eop{tag}n"
     try:
-        _run(["ip", "netns", "add", probe])
+        # What a testbed does, in small: a bridge, a veth pair into a namespace, a tbf on it.
+        _run(["ip", "netns", "add", ns])
         try:
-            _run(["ip", "netns", "exec", probe, "ip", "link", "set", "lo", "up"])
-            _run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-                  "rate", "10mbit", "burst", "4kb", "latency", QUEUE_LATENCY])  # fmt: skip
+            _run(["ip", "link", "add", bridge, "type", "bridge"])
+            _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if])
+            _run(["ip", "link", "set", host_if, "master", bridge])
+            _run(["ip", "link", "set", node_if, "netns", ns])
+            _run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    node_if,
+                    "root",
+                    "tbf",
+                    *tbf_args(10),
+                ]
+            )
         finally:
-            _run(["ip", "netns", "del", probe])
+            for argv in (
+                ["ip", "link", "del", host_if],
+                ["ip", "link", "del", bridge],
+                ["ip", "netns", "del", ns],
+            ):
+                subprocess.run(argv, capture_output=True, timeout=30)
     except (NetnsError, OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot make a namespace with a tbf qdisc: {exc}"
+        return f"cannot make a namespace, bridge and veth pair with a tbf qdisc: {exc}"
     return None
 
 
