@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-engine bench-peers bench-adapt report compose-check clean
+.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-engine bench-peers bench-adapt bench-adapt-targets report compose-check clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ bench-engine: install models
 ADAPT_ARGS ?=
 bench-adapt: install models
 	$(BIN)/python -m bench.adapt $(ADAPT_ARGS)
+
+# The scenarios with a 2x target, each over three rounds (round 1 every strategy,
+# rounds 2-3 adaptive and static again; the target also judged on the median), ~20 min each.
+bench-adapt-targets: install models
+	$(BIN)/python -m bench.adapt --scenarios node_slowdown,link_degradation,link_degradation_int8 --repeats 3 $(ADAPT_ARGS)
 
 # Every table and plot under bench/results/ in one page: docs/results.md.
 report: install
