@@ -287,6 +287,16 @@ def plan_lines(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def has_ratio_target(scenario: str) -> bool:
+    """The scenarios (and their variants) whose target is adaptive's p95 ≥ 2× lower than static's."""
+    return scenario.startswith(("node_slowdown", "link_degradation"))
+
+
+def ratio_verdict(ratio: float | None, adaptive_failed: int) -> str:
+    """That target: static ÷ adaptive p95 at least 2 with no failed adaptive request."""
+    return "met" if ratio is not None and ratio >= 2.0 and adaptive_failed == 0 else "NOT met"
+
+
 def target_lines(scenario: str, comparison: dict | None) -> list[str]:
     """The issue's targets for this scenario against what was measured."""
     if comparison is None:
@@ -306,13 +316,11 @@ def target_lines(scenario: str, comparison: dict | None) -> list[str]:
         text += (f" For context, not the target: with each p95 taken over the same run's p50 before the change "
                  f"(which cancels the machine's drift between runs), static ÷ adaptive = "
                  f"{_s(comparison['drift_corrected_ratio'])}.")  # fmt: skip
-    if scenario.startswith(("node_slowdown", "link_degradation")):
-        zero = comparison["adaptive_failed"] == 0
-        met = ratio is not None and ratio >= 2.0 and zero
-        text += f" Target (≥ 2× lower p95, zero failures): **{'met' if met else 'NOT met'}** over the phase"
+    if has_ratio_target(scenario):
+        failed = comparison["adaptive_failed"]
+        text += f" Target (≥ 2× lower p95, zero failures): **{ratio_verdict(ratio, failed)}** over the phase"
         if "static_over_adaptive_settled_p95" in comparison:
-            met_settled = settled is not None and settled >= 2.0 and zero
-            text += f", **{'met' if met_settled else 'NOT met'}** over the requests started after the change"
+            text += f", **{ratio_verdict(settled, failed)}** over the requests started after the change"
         text += "."
     elif scenario == "node_loss":
         met = (
@@ -334,14 +342,11 @@ def rounds_lines(scenario: str, summary: dict | None) -> list[str]:
             f"started after the change); median {_s(summary['median_ratio'])} "
             f"({_s(summary['median_settled_ratio'])}); failed requests in all rounds: adaptive "
             f"{summary['adaptive_failed']}, static {summary['static_failed']}.")  # fmt: skip
-    if scenario.startswith(("node_slowdown", "link_degradation")):
-        zero = summary["adaptive_failed"] == 0
-
-        def verdict(v: float | None) -> str:
-            return "met" if v is not None and v >= 2.0 and zero else "NOT met"
-
-        text += (f" Target on the medians (≥ 2× lower p95, zero failures): **{verdict(summary['median_ratio'])}** "
-                 f"over the phase, **{verdict(summary['median_settled_ratio'])}** over the requests started "
+    if has_ratio_target(scenario):
+        failed = summary["adaptive_failed"]
+        text += (f" Target on the medians (≥ 2× lower p95, zero failures): "
+                 f"**{ratio_verdict(summary['median_ratio'], failed)}** over the phase, "
+                 f"**{ratio_verdict(summary['median_settled_ratio'], failed)}** over the requests started "
                  "after the change.")  # fmt: skip
     return [text]
 

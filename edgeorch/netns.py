@@ -49,47 +49,29 @@ def _run(argv: list[str]) -> str:
 
 
 def unavailable_reason() -> str | None:
-    """Why a testbed cannot be made on this machine, or None when it can (tries a namespace and a tbf)."""
+    """Why a testbed cannot be made on this machine, or None when it can.
+
+    Makes one, in small (a node joined to the bridge, a tbf on its uplink),
+    and removes it again: what the machine refuses is what a testbed needs.
+    """
+    missing = _missing_prerequisite()
+    if missing is not None:
+        return missing
+    try:
+        with Testbed() as tb:
+            tb.add_node("probe")
+            tb.set_uplink("probe", 10)
+    except (NetnsError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot make a namespace, bridge and veth pair with a tbf qdisc: {exc}"
+    return None
+
+
+def _missing_prerequisite() -> str | None:
     if os.name != "posix" or os.geteuid() != 0:
         return "network namespaces need root"
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"{tool} (iproute2) is not on PATH"
-    tag = uuid.uuid4().hex[:6]
-    ns, bridge, host_if, node_if = f"eoprobe{tag}", f"eop{tag}b", f"eop{tag}h", f"eop{tag}n"
-    try:
-        # What a testbed does, in small: a bridge, a veth pair into a namespace, a tbf on it.
-        _run(["ip", "netns", "add", ns])
-        try:
-            _run(["ip", "link", "add", bridge, "type", "bridge"])
-            _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if])
-            _run(["ip", "link", "set", host_if, "master", bridge])
-            _run(["ip", "link", "set", node_if, "netns", ns])
-            _run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    node_if,
-                    "root",
-                    "tbf",
-                    *tbf_args(10),
-                ]
-            )
-        finally:
-            for argv in (
-                ["ip", "link", "del", host_if],
-                ["ip", "link", "del", bridge],
-                ["ip", "netns", "del", ns],
-            ):
-                subprocess.run(argv, capture_output=True, timeout=30)
-    except (NetnsError, OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot make a namespace, bridge and veth pair with a tbf qdisc: {exc}"
     return None
 
 
@@ -149,9 +131,9 @@ class Testbed:
     """
 
     def __init__(self) -> None:
-        reason = unavailable_reason()
-        if reason is not None:
-            raise NetnsError(f"no network namespaces here: {reason}")
+        missing = _missing_prerequisite()
+        if missing is not None:
+            raise NetnsError(f"no network namespaces here: {missing}")
         remove_stale()
         self.id = uuid.uuid4().hex[:5]
         self.subnet = _free_subnet(random.Random())
@@ -175,11 +157,7 @@ class Testbed:
         if node_id in self.nodes:
             return self.nodes[node_id][2]
         self._count += 1
-        ns, host_if, node_if = (
-            f"eo{self.id}-{self._count}",
-            f"eo{self.id}h{self._count}",
-            f"eo{self.id}n{self._count}",
-        )
+        ns, host_if, node_if = self._names(self._count)
         address = str(next(self._addresses))
         self.nodes[node_id] = (ns, node_if, address)
         _run(["ip", "netns", "add", ns])
@@ -190,6 +168,10 @@ class Testbed:
         _run(["ip", "-n", ns, "link", "set", node_if, "up"])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         return address
+
+    def _names(self, index: int) -> tuple[str, str, str]:
+        """(namespace, host-side interface, node-side interface) of the index-th node."""
+        return f"eo{self.id}-{index}", f"eo{self.id}h{index}", f"eo{self.id}n{index}"
 
     def exec_prefix(self, node_id: str) -> list[str]:
         """The argv prefix that runs a command inside the node's namespace."""
@@ -212,10 +194,10 @@ class Testbed:
 
     def close(self) -> None:
         """Remove every namespace (their veth pairs go with them) and the bridge; safe to call twice."""
-        for ns, node_if, _ in self.nodes.values():
+        for ns, _, _ in self.nodes.values():
             # The host end first: a namespace's own interfaces go only once the kernel has torn it
             # down, which happens after `ip netns del` returns.
-            host_if = node_if.replace(f"eo{self.id}n", f"eo{self.id}h", 1)
+            host_if = self._names(int(ns.rsplit("-", 1)[1]))[1]
             subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self.nodes.clear()
