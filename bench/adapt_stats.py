@@ -172,6 +172,38 @@ def settled_p95(run: dict, start_s: float, end_s: float) -> float | None:
     return percentile(lat, 0.95)
 
 
+CHANGE_KINDS = ("remap", "resplit", "recover")
+MEASURED_CONFIRMATION = "confirmed by measurement"
+
+
+def transition(run: dict, change_s: float, end_s: float) -> dict | None:
+    """Where adaptation's time went after a change at ``change_s``, read off the run's decision log.
+
+    ``seen_s``: the first look after the change that predicted a gain worth a
+    change (a keep waiting for confirmation, or the change itself);
+    ``rollout_s``: when the rollout began (the change's commit time less its
+    rollout's duration); ``committed_s``: when it committed; all in seconds
+    after the change. ``confirmed_by``: ``measurement`` (the plan's own steps
+    had slowed down), ``second look`` or ``none needed`` (the plan could not
+    serve). None when no change committed before ``end_s``, or the run kept
+    no decision log.
+    """
+    events = [e for e in run.get("events") or [] if change_s <= e["t_s"] < end_s]
+    change = next((e for e in events if e["kind"] in CHANGE_KINDS), None)
+    if change is None:
+        return None
+    took = float((change.get("data") or {}).get("took_s") or 0.0)
+    waiting = [e for e in events if e["kind"] == "keep" and "to see the gain again" in e["message"]
+               and e["t_s"] <= change["t_s"] - took]  # fmt: skip
+    rollout_s = change["t_s"] - took - change_s
+    message = change["message"]
+    confirmed_by = ("measurement" if MEASURED_CONFIRMATION in message else
+                    "second look" if "predicted again" in message or waiting else "none needed")  # fmt: skip
+    return {"seen_s": (waiting[0]["t_s"] - change_s) if waiting else rollout_s, "rollout_s": rollout_s,
+            "committed_s": change["t_s"] - change_s, "rollout_took_s": took, "confirmed_by": confirmed_by,
+            "kind": change["kind"]}  # fmt: skip
+
+
 def first_change_comparison(
     table: dict[str, list[dict]],
     runs: dict[str, dict] | None = None,
@@ -199,6 +231,9 @@ def first_change_comparison(
         pa, ps = settled_p95(runs["adaptive"], *window), settled_p95(runs["static"], *window)
         out.update(adaptive_settled_p95_s=pa, static_settled_p95_s=ps,
                    static_over_adaptive_settled_p95=ps / pa if pa and ps else None)  # fmt: skip
+        step = transition(runs["adaptive"], *window)
+        if step is not None:
+            out["adaptive_transition"] = step
     return out
 
 
@@ -220,6 +255,7 @@ def rounds_summary(comparisons: list[dict | None]) -> dict | None:
         return statistics.median(known) if len(known) == len(values) else None
 
     return {"rounds": len(rounds), "ratios": ratios, "settled_ratios": settled, "median_ratio": median(ratios),
+            "transitions": [c.get("adaptive_transition") for c in rounds],
             "median_settled_ratio": median(settled),
             "adaptive_failed": sum(c["adaptive_failed"] for c in rounds),
             "static_failed": sum(c["static_failed"] for c in rounds)}  # fmt: skip
@@ -316,6 +352,8 @@ def target_lines(scenario: str, comparison: dict | None) -> list[str]:
         text += (f" For context, not the target: with each p95 taken over the same run's p50 before the change "
                  f"(which cancels the machine's drift between runs), static ÷ adaptive = "
                  f"{_s(comparison['drift_corrected_ratio'])}.")  # fmt: skip
+    if comparison.get("adaptive_transition"):
+        text += f" {transition_text(comparison['adaptive_transition'])}"
     if has_ratio_target(scenario):
         failed = comparison["adaptive_failed"]
         text += f" Target (≥ 2× lower p95, zero failures): **{ratio_verdict(ratio, failed)}** over the phase"
@@ -328,6 +366,13 @@ def target_lines(scenario: str, comparison: dict | None) -> list[str]:
         )
         text += f" Target (adaptive keeps serving where static cannot): **{'met' if met else 'NOT met'}**."
     return [text]
+
+
+def transition_text(step: dict) -> str:
+    """One sentence: how long adaptive took to see, confirm and roll out its first change."""
+    return (f"Adaptive's first change ({step['kind']}): a gain seen {step['seen_s']:.1f} s after the event, "
+            f"confirmed by {step['confirmed_by']}, rollout begun at {step['rollout_s']:.1f} s and committed at "
+            f"{step['committed_s']:.1f} s ({step['rollout_took_s']:.1f} s to roll out).")  # fmt: skip
 
 
 def rounds_lines(scenario: str, summary: dict | None) -> list[str]:
@@ -348,6 +393,10 @@ def rounds_lines(scenario: str, summary: dict | None) -> list[str]:
                  f"**{ratio_verdict(summary['median_ratio'], failed)}** over the phase, "
                  f"**{ratio_verdict(summary['median_settled_ratio'], failed)}** over the requests started "
                  "after the change.")  # fmt: skip
+    steps = summary.get("transitions") or []
+    if any(steps):
+        text += " Adaptive's first change per round, committed after: " + ", ".join(
+            f"{t['committed_s']:.1f} s ({t['confirmed_by']})" if t else "—" for t in steps) + "."  # fmt: skip
     return [text]
 
 

@@ -7,10 +7,17 @@ predicted relative gain of at least ``min_gain`` (hysteresis) and must wait
 ``cooldown_s`` after the previous one, so plans cannot flap between two
 near-equal splits. A plan that can no longer serve (a node gone, memory now
 short) is replaced at once, cooldown or not.
+
+A predicted gain is confirmed either by a second look ``confirm_s`` later or,
+at once, by :func:`measured_slowdown`: the plan's own decode steps of the last
+moments running well above their earlier median. Noise in the node speeds
+predicts gains without slowing the steps down; a real change does both.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgeorch.orchestration.snapshot import objective_value
@@ -55,3 +62,31 @@ def decide(
         wait = policy.cooldown_s - (now - last_change_at)
         return Decision("keep", False, f"{trigger}: {figures}, but in cooldown for {wait:.1f}s more", gain)
     return Decision(revision_kind, True, f"{trigger}: {figures}", gain)
+
+
+SLOWDOWN_WINDOW_S = 1.5  # "recent" decode steps: those that ended this long ago at most
+SLOWDOWN_MIN_RECENT = 4  # recent steps needed for a reading
+SLOWDOWN_MIN_BASELINE = 16  # earlier steps needed for a reading
+SLOWDOWN_BASELINE = 64  # earlier steps the baseline median is taken over (the latest ones)
+
+
+def measured_slowdown(
+    steps: Iterable[tuple[float, int, float]], version: int, now: float, window_s: float = SLOWDOWN_WINDOW_S
+) -> float | None:
+    """How many times slower one plan version's recent decode steps are than its earlier ones.
+
+    ``steps`` holds ``(ended_at, version, seconds)`` on one clock with
+    ``now``. The ratio is the median of the steps that ended in the last
+    ``window_s`` over the median of the latest earlier ones; None when either
+    side has too few steps to say (a version that just started, an idle
+    deployment).
+    """
+    recent: list[float] = []
+    before: list[float] = []
+    for ended_at, v, seconds in steps:
+        if v == version:
+            (recent if ended_at >= now - window_s else before).append(seconds)
+    if len(recent) < SLOWDOWN_MIN_RECENT or len(before) < SLOWDOWN_MIN_BASELINE:
+        return None
+    baseline = statistics.median(before[-SLOWDOWN_BASELINE:])
+    return statistics.median(recent) / baseline if baseline > 0 else None

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,8 +135,15 @@ async def generate(
     stop_ids: set[int],
     stats: SessionStats,
     max_recoveries: int = 3,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> AsyncIterator[int]:
-    """Yield generated token ids one by one, carrying the session over failed stages."""
+    """Yield generated token ids one by one, carrying the session over failed stages.
+
+    ``on_step(version, seconds)`` hears every decode step as it ends — one
+    token on a session whose caches hold the rest, not a prompt's or a
+    replay's prefill — so the controller sees a plan slow down while its
+    requests are still running.
+    """
     route = await routes.route(deployment)
     tokens = list(prompt_ids)
     generated: list[int] = []
@@ -169,8 +176,11 @@ async def generate(
             route = await routes.recover(route, failure.failed_node, failure.detail)
             session, sent = uuid.uuid4().hex, 0
             continue
-        stats.step_s.append(time.perf_counter() - t0)
+        step_s = time.perf_counter() - t0
+        stats.step_s.append(step_s)
         stats.versions.append(route.version)
+        if on_step is not None and sent > 0:
+            on_step(route.version, step_s)
         token = int(frame.meta["token"])
         now = time.perf_counter()
         stats.max_gap_s = max(stats.max_gap_s, now - last_token_at) if generated else stats.max_gap_s

@@ -47,6 +47,12 @@ class OrchestratorSettings(ServiceSettings):
     confirm_s: float = Field(
         default=1.0, ge=0, description="a change must be predicted to pay off twice, this far apart"
     )
+    confirm_slowdown: float = Field(
+        default=1.5,
+        ge=0,
+        description="the current plan's decode steps this many times their earlier median confirm a "
+        "predicted gain at once, without waiting confirm_s; 0: never",
+    )
     rollout_wait_s: float = Field(default=60.0, gt=0, description="give up on a rollout after this")
     plan_time_limit_s: float = Field(
         default=0.1,

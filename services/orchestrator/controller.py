@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgeorch import bus
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
-from edgeorch.orchestration.decide import decide
+from edgeorch.orchestration.decide import decide, measured_slowdown
 from edgeorch.orchestration.generation import ChainFailure, Route
 from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
 from edgeorch.schemas.orchestrator import MeasuredView, PredictedView, QosPolicy, StageView
@@ -51,7 +51,7 @@ class Live:
     triggers: list[str] = field(default_factory=list)
     route: Route | None = None
     predicted: PredictedView | None = None
-    steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (version, step_s)
+    steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (ended_at monotonic, version, step_s)
     requests: int = 0
     failed: int = 0
     measured_versions: set[int] = field(default_factory=set)
@@ -203,36 +203,45 @@ class Controller:
             if cur_pred is not None:
                 await self._set_state(live, "ready", None)
             return False
-        if (
-            revision["current_feasible"]
-            and not exclude
-            and live.policy.adaptive
-            and not self._confirmed(live)
-        ):
-            await self._log("keep", live.name, f"{decision.reason}; waiting {self.settings.confirm_s:.1f}s to "
-                            "see the gain again", {"candidate_stages": stages})  # fmt: skip
-            return False
+        reason = decision.reason
+        if revision["current_feasible"] and not exclude and live.policy.adaptive:
+            confirmation = self._confirmation(live)
+            if confirmation is None:
+                await self._log("keep", live.name, f"{decision.reason}; waiting {self.settings.confirm_s:.1f}s "
+                                "to see the gain again", {"candidate_stages": stages})  # fmt: skip
+                return False
+            reason = f"{reason}; {confirmation}"
         kind = "recover" if exclude else decision.kind
-        return await self._roll_out(live, kind, decision.reason, stages, cluster.urls, cand_pred, answer)
+        return await self._roll_out(live, kind, reason, stages, cluster.urls, cand_pred, answer)
 
-    def _confirmed(self, live: Live) -> bool:
-        """A voluntary change needs its gain predicted by two evaluations ``confirm_s`` apart.
+    def _confirmation(self, live: Live) -> str | None:
+        """What confirms a voluntary change now, or None (then a look ``confirm_s`` later may).
 
         Speeds measured on a busy shared host swing by ±25 % for a second or
         two, which alone predicts 20–45 % gains for plans that only shuffle
         nodes; a real change (a node 4x slower) keeps predicting its gain.
-        The candidate itself may differ between the two looks (its exact
-        boundaries move with the noise); the later one is rolled out.
+        So a gain must be predicted again ``confirm_s`` later — unless the
+        current plan's own decode steps already run ``confirm_slowdown`` times
+        their earlier median: then the change is real and measured, and
+        waiting only keeps every session on the slow plan. The candidate may
+        differ between two looks (its boundaries move with the noise); the
+        later one is rolled out.
         """
         now = time.monotonic()
+        threshold = self.settings.confirm_slowdown
+        if threshold > 0 and live.route is not None:
+            slowdown = measured_slowdown(live.steps, live.route.version, now)
+            if slowdown is not None and slowdown >= threshold:
+                live.pending = None
+                return f"confirmed by measurement: decode steps {slowdown:.2f}x their earlier median"
         if live.pending is not None and now - live.pending >= self.settings.confirm_s:
             live.pending = None
-            return True
+            return f"confirmed: the gain was predicted again {self.settings.confirm_s:g}s later"
         if live.pending is None:
             live.pending = now
         loop = asyncio.get_running_loop()
         loop.call_later(self.settings.confirm_s + 0.05, self.poke, live.name, "confirming a candidate")
-        return False
+        return None
 
     def _excluded(self, extra: frozenset[str]) -> set[str]:
         now = time.monotonic()
@@ -350,14 +359,19 @@ class Controller:
         log.info("%s: re-routed around %s in %.2fs", route.deployment, failed_node, time.perf_counter() - t0)
         return live.route
 
-    def observe(self, deployment: str, versions: list[int], step_s: list[float], failed: bool) -> None:
-        """The gateway reports a finished request's step times."""
+    def step_seen(self, deployment: str, version: int, step_s: float) -> None:
+        """The gateway reports one decode step as it ends (no I/O: called on the request's path)."""
+        live = self.live.get(deployment)
+        if live is not None:
+            live.steps.append((time.monotonic(), version, step_s))
+
+    def observe(self, deployment: str, failed: bool) -> None:
+        """The gateway reports a finished request (its steps came one by one)."""
         live = self.live.get(deployment)
         if live is None:
             return
         live.requests += 1
         live.failed += int(failed)
-        live.steps.extend(zip(versions, step_s, strict=False))
         attainment = self.measured(deployment).slo_attainment
         if attainment is not None:
             self.metrics.slo_attainment.labels(deployment).set(attainment)
@@ -368,8 +382,7 @@ class Controller:
         if live is None:
             return MeasuredView(step_s=None, steps=0, requests=0, failed_requests=0, slo_attainment=None)
         version = live.route.version if live.route else None
-        # The first step of a request is the prompt's prefill: not a decode step.
-        steps = [s for v, s in live.steps if v == version]
+        steps = [s for _, v, s in live.steps if v == version]  # decode steps only (no prefills)
         slo = live.policy.latency_slo_s
         return MeasuredView(
             step_s=statistics.median(steps[-64:]) if steps else None, steps=len(steps),
@@ -391,7 +404,7 @@ class Controller:
         version = live.route.version
         # The first steps on a new version run on freshly loaded weights and
         # overlap the rollout's own work: they say little about the plan.
-        steps = [s for v, s in live.steps if v == version][MEASURE_SKIP_STEPS:]
+        steps = [s for _, v, s in live.steps if v == version][MEASURE_SKIP_STEPS:]
         if len(steps) < MEASURE_STEPS:
             return
         live.measured_versions.add(version)

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -100,7 +101,8 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
     stats, finish, t0 = SessionStats(), "length", time.perf_counter()
     try:
         async for token in generate(state.data_http, state.controller, name, ids, max_tokens,
-                                    body.sampling(), stop_ids, stats):  # fmt: skip
+                                    body.sampling(), stop_ids, stats,
+                                    on_step=partial(state.controller.step_seen, name)):  # fmt: skip
             if token in stop_ids:
                 finish = "stop"
                 break
@@ -111,11 +113,10 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
                 finish = "stop"
                 break
     except ChainFailure:
-        state.controller.observe(name, stats.versions[1:], stats.step_s[1:], failed=True)
+        state.controller.observe(name, failed=True)
         state.metrics.requests.labels(name, "generate", "failed").inc()
         raise
-    # Step 0 carried the prompt (prefill): only later steps are per-token decode figures.
-    state.controller.observe(name, stats.versions[1:], stats.step_s[1:], failed=False)
+    state.controller.observe(name, failed=False)
     _count(state.metrics, name, stats, time.perf_counter() - t0)
     yield stream.finish(), finish
 

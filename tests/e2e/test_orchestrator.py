@@ -295,7 +295,9 @@ def test_a_node_slowed_4x_is_split_around_within_10s(stack, smol) -> None:
             t.join()
         HTTP.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 1.0}, headers=admin(stack))
         for e in events(stack, since):  # the decision log around the change, shown with -s
-            print(f"{e['ts'] - t_change:7.2f} {e['kind']} {e['message'][:250]}")
+            took = (e.get("data") or {}).get("took_s")
+            print(f"{e['ts'] - t_change:7.2f} {e['kind']}{f' (rollout {took:.2f}s)' if took else ''} "
+                  f"{e['message'][-250:]}")  # fmt: skip
     print(
         f"re-split {change['ts'] - t_change:.2f}s after the change; measured/predicted "
         f"{measured['data']['ratio']:.2f}; {len(results)} requests"

@@ -15,6 +15,8 @@ from bench.adapt_stats import (
     phases,
     recovery_s,
     strategy_rows,
+    transition,
+    transition_text,
 )
 from edgeorch.scenario import ScenarioError
 
@@ -188,3 +190,30 @@ def test_repeated_rounds_pair_each_strategys_kth_run_and_judge_the_median() -> N
     repeats["static"][1] = {"policy": {}, "infeasible": True, "run_failed": True, "reason": "x"}
     assert summarise(s, runs, machine, None, repeats)["rounds_summary"]["ratios"] == pytest.approx([3.0, 1.5])
     assert "repeats" not in summarise(s, runs, machine, None, {})
+
+
+def test_transition_reads_seen_confirmed_and_committed_off_the_decision_log() -> None:
+    def ev(t_s, kind, message, **data):
+        return {"t_s": t_s, "kind": kind, "message": message, "data": data}
+
+    waiting = "monitor: link: latency 3 s -> 1 s (-60.0%); waiting 1.0s to see the gain again"
+    run = {"events": [
+        ev(5.0, "remap", "v2 committed: earlier change"),
+        ev(11.2, "keep", "timer: the current plan is still the best"),
+        ev(21.3, "keep", waiting),
+        ev(24.1, "resplit", "v3 committed: confirming a candidate: ...; confirmed: the gain was predicted "
+                            "again 1s later", took_s=1.5),
+        ev(30.0, "remap", "v4 committed: a later one"),
+    ]}  # fmt: skip
+    step = transition(run, 20.0, 40.0)
+    assert step == pytest.approx({"seen_s": 1.3, "rollout_s": 2.6, "committed_s": 4.1, "rollout_took_s": 1.5,
+                                  "confirmed_by": "second look", "kind": "resplit"})  # fmt: skip
+    # Confirmed by the plan's own slowed steps on the first look that saw the gain: no waiting look.
+    del run["events"][2]
+    run["events"][2] = ev(22.6, "remap", "v3 committed: monitor: ...; confirmed by measurement: decode steps "
+                                         "2.61x their earlier median", took_s=1.2)  # fmt: skip
+    step = transition(run, 20.0, 40.0)
+    assert step == pytest.approx({"seen_s": 1.4, "rollout_s": 1.4, "committed_s": 2.6, "rollout_took_s": 1.2,
+                                  "confirmed_by": "measurement", "kind": "remap"})  # fmt: skip
+    assert "confirmed by measurement" in transition_text(step)
+    assert transition(run, 31.0, 40.0) is None and transition({}, 0.0, 40.0) is None

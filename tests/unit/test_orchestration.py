@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeorch.orchestration.decide import decide
+from edgeorch.orchestration.decide import decide, measured_slowdown
 from edgeorch.orchestration.generation import Route, _classify
 from edgeorch.orchestration.snapshot import (
     UNMEASURED_BANDWIDTH_BYTES_PER_S,
@@ -111,6 +111,23 @@ def test_throughput_gain_is_measured_on_seconds_per_token() -> None:
     d = decide(revision_kind="resplit", current_feasible=True, current=slow, candidate=fast,
                policy=QosPolicy(objective="throughput"), now=0, last_change_at=None, trigger="t")  # fmt: skip
     assert d.change and d.gain == pytest.approx(0.5)
+
+
+def test_measured_slowdown_compares_a_versions_last_steps_with_its_earlier_ones() -> None:
+    # 40 steps of 100 ms on version 3, one every 0.1 s up to t = 4.0, then 250 ms steps.
+    steps = [(0.1 * i, 3, 0.100) for i in range(1, 41)]
+    assert measured_slowdown(steps, 3, now=4.0) == pytest.approx(1.0)
+    slow = [*steps, *((4.0 + 0.25 * i, 3, 0.250) for i in range(1, 7))]
+    assert measured_slowdown(slow, 3, now=5.5) == pytest.approx(2.5)
+    # Steps of another version (the previous plan, sessions still moving) do not count.
+    assert measured_slowdown([*steps, *((4.0 + 0.02 * i, 2, 0.9) for i in range(5))], 3, now=4.1) == 1.0
+    # One slow step among fast ones (a GC pause, a busy neighbour) is not a slowdown.
+    spike = [*steps, (4.05, 3, 0.4), (4.1, 3, 0.1), (4.2, 3, 0.1), (4.3, 3, 0.1)]
+    assert measured_slowdown(spike, 3, now=4.3) == pytest.approx(1.0)
+    # Too few steps on either side: no reading rather than a guess.
+    assert measured_slowdown(slow[-10:], 3, now=5.5) is None
+    assert measured_slowdown(steps, 3, now=9.0) is None
+    assert measured_slowdown(steps, 4, now=4.0) is None
 
 
 def test_failures_name_the_innermost_dead_hop() -> None:

@@ -1,0 +1,69 @@
+"""The controller's confirmation of a predicted gain: a second look later, or the plan's own slowed steps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from edgeorch.orchestration.generation import Route
+from edgeorch.schemas.orchestrator import QosPolicy
+from services.orchestrator.app import OrchestratorSettings
+from services.orchestrator.controller import Controller, Live
+
+
+def _controller(**settings) -> tuple[Controller, Live]:
+    # _confirmation reads only the settings and the deployment's live state: no store, no services.
+    ctl = Controller(store=None, plane=None, settings=OrchestratorSettings(**settings), metrics=None)
+    live = Live(name="d", model="m", policy=QosPolicy(), profile=None)
+    live.route = Route("d", 3, "http://127.0.0.1:1", "d.v3.s0", {})
+    ctl.live["d"] = live
+    return ctl, live
+
+
+def _steps(ctl: Controller, version: int, seconds: float, n: int, ago_s: float) -> None:
+    """``n`` decode steps reported ``ago_s`` seconds ago (as if the gateway had just seen them)."""
+    ctl.step_seen("d", version, seconds)
+    live = ctl.live["d"]
+    t, v, s = live.steps.pop()
+    live.steps.extend([(t - ago_s, v, s)] * n)
+
+
+def test_a_gain_on_unchanged_steps_waits_for_a_second_look() -> None:
+    async def run() -> None:
+        ctl, live = _controller(confirm_s=0.2)
+        _steps(ctl, 3, 0.100, 30, ago_s=3.0)
+        _steps(ctl, 3, 0.110, 6, ago_s=0.5)  # 1.1x: host noise, not a change
+        assert ctl._confirmation(live) is None and live.pending is not None
+        await asyncio.sleep(0.25)
+        assert "predicted again" in ctl._confirmation(live)
+        assert live.pending is None
+
+    asyncio.run(run())
+
+
+def test_a_plan_whose_steps_slowed_down_confirms_at_once() -> None:
+    async def run() -> None:
+        ctl, live = _controller(confirm_s=30.0)
+        _steps(ctl, 3, 0.100, 30, ago_s=3.0)
+        _steps(ctl, 2, 0.400, 10, ago_s=0.5)  # the previous version's stragglers do not count
+        assert ctl._confirmation(live) is None
+        _steps(ctl, 3, 0.260, 6, ago_s=0.5)
+        assert ctl._confirmation(live) == "confirmed by measurement: decode steps 2.60x their earlier median"
+        assert live.pending is None
+        # Switched off, the same steps wait for the second look.
+        off, live_off = _controller(confirm_s=30.0, confirm_slowdown=0)
+        live_off.steps.extend(live.steps)
+        assert off._confirmation(live_off) is None
+
+    asyncio.run(run())
+
+
+def test_steps_reported_by_the_gateway_carry_when_they_ended() -> None:
+    ctl, live = _controller()
+    before = time.monotonic()
+    ctl.step_seen("d", 3, 0.1)
+    ctl.step_seen("nobody", 3, 0.1)  # an unknown deployment is ignored
+    ((ended_at, version, seconds),) = live.steps
+    assert before <= ended_at <= time.monotonic() and (version, seconds) == (3, 0.1)
+    ctl.observe("d", failed=False)
+    assert (live.requests, live.failed) == (1, 0)
