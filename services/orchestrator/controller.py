@@ -36,6 +36,7 @@ MEASURE_SKIP_STEPS = 16  # steps on a new version before its measurement starts
 MEASURE_STEPS = 32  # steps that make one measurement
 RELOAD_WAIT_S = 2.0  # before replaying a session whose stage vanished on a live node
 SUSPECT_S = 30.0  # a node a request saw die stays out of plans this long, or until the monitor re-sees it
+URGENT_POLL_S = 0.1  # how often the pause between two looks checks whether it should end early
 
 
 @dataclass
@@ -129,16 +130,37 @@ class Controller:
                     await self._evaluate(live, trigger)
                 await self._record_measured(live)
                 backoff = 1.0
-                # Triggers that arrive meanwhile are kept and looked at together:
-                # each look costs the splitter's CPU, taken from the workers
-                # on a small shared host.
-                await asyncio.sleep(self.settings.min_eval_interval_s)
+                await self._pause(live)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must outlive any single failure
                 log.exception("control loop of %s failed; retrying in %.1fs", live.name, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    async def _pause(self, live: Live) -> None:
+        """Wait ``min_eval_interval_s`` before the next look, unless news arrives on a slowed plan.
+
+        Triggers that arrive meanwhile are kept and looked at together: each
+        look costs the splitter's CPU, taken from the workers on a small
+        shared host. But when the current plan's own decode steps have slowed
+        down (:meth:`_slowed`) and a trigger has arrived — typically the
+        monitor's report of what slowed — the next look starts at once: every
+        session is paying for the wait.
+        """
+        deadline = time.monotonic() + self.settings.min_eval_interval_s
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, URGENT_POLL_S))
+            if live.triggers and self._slowed(live) is not None:
+                return
+
+    def _slowed(self, live: Live) -> float | None:
+        """How many times slower the current plan's recent decode steps run, when ``confirm_slowdown`` or more."""
+        threshold = self.settings.confirm_slowdown
+        if threshold <= 0 or live.route is None or not live.policy.adaptive:
+            return None
+        slowdown = measured_slowdown(live.steps, live.route.version, time.monotonic())
+        return slowdown if slowdown is not None and slowdown >= threshold else None
 
     async def _gate(self, live: Live, trigger: str) -> str | None:
         """The trigger to evaluate on, or None when the policy says not to look now.
@@ -228,12 +250,10 @@ class Controller:
         later one is rolled out.
         """
         now = time.monotonic()
-        threshold = self.settings.confirm_slowdown
-        if threshold > 0 and live.route is not None:
-            slowdown = measured_slowdown(live.steps, live.route.version, now)
-            if slowdown is not None and slowdown >= threshold:
-                live.pending = None
-                return f"confirmed by measurement: decode steps {slowdown:.2f}x their earlier median"
+        slowdown = self._slowed(live)
+        if slowdown is not None:
+            live.pending = None
+            return f"confirmed by measurement: decode steps {slowdown:.2f}x their earlier median"
         if live.pending is not None and now - live.pending >= self.settings.confirm_s:
             live.pending = None
             return f"confirmed: the gain was predicted again {self.settings.confirm_s:g}s later"

@@ -67,3 +67,27 @@ def test_steps_reported_by_the_gateway_carry_when_they_ended() -> None:
     assert before <= ended_at <= time.monotonic() and (version, seconds) == (3, 0.1)
     ctl.observe("d", failed=False)
     assert (live.requests, live.failed) == (1, 0)
+
+
+def test_news_on_a_slowed_plan_ends_the_pause_between_looks() -> None:
+    async def timed_pause(ctl: Controller, live: Live, poke_after_s: float) -> float:
+        loop = asyncio.get_running_loop()
+        loop.call_later(poke_after_s, ctl.poke, "d", "monitor: link_changed n2")
+        t0 = time.monotonic()
+        await ctl._pause(live)
+        return time.monotonic() - t0
+
+    async def run() -> None:
+        ctl, live = _controller(min_eval_interval_s=0.6)
+        _steps(ctl, 3, 0.100, 30, ago_s=3.0)
+        _steps(ctl, 3, 0.110, 6, ago_s=0.5)
+        # Steps as before: the pause lasts its interval, news or not.
+        assert await timed_pause(ctl, live, 0.1) >= 0.6
+        live.triggers.clear()
+        _steps(ctl, 3, 0.300, 8, ago_s=0.3)
+        # The plan slowed down: a trigger ends the pause at once, but nothing else does.
+        assert await timed_pause(ctl, live, 0.2) < 0.45
+        live.triggers.clear()
+        assert await timed_pause(ctl, live, 5.0) >= 0.6
+
+    asyncio.run(run())
