@@ -11,7 +11,9 @@ short) is replaced at once, cooldown or not.
 A predicted gain is confirmed either by a second look ``confirm_s`` later or,
 at once, by :func:`measured_slowdown`: the plan's own decode steps of the last
 moments running well above their earlier median. Noise in the node speeds
-predicts gains without slowing the steps down; a real change does both.
+predicts gains without slowing the steps down; a real change does both. Such
+a measured slowdown also lifts the cooldown: flapping between near-equal
+plans is driven by noise, which does not slow the running plan down.
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ def decide(
     now: float,
     last_change_at: float | None,
     trigger: str,
+    slowed: float | None = None,
 ) -> Decision:
-    """Decide on the splitter's candidate for the deployment's current plan."""
+    """Decide on the splitter's candidate for the deployment's current plan.
+
+    ``slowed``: how many times slower the current plan's decode steps now run
+    than before, when the caller measured a slowdown worth acting on (None:
+    not measured, or not slowed).
+    """
     if revision_kind == "keep":
         return Decision("keep", False, f"{trigger}: the current plan is still the best")
     if not current_feasible or current is None:
@@ -60,7 +68,11 @@ def decide(
                                        "needed to change", gain)  # fmt: skip
     if last_change_at is not None and now - last_change_at < policy.cooldown_s:
         wait = policy.cooldown_s - (now - last_change_at)
-        return Decision("keep", False, f"{trigger}: {figures}, but in cooldown for {wait:.1f}s more", gain)
+        if slowed is None:
+            return Decision(
+                "keep", False, f"{trigger}: {figures}, but in cooldown for {wait:.1f}s more", gain
+            )
+        figures += f"; {wait:.1f}s of cooldown skipped: decode steps {slowed:.2f}x their earlier median"
     return Decision(revision_kind, True, f"{trigger}: {figures}", gain)
 
 

@@ -45,7 +45,10 @@ class OrchestratorSettings(ServiceSettings):
     replan_interval_s: float = Field(default=5.0, gt=0, description="re-evaluate every plan this often")
     debounce_s: float = Field(default=0.2, ge=0, description="wait for a burst of events to end")
     confirm_s: float = Field(
-        default=1.0, ge=0, description="a change must be predicted to pay off twice, this far apart"
+        default=3.0,
+        ge=0,
+        description="a change not confirmed by measured steps must be predicted to pay off on every look "
+        "for this long",
     )
     confirm_slowdown: float = Field(
         default=1.5,

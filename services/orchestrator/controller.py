@@ -215,7 +215,7 @@ class Controller:
         decision = decide(revision_kind=revision["kind"], current_feasible=revision["current_feasible"],
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
                           last_change_at=(await run_in_threadpool(self.store.get, live.name)).last_change_at,
-                          trigger=trigger)  # fmt: skip
+                          trigger=trigger, slowed=self._slowed(live))  # fmt: skip
         if not decision.change:
             live.pending = None
             if trigger != "timer" or decision.gain is not None and decision.gain > 0:
@@ -242,7 +242,7 @@ class Controller:
         Speeds measured on a busy shared host swing by ±25 % for a second or
         two, which alone predicts 20–45 % gains for plans that only shuffle
         nodes; a real change (a node 4x slower) keeps predicting its gain.
-        So a gain must be predicted again ``confirm_s`` later — unless the
+        So a gain must be predicted on every look for ``confirm_s`` — unless the
         current plan's own decode steps already run ``confirm_slowdown`` times
         their earlier median: then the change is real and measured, and
         waiting only keeps every session on the slow plan. The candidate may
@@ -256,7 +256,7 @@ class Controller:
             return f"confirmed by measurement: decode steps {slowdown:.2f}x their earlier median"
         if live.pending is not None and now - live.pending >= self.settings.confirm_s:
             live.pending = None
-            return f"confirmed: the gain was predicted again {self.settings.confirm_s:g}s later"
+            return f"confirmed: the gain was predicted again on every look for {self.settings.confirm_s:g}s"
         if live.pending is None:
             live.pending = now
         loop = asyncio.get_running_loop()

@@ -124,9 +124,14 @@ def test_chat_through_a_split_equals_the_unsplit_model_streamed_or_not(stack, sm
     assert streamed == text
     models = HTTP.get(f"{stack.orchestrator_url}/v1/models").json()
     assert "smol" in [m["id"] for m in models["data"]]
+    before = deployment(stack, "smol")
     r = HTTP.post(f"{stack.orchestrator_url}/v1/completions",
                    json={"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})  # fmt: skip
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    # The gateway reported each decode step as it ended: 4 tokens, of which the first came with the prefill.
+    after = deployment(stack, "smol")
+    assert after["version"] == before["version"]
+    assert after["measured"]["steps"] - before["measured"]["steps"] == 3
 
 
 def test_the_official_openai_client_works_unchanged(stack, smol) -> None:

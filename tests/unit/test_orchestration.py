@@ -105,6 +105,15 @@ def test_decision_has_hysteresis_and_cooldown(kind, feasible, cur, cand, last_ch
     assert reason in d.reason
 
 
+def test_a_measured_slowdown_lifts_the_cooldown_but_not_the_hysteresis() -> None:
+    args = dict(revision_kind="resplit", current_feasible=True, current=_pred(1.0),
+                policy=QosPolicy(min_gain=0.3, cooldown_s=10), now=100.0, last_change_at=95.0, trigger="t")  # fmt: skip
+    assert not decide(candidate=_pred(0.5), **args).change  # in cooldown
+    d = decide(candidate=_pred(0.5), slowed=2.4, **args)
+    assert d.change and "5.0s of cooldown skipped: decode steps 2.40x" in d.reason
+    assert not decide(candidate=_pred(0.8), slowed=2.4, **args).change  # 20 %: below the hysteresis
+
+
 def test_throughput_gain_is_measured_on_seconds_per_token() -> None:
     slow = PredictedView(latency_s=1, throughput_tokens_per_s=10, energy_j=1, step_s=0.1)
     fast = PredictedView(latency_s=1, throughput_tokens_per_s=20, energy_j=1, step_s=0.1)
