@@ -27,9 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.adapt_markdown import markdown
 from bench.adapt_run import DEPLOYMENT, FAILED_BACKOFF_S, MESSAGES, MODEL, log, run_strategy
 from bench.adapt_scenario import AdaptScenario, load_adapt_scenario, scenario_names
-from bench.adapt_stats import choose_slo, first_change_comparison, markdown, rounds_summary, strategy_rows
+from bench.adapt_stats import choose_slo, first_change_comparison, rounds_summary, strategy_rows
 from edgeorch.netns import unavailable_reason
 from edgeorch.settings import CommonSettings
 

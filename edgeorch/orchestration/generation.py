@@ -94,7 +94,6 @@ class SessionStats:
     step_s: list[float] = field(default_factory=list)
     recoveries: int = 0
     moves: int = 0  # times the session moved to a newer plan mid-generation
-    versions: list[int] = field(default_factory=list)
     max_gap_s: float = 0.0
 
 
@@ -178,7 +177,6 @@ async def generate(
             continue
         step_s = time.perf_counter() - t0
         stats.step_s.append(step_s)
-        stats.versions.append(route.version)
         if on_step is not None and sent > 0:
             on_step(route.version, step_s)
         token = int(frame.meta["token"])

@@ -212,10 +212,11 @@ class Controller:
             return await self._roll_out(live, "deploy", f"{trigger}: first plan", stages, cluster.urls,
                                         cand_pred, answer)  # fmt: skip
         revision = answer.get("revision") or {"kind": "resplit", "current_feasible": cur_pred is not None}
+        slowed = self._slowed(live)
         decision = decide(revision_kind=revision["kind"], current_feasible=revision["current_feasible"],
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
                           last_change_at=(await run_in_threadpool(self.store.get, live.name)).last_change_at,
-                          trigger=trigger, slowed=self._slowed(live))  # fmt: skip
+                          trigger=trigger, slowed=slowed)  # fmt: skip
         if not decision.change:
             live.pending = None
             if trigger != "timer" or decision.gain is not None and decision.gain > 0:
@@ -227,7 +228,7 @@ class Controller:
             return False
         reason = decision.reason
         if revision["current_feasible"] and not exclude and live.policy.adaptive:
-            confirmation = self._confirmation(live)
+            confirmation = self._confirmation(live, slowed)
             if confirmation is None:
                 await self._log("keep", live.name, f"{decision.reason}; waiting {self.settings.confirm_s:.1f}s "
                                 "to see the gain again", {"candidate_stages": stages})  # fmt: skip
@@ -236,7 +237,7 @@ class Controller:
         kind = "recover" if exclude else decision.kind
         return await self._roll_out(live, kind, reason, stages, cluster.urls, cand_pred, answer)
 
-    def _confirmation(self, live: Live) -> str | None:
+    def _confirmation(self, live: Live, slowed: float | None) -> str | None:
         """What confirms a voluntary change now, or None (then a look ``confirm_s`` later may).
 
         Speeds measured on a busy shared host swing by ±25 % for a second or
@@ -247,13 +248,12 @@ class Controller:
         their earlier median: then the change is real and measured, and
         waiting only keeps every session on the slow plan. The candidate may
         differ between two looks (its boundaries move with the noise); the
-        later one is rolled out.
+        later one is rolled out. ``slowed`` is this look's :meth:`_slowed`.
         """
         now = time.monotonic()
-        slowdown = self._slowed(live)
-        if slowdown is not None:
+        if slowed is not None:
             live.pending = None
-            return f"confirmed by measurement: decode steps {slowdown:.2f}x their earlier median"
+            return f"confirmed by measurement: decode steps {slowed:.2f}x their earlier median"
         if live.pending is not None and now - live.pending >= self.settings.confirm_s:
             live.pending = None
             return f"confirmed: the gain was predicted again on every look for {self.settings.confirm_s:g}s"

@@ -6,17 +6,16 @@ import math
 
 import pytest
 
+from bench.adapt_markdown import markdown, transition_text
 from bench.adapt_scenario import load_adapt_scenario, parse_adapt_scenario, resolve_node, scenario_names
 from bench.adapt_stats import (
     choose_slo,
     first_change_comparison,
-    markdown,
     percentile,
     phases,
     recovery_s,
     strategy_rows,
     transition,
-    transition_text,
 )
 from edgeorch.scenario import ScenarioError
 

@@ -12,7 +12,7 @@ from services.orchestrator.controller import Controller, Live
 
 
 def _controller(**settings) -> tuple[Controller, Live]:
-    # _confirmation reads only the settings and the deployment's live state: no store, no services.
+    # _confirmation and _slowed read only the settings and the deployment's live state: no store, no services.
     ctl = Controller(store=None, plane=None, settings=OrchestratorSettings(**settings), metrics=None)
     live = Live(name="d", model="m", policy=QosPolicy(), profile=None)
     live.route = Route("d", 3, "http://127.0.0.1:1", "d.v3.s0", {})
@@ -33,9 +33,9 @@ def test_a_gain_on_unchanged_steps_waits_for_a_second_look() -> None:
         ctl, live = _controller(confirm_s=0.2)
         _steps(ctl, 3, 0.100, 30, ago_s=3.0)
         _steps(ctl, 3, 0.110, 6, ago_s=0.5)  # 1.1x: host noise, not a change
-        assert ctl._confirmation(live) is None and live.pending is not None
+        assert ctl._confirmation(live, ctl._slowed(live)) is None and live.pending is not None
         await asyncio.sleep(0.25)
-        assert "predicted again" in ctl._confirmation(live)
+        assert "predicted again" in ctl._confirmation(live, ctl._slowed(live))
         assert live.pending is None
 
     asyncio.run(run())
@@ -46,14 +46,17 @@ def test_a_plan_whose_steps_slowed_down_confirms_at_once() -> None:
         ctl, live = _controller(confirm_s=30.0)
         _steps(ctl, 3, 0.100, 30, ago_s=3.0)
         _steps(ctl, 2, 0.400, 10, ago_s=0.5)  # the previous version's stragglers do not count
-        assert ctl._confirmation(live) is None
+        assert ctl._confirmation(live, ctl._slowed(live)) is None
         _steps(ctl, 3, 0.260, 6, ago_s=0.5)
-        assert ctl._confirmation(live) == "confirmed by measurement: decode steps 2.60x their earlier median"
+        assert (
+            ctl._confirmation(live, ctl._slowed(live))
+            == "confirmed by measurement: decode steps 2.60x their earlier median"
+        )
         assert live.pending is None
         # Switched off, the same steps wait for the second look.
         off, live_off = _controller(confirm_s=30.0, confirm_slowdown=0)
         live_off.steps.extend(live.steps)
-        assert off._confirmation(live_off) is None
+        assert off._confirmation(live_off, off._slowed(live_off)) is None
 
     asyncio.run(run())
 
