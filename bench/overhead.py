@@ -12,6 +12,7 @@ median over rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -48,6 +49,7 @@ PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are re
 # Plain text, long enough to cut an exactly-N-token prefill prompt from.
 PREFILL_TEXT = " ".join(["Edge devices split a language model by layers and pass activations along."] * 40)
 UNSPLIT = "unsplit engine"
+THREAD_CHAIN = "3-stage chain, compute thread"
 HOP_KEYS = ("decode_compute_ms", "decode_local_ms", "decode_link_ms", "decode_queue_ms",
             "prefill_compute_ms", "prefill_link_ms")  # fmt: skip
 
@@ -100,6 +102,27 @@ class EngineVariant:
             x = torch.tensor([[token]])
 
 
+class IdleEngineVariant:
+    """The unsplit engine again (the same loaded stage), but idle for a while before every decode step.
+
+    A stage of a chain sits idle while the others compute. On a VM whose idle
+    vCPUs halt, the step after an idle spell computes slower; this reference
+    measures that penalty in the same run, with no split and no HTTP.
+    """
+
+    ranges = None
+
+    def __init__(self, engine: EngineVariant, idle_s: float):
+        self.engine, self.idle_s = engine, idle_s
+        self.name = f"unsplit engine, {idle_s * 1000:.0f} ms idle before each decode step"
+
+    def steps(self, prompt_ids: list[int], n_tokens: int) -> Iterator[Step]:
+        """EngineVariant's steps; the idle time before each is not timed."""
+        for step in self.engine.steps(prompt_ids, n_tokens):
+            yield step
+            time.sleep(self.idle_s)
+
+
 class HFVariant:
     """Hugging Face's model as a second reference: the loop generate() runs, timed per step."""
 
@@ -136,8 +159,8 @@ class HFVariant:
 class ChainVariant:
     """A chain of stages on the local workers, driven through its entry stage over HTTP."""
 
-    def __init__(self, ranges: list[tuple[int, int]], client: ChainClient):
-        self.name = f"{len(ranges)}-stage chain"
+    def __init__(self, ranges: list[tuple[int, int]], client: ChainClient, name: str | None = None):
+        self.name = name or f"{len(ranges)}-stage chain"
         self.ranges = ranges
         self.client = client
 
@@ -283,20 +306,26 @@ def run_config(label: str, threads: int, refs: list, args, model_dir: Path, num_
     n_workers = max(STAGE_COUNTS)
     log(f"[{label}] {threads} torch thread(s) per process, {n_workers} workers, logs in {log_dir}")
     load_start = os.getloadavg()
-    with LocalWorkers(n_workers, args.store, threads, log_dir, extra_env=args.worker_env) as workers:
+    with contextlib.ExitStack() as stack:
+        workers = stack.enter_context(LocalWorkers(n_workers, args.store, threads, log_dir, args.worker_env))
         chains = []
-        try:
-            for n in STAGE_COUNTS:
-                spec = ",".join(f"{a}:{b}" for a, b in even_ranges(num_units - 2, n))
-                ranges = parse_stages(spec, num_units)
-                # Stage i of every chain lives on worker i: only one chain runs at a time.
-                ids = load_chain(workers, args.model, ranges, prefix=f"c{n}", options=args.stage_options)
-                chains.append(ChainVariant(ranges, ChainClient(workers.workers[0].url, ids[0])))
-                log(f"[{label}] loaded {chains[-1].name} {ranges}")
-            summaries = run_rounds(label, [*refs, *chains], args, prompts)
-        finally:
-            for c in chains:
-                c.client.close()
+        stack.callback(lambda: [c.client.close() for c in chains])
+        for n in STAGE_COUNTS:
+            ranges = parse_stages(",".join(f"{a}:{b}" for a, b in even_ranges(num_units - 2, n)), num_units)
+            # Stage i of every chain lives on worker i: only one chain runs at a time.
+            ids = load_chain(workers, args.model, ranges, prefix=f"c{n}", options=args.stage_options)
+            chains.append(ChainVariant(ranges, ChainClient(workers.workers[0].url, ids[0])))
+            log(f"[{label}] loaded {chains[-1].name} {ranges}")
+        if args.thread_chain:
+            # The same 3-stage chain on workers that always compute on their compute thread: what
+            # running small steps on the event loop (EDGEORCH_INLINE_MAX_TOKENS) is worth, side by side.
+            env = {**args.worker_env, "EDGEORCH_INLINE_MAX_TOKENS": "0"}
+            off = stack.enter_context(LocalWorkers(3, args.store, threads, log_dir / "thread", env))
+            ranges = chains[STAGE_COUNTS.index(3)].ranges
+            ids = load_chain(off, args.model, ranges, prefix="t3", options=args.stage_options)
+            chains.append(ChainVariant(ranges, ChainClient(off.workers[0].url, ids[0]), THREAD_CHAIN))
+            log(f"[{label}] loaded {THREAD_CHAIN} {ranges}")
+        summaries = run_rounds(label, [*refs, *chains], args, prompts)
     return {"threads_per_process": threads, "worker_logs": str(log_dir), "variants": summaries,
             "loadavg_start": load_start, "loadavg_end": os.getloadavg()}  # fmt: skip
 
@@ -364,6 +393,16 @@ def _config_section(label: str, res: dict, nproc: int) -> list[str]:
         lines.append(f"3-stage decode (target ≥ 0.90× unsplit): measured {three['decode_ratio']:.3f}× "
                      f"({met[three['decode_ratio'] >= 0.90]}); split cost alone (compute share) "
                      f"{three['compute_share']:.3f} ({met[three['compute_share'] >= 0.90]}). ")  # fmt: skip
+    thread = next((v for v in res["variants"] if v["variant"] == THREAD_CHAIN), None)
+    if three is not None and thread is not None:
+        lines += ["", f"Small steps on the event loop: 3-stage decode {three['decode_ratio']:.3f}× unsplit, "
+                  f"against {thread['decode_ratio']:.3f}× with every step on the compute thread; "
+                  f"in-worker non-compute {_fmt_list(three['decode_local_ms'], '.2f')} ms against "
+                  f"{_fmt_list(thread['decode_local_ms'], '.2f')} ms per stage."]  # fmt: skip
+    idle = next((v for v in res["variants"] if v["variant"].startswith("unsplit engine, ")), None)
+    if idle is not None:
+        lines += ["", f"Idle penalty, no split involved: {idle['variant']} decodes at "
+                  f"{idle['decode_ratio']:.3f}× the back-to-back unsplit engine."]  # fmt: skip
     match = "yes" if res.get("hf_generate_matches") else "no"
     lines += [f"HF generate(do_sample=False) gives the timed HF loop's tokens: {match}.", "",
               "Where a decode step's time goes (medians, ms; per stage / per link, entry first):", "",
@@ -416,6 +455,13 @@ NOTES = [
     "- bytes/hop = frame bytes (header + payload) into each stage: entry carries int64 token ids, later "
     "hops fp32 hidden states (hidden size × 4 bytes per token: 2304 for smollm2-135m). The answer (a "
     "token id) rides back along every hop.",
+    "- unsplit engine, N ms idle before each decode step = the unsplit engine's own steps, each after N ms of "
+    "sleep (not timed): a stage of a chain sits idle while the others compute (about two thirds of each "
+    "step in a 3-stage chain). Where an idle CPU comes back slower, this shows that cost with no split in "
+    "it (--idle-ms 0 skips it).",
+    "- 3-stage chain, compute thread = the 3-stage chain on three more workers started with "
+    "EDGEORCH_INLINE_MAX_TOKENS=0, so every step computes on the worker's compute thread, as before the "
+    "workers ran small steps on their event loop when nothing else was in flight (--no-thread-chain skips it).",
     "- Chains: stage i of every chain is hosted on worker i (4 workers per config, stopped before the next "
     "config starts); the layers are split as evenly as possible, the embedding on the first stage and "
     "norm + head on the last.",
@@ -443,6 +489,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store", type=Path, default=None, help="model store (default: EDGEORCH_MODEL_STORE)")
     p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the workers, to try a tuning knob (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--idle-ms",
+        type=float,
+        default=40.0,
+        help="idle time before each step of the idle unsplit reference; 0 skips it (default 40)",
+    )
+    p.add_argument("--no-thread-chain", dest="thread_chain", action="store_false",
+                   help="skip the 3-stage chain whose workers never compute on the event loop")  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     args.configs = [c.strip().upper() for c in args.configs.split(",") if c.strip()]
@@ -474,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the prefill text gives only {len(prefill_ids)} tokens")
     log(f"loading the unsplit references from {model_dir}")
     engine, hf = EngineVariant(model_dir, num_units, args.engine, args.format), HFVariant(model_dir)
+    refs = [engine, hf] + ([IdleEngineVariant(engine, args.idle_ms / 1000)] if args.idle_ms > 0 else [])
     result = {"config": {"model": args.model, "model_dir": str(model_dir), "rounds": args.rounds,
                          "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                          "prefills_per_round": args.prefills,
@@ -481,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                          "worker_env": args.worker_env, **args.stage_options},
               "machine": machine_info(), "configs": {}}  # fmt: skip
     for label in args.configs:
-        res = run_config(label, THREAD_CONFIGS[label], [engine, hf], args, model_dir, num_units,
+        res = run_config(label, THREAD_CONFIGS[label], refs, args, model_dir, num_units,
                          (prompt_ids, prefill_ids))  # fmt: skip
         api = hf.generate_api_tokens(prompt_ids, args.new_tokens)
         res["hf_generate_matches"] = api == [s.token for s in hf.steps(prompt_ids, len(api))]

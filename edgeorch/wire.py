@@ -80,11 +80,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
+    if t.numel() == 0:
         return b""
+    if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+        t = t.detach().to("cpu").contiguous()
     # Viewing as uint8 works for every dtype, bfloat16 included (numpy has none).
-    return flat.view(torch.uint8).numpy().tobytes()
+    # A decode step's frame is encoded once per stage and token: fewer torch
+    # calls here are measurable (docs/design.md, "As built: the hop transport").
+    return t.view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -152,8 +155,7 @@ def _parse_spec(i: int, spec: Any, seen: set[str]) -> tuple[str, torch.dtype, tu
         raise FrameError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} non-negative integers")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise FrameError(f"tensor {name!r}: shape {shape} is larger than {MAX_ELEMENTS} elements")
-    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    return name, DTYPES[dtype], tuple(shape), math.prod(shape) * itemsize
+    return name, DTYPES[dtype], tuple(shape), math.prod(shape) * DTYPES[dtype].itemsize
 
 
 def decode_frame(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:

@@ -5,6 +5,12 @@ runs on one dedicated thread (torch uses its own intra-op threads; two
 concurrent forwards on two cores would only fight), so the event loop keeps
 accepting and forwarding other sessions' frames while a step computes —
 which is what lets several sessions pipeline through the chain.
+
+One exception: a small step (a decode token) that arrives while this worker
+has nothing else in flight runs on the event loop itself. There is then no
+other frame to accept or forward, and the two thread hand-offs it saves
+cost ~1.1 ms per stage per token on a VM whose idle vCPUs halt (see
+docs/design.md, "As built: the hop transport").
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class StageHost:
         node_id: str,
         forward_timeout_s: float = 120.0,
         emulation: Emulation | None = None,
+        inline_max_tokens: int = 8,
     ):
         self.store = store
         self.sessions = sessions
@@ -104,6 +111,11 @@ class StageHost:
         # turns these into passive speed and link samples).
         self.observers: list[Callable[[dict], None]] = []
         self.in_flight = 0
+        # Steps of at most this many tokens (batch × length) may compute on the
+        # event loop when nothing else is in flight; 0 always uses the thread.
+        self.inline_max_tokens = inline_max_tokens
+        self._jobs = 0  # compute-thread jobs submitted and not yet awaited back
+        self.inline_steps = 0  # forwards computed on the event loop (for tests and the bench)
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""
@@ -202,11 +214,14 @@ class StageHost:
         inp = check_input(hosted.loaded, meta, frame)
         self.metrics.bytes_in.labels(stage_id).inc(len(body))
         t_queued = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        out, compute_s, queue_s = await loop.run_in_executor(
-            self._executor, self._compute, hosted, meta, inp, t_queued
-        )
-        hop = {"stage": stage_id, "node": self.node_id, "compute_s": compute_s, "queue_s": queue_s}
+        inline = self._may_inline(inp)
+        if inline:
+            self.inline_steps += 1
+            out, compute_s, queue_s = self._compute(hosted, meta, inp, t_queued)
+        else:
+            out, compute_s, queue_s = await self._on_thread(self._compute, hosted, meta, inp, t_queued)
+        hop = {"stage": stage_id, "node": self.node_id, "compute_s": compute_s, "queue_s": queue_s,
+               "inline": inline}  # fmt: skip
         self.metrics.observe_compute(stage_id, compute_s, len(hosted.loaded.units))
         url = hosted.forward_url()
         model = profile_key(hosted.spec.model, hosted.spec.format)  # the speed it is measured under
@@ -230,6 +245,28 @@ class StageHost:
         self._notify(sample)
         return answer, [hop, *downstream_hops]
 
+    def _may_inline(self, inp: StageInput) -> bool:
+        """Whether this step may compute on the event loop instead of the compute thread.
+
+        Only when that blocks nothing: no other forward is in flight here (so
+        no frame waits to be accepted or relayed), the compute thread is idle
+        (so the caches have one user), the step is small, and the node is not
+        emulating a slowdown (whose sleep must not hold the loop).
+        """
+        return (
+            0 < inp.x.shape[0] * inp.x.shape[1] <= self.inline_max_tokens
+            and self.in_flight == 1
+            and self._jobs == 0
+            and self.emulation.slowdown <= 1.0
+        )
+
+    async def _on_thread(self, fn: Callable, *args):
+        self._jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._jobs -= 1
+
     def _notify(self, sample: dict) -> None:
         for observer in self.observers:
             try:
@@ -246,7 +283,7 @@ class StageHost:
             elapsed = time.perf_counter() - t0
             return result, self._emulate_slowdown(elapsed) if emulate else elapsed
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        return await self._on_thread(timed)
 
     def _emulate_slowdown(self, elapsed_s: float) -> float:
         """Hold the compute thread as a k-times slower node would; returns that node's compute time.
