@@ -105,9 +105,9 @@ class EngineVariant:
 class IdleEngineVariant:
     """The unsplit engine again (the same loaded stage), but idle for a while before every decode step.
 
-    A stage of a chain sits idle while the others compute. On a VM whose idle
-    vCPUs halt, the step after an idle spell computes slower; this reference
-    measures that penalty in the same run, with no split and no HTTP.
+    A stage of a chain sits idle while the others compute. Whether a step
+    after an idle spell computes at another speed (on a VM whose idle vCPUs
+    halt, it may) is measured here in the same run, with no split and no HTTP.
     """
 
     ranges = None
@@ -401,7 +401,7 @@ def _config_section(label: str, res: dict, nproc: int) -> list[str]:
                   f"{_fmt_list(thread['decode_local_ms'], '.2f')} ms per stage."]  # fmt: skip
     idle = next((v for v in res["variants"] if v["variant"].startswith("unsplit engine, ")), None)
     if idle is not None:
-        lines += ["", f"Idle penalty, no split involved: {idle['variant']} decodes at "
+        lines += ["", f"Idle spells alone, no split involved: {idle['variant']} decodes at "
                   f"{idle['decode_ratio']:.3f}× the back-to-back unsplit engine."]  # fmt: skip
     match = "yes" if res.get("hf_generate_matches") else "no"
     lines += [f"HF generate(do_sample=False) gives the timed HF loop's tokens: {match}.", "",
@@ -457,8 +457,8 @@ NOTES = [
     "token id) rides back along every hop.",
     "- unsplit engine, N ms idle before each decode step = the unsplit engine's own steps, each after N ms of "
     "sleep (not timed): a stage of a chain sits idle while the others compute (about two thirds of each "
-    "step in a 3-stage chain). Where an idle CPU comes back slower, this shows that cost with no split in "
-    "it (--idle-ms 0 skips it).",
+    "step in a 3-stage chain). It shows what idle spells alone do to a step, with no split in it "
+    "(--idle-ms 0 skips it).",
     "- 3-stage chain, compute thread = the 3-stage chain on three more workers started with "
     "EDGEORCH_INLINE_MAX_TOKENS=0, so every step computes on the worker's compute thread, as before the "
     "workers ran small steps on their event loop when nothing else was in flight (--no-thread-chain skips it).",

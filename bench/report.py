@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Known benchmarks first, in reading order; anything else follows by name.
-ORDER = ("overhead", "overhead_rerun", "overhead_lean_fp32", "overhead_lean_int8", "overhead_lean_int4", "engine",
+ORDER = ("overhead", "overhead_a_repeat", "overhead_rerun", "overhead_lean_fp32", "overhead_lean_int8", "overhead_lean_int4", "engine",
          "planner", "adapt_node_slowdown", "adapt_link_degradation", "adapt_link_degradation_int8", "adapt_node_loss",
          "adapt_node_join", "adapt_busy_edge_site")  # fmt: skip
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
