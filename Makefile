@@ -48,7 +48,7 @@ demo-chain: install models
 		--prompt "What is the capital of France?" --max-tokens 32
 
 bench-overhead: install models
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python -m bench.overhead
 
 bench-planner: install
 	$(BIN)/python bench/planner.py

@@ -8,9 +8,9 @@ which is what lets several sessions pipeline through the chain.
 
 One exception: a small step (a decode token) that arrives while this worker
 has nothing else in flight runs on the event loop itself. There is then no
-other frame to accept or forward, and the two thread hand-offs it saves
-cost ~1.1 ms per stage per token on a VM whose idle vCPUs halt (see
-docs/design.md, "As built: the hop transport").
+other frame to accept or forward, and the two thread wake-ups it saves
+cost ~0.35 ms per stage per token on a VM whose idle vCPUs halt
+(bench/overhead.py; docs/design.md, "As built: the hop transport").
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class StageHost:
         # event loop when nothing else is in flight; 0 always uses the thread.
         self.inline_max_tokens = inline_max_tokens
         self._jobs = 0  # compute-thread jobs submitted and not yet awaited back
-        self.inline_steps = 0  # forwards computed on the event loop (for tests and the bench)
+        self.inline_steps = 0  # forwards computed on the event loop (each hop also says "inline")
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.overhead import THREAD_CHAIN, UNSPLIT, markdown, summarise
+from bench.overhead import summarise
+from bench.overhead_markdown import THREAD_CHAIN, UNSPLIT, markdown
 
 
 def _round(tok_s: float, local_ms: list[float] | None = None) -> dict:
