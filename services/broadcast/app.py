@@ -17,8 +17,8 @@ from edgeorch.settings import ServiceSettings
 from edgeorch.storage import default_database_url, make_engine
 from services.broadcast.driver import DriverConfig, RolloutDriver
 from services.broadcast.metrics import BroadcastMetrics
-from services.broadcast.routes import router
-from services.broadcast.store import Base, RolloutStore
+from services.broadcast.routes import refused_answer, router
+from services.broadcast.store import Base, Conflict, RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -93,4 +93,5 @@ def create_app(settings: BroadcastSettings, bind_host: str | None = None) -> Fas
     app.state.store = store
     app.state.driver = driver
     app.include_router(router)
+    app.add_exception_handler(Conflict, refused_answer)
     return app

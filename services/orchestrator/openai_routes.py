@@ -100,9 +100,9 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
     stop_ids = stop_token_ids(state.book.tokenizers[name])  # once, not per token
     stats, finish, t0 = SessionStats(), "length", time.perf_counter()
     try:
-        async for token in generate(state.data_http, state.controller, name, ids, max_tokens,
+        async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
                                     body.sampling(), stop_ids, stats,
-                                    on_step=partial(state.controller.step_seen, name)):  # fmt: skip
+                                    on_step=partial(state.routes.step_seen, name)):  # fmt: skip
             if token in stop_ids:
                 finish = "stop"
                 break
@@ -113,10 +113,10 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
                 finish = "stop"
                 break
     except ChainFailure:
-        state.controller.observe(name, failed=True)
+        state.routes.observe(name, failed=True)
         state.metrics.requests.labels(name, "generate", "failed").inc()
         raise
-    state.controller.observe(name, failed=False)
+    state.routes.observe(name, failed=False)
     _count(state.metrics, name, stats, time.perf_counter() - t0)
     yield stream.finish(), finish
 
@@ -219,7 +219,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
     enc = await run_in_threadpool(lambda: tok(texts, padding=True, truncation=True, return_tensors="pt"))
     state = request.app.state
     try:
-        emb = await encode(state.data_http, state.controller, body.model, enc["input_ids"],
+        emb = await encode(state.data_http, state.routes, body.model, enc["input_ids"],
                            enc["attention_mask"])  # fmt: skip
     except ChainFailure as exc:
         state.metrics.requests.labels(body.model, "embeddings", "failed").inc()
