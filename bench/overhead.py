@@ -33,10 +33,10 @@ from bench.overhead_markdown import THREAD_CHAIN, UNSPLIT, idle_name, markdown
 from edgeorch.chain import load_chain, parse_stages
 from edgeorch.client import ChainClient
 from edgeorch.engine import ENGINES, FORMATS
+from edgeorch.engine.stage import load_stage
 from edgeorch.launcher import LocalWorkers
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import load_stage
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.schemas.stage import Sampling

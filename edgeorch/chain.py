@@ -16,8 +16,8 @@ import httpx
 
 from edgeorch.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.client import ChainClient, Generation
-from edgeorch.engine.formats import check_format
 from edgeorch.launcher import LocalWorkers
+from edgeorch.models.formats import check_format
 
 log = logging.getLogger(__name__)
 

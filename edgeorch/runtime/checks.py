@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from edgeorch import wire
+from edgeorch.engine.stage import LoadedStage
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import LoadedStage
 from edgeorch.schemas.stage import ForwardMeta
 
 MAX_ENCODER_BATCH = 64

@@ -27,9 +27,9 @@ import torch
 
 from edgeorch import wire
 from edgeorch.engine import load_adapter
+from edgeorch.engine.stage import LoadedStage
 from edgeorch.hopclient import HopClient, HopError, HopResponse
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import LoadedStage
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
 from edgeorch.runtime.metrics import WorkerMetrics
