@@ -1,4 +1,9 @@
-"""`edgeorch <command>`: one entry point for every process type and tool."""
+"""`edgeorch <command>`: one entry point for every process type and tool.
+
+The composition root: it sits above the core (``edgeorch/``, which imports
+no service) and above every service, and is the only module that names them
+all. Run as the ``edgeorch`` console script or ``python -m services.cli``.
+"""
 
 from __future__ import annotations
 
