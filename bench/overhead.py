@@ -31,7 +31,6 @@ import torch
 
 from bench.overhead_markdown import THREAD_CHAIN, UNSPLIT, idle_name, markdown
 from edgeorch.chain import load_chain, parse_stages
-from edgeorch.client import ChainClient
 from edgeorch.engine import ENGINES, FORMATS
 from edgeorch.engine.stage import load_stage
 from edgeorch.launcher import LocalWorkers
@@ -41,6 +40,7 @@ from edgeorch.models.store import ModelStore
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.schemas.stage import Sampling
 from edgeorch.settings import CommonSettings
+from edgeorch.transport.client import ChainClient
 
 # Torch threads per process: A keeps the active thread count equal to the
 # unsplit run's (only one stage computes at a time in single-session decode);

@@ -24,11 +24,10 @@ from typing import Protocol
 
 import torch
 
-from edgeorch import wire
-from edgeorch.hopclient import HopClient, HopError
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import Sampling
-from edgeorch.transport import protocol
+from edgeorch.transport import protocol, wire
+from edgeorch.transport.hopclient import HopClient, HopError
 from edgeorch.transport.protocol import HopFailure
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeorch import wire
 from edgeorch.engine import load_adapter
 from edgeorch.engine.stage import LoadedStage
-from edgeorch.hopclient import HopClient, HopError, HopResponse
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
@@ -38,7 +36,8 @@ from edgeorch.runtime.sessions import SessionStore
 from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
-from edgeorch.transport import protocol
+from edgeorch.transport import protocol, wire
+from edgeorch.transport.hopclient import HopClient, HopError, HopResponse
 
 log = logging.getLogger(__name__)
 

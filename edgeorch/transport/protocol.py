@@ -19,8 +19,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from edgeorch import wire
-from edgeorch.hopclient import HopError, HopResponse, HopTimeout
+from edgeorch.transport import wire
+from edgeorch.transport.hopclient import HopError, HopResponse, HopTimeout
 
 HOPS_HEADER = "x-edgeorch-hops"
 FRAME_HEADERS = {"content-type": wire.CONTENT_TYPE}

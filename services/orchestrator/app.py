@@ -19,12 +19,12 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch import bus
-from edgeorch.hopclient import HopClient
 from edgeorch.http_app import base_app
 from edgeorch.models.store import ModelStore
 from edgeorch.orchestration.clients import ControlPlane
 from edgeorch.settings import ServiceSettings
 from edgeorch.storage import default_database_url, make_engine
+from edgeorch.transport.hopclient import HopClient
 from services.orchestrator.controller import Controller
 from services.orchestrator.deployments import DeploymentBook
 from services.orchestrator.metrics import OrchestratorMetrics

@@ -15,13 +15,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.routing import Route
 
-from edgeorch import wire
 from edgeorch.auth import AdminAuth
 from edgeorch.models.store import ModelStoreError
 from edgeorch.runtime.checks import InputMismatch
 from edgeorch.runtime.host import StageConflict, StageHost, StageNotFound
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
 from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
+from edgeorch.transport import wire
 from edgeorch.transport.protocol import HOPS_HEADER, HopFailure
 
 router = APIRouter()

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 from edgeorch.chain import load_chain
-from edgeorch.client import ChainClient
 from edgeorch.launcher import LocalService, LocalWorkers, free_port
+from edgeorch.transport.client import ChainClient
 
 MODEL = "smollm2-135m"
 

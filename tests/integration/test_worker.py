@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edgeorch import wire
 from edgeorch.chain import load_chain
-from edgeorch.client import ChainClient
 from edgeorch.launcher import LocalWorkers
+from edgeorch.transport import wire
+from edgeorch.transport.client import ChainClient
 from edgeorch.transport.protocol import HopFailure
 
 MODEL = "tiny-llama"  # 4 layers: units 0..5

@@ -93,14 +93,18 @@ def test_the_graph_sees_function_local_and_relative_imports() -> None:
 
 def test_each_rule_catches_its_violation() -> None:
     graph = {
-        "edgeorch.wire": {"services.worker.routes"},
-        "services.worker.routes": {"services.orchestrator.store", "services.worker.app", "edgeorch.wire"},
+        "edgeorch.transport.wire": {"services.worker.routes"},
+        "services.worker.routes": {
+            "services.orchestrator.store",
+            "services.worker.app",
+            "edgeorch.transport.wire",
+        },
         "services.cli": {"services.worker.app", "services.monitor.app"},
         "edgeorch.models.adapter": {"edgeorch.engine.formats"},
         "edgeorch.engine.base": {"edgeorch.models.adapter"},
     }
     assert layering_violations(graph) == [
         "edgeorch.models.adapter -> edgeorch.engine.formats: models import the engine (the engine builds on models)",
-        "edgeorch.wire -> services.worker.routes: the core imports a service",
+        "edgeorch.transport.wire -> services.worker.routes: the core imports a service",
         "services.worker.routes -> services.orchestrator.store: a service imports another service",
     ]

@@ -52,7 +52,7 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _PREFIX = struct.Struct("<4sI")
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
-    raise ImportError("edgeorch.wire assumes a little-endian host")
+    raise ImportError("edgeorch.transport.wire assumes a little-endian host")
 
 
 class FrameError(ValueError):

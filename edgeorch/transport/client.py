@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgeorch import wire
-from edgeorch.hopclient import HopError, SyncHopClient
 from edgeorch.schemas.stage import Sampling
-from edgeorch.transport import protocol
+from edgeorch.transport import protocol, wire
+from edgeorch.transport.hopclient import HopError, SyncHopClient
 
 
 @dataclass
