@@ -39,7 +39,7 @@ from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.schemas.stage import Sampling
-from edgeorch.settings import CommonSettings
+from edgeorch.service.settings import CommonSettings
 from edgeorch.transport.client import ChainClient
 
 # Torch threads per process: A keeps the active thread count equal to the

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from edgeorch.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.launcher import LocalWorkers
 from edgeorch.models.formats import check_format
+from edgeorch.service.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.transport.client import ChainClient, Generation
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from edgeorch.chain import ChainSpecError, hop_summary, parse_formats, parse_sta
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
 from edgeorch.models.tokenizer import load_tokenizer
-from edgeorch.settings import CommonSettings
+from edgeorch.service.settings import CommonSettings
 from edgeorch.transport.protocol import HopFailure
 
 

@@ -162,7 +162,7 @@ class JobsWorker(LocalProcess):
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Block until the worker answers Celery's ping through the broker."""
-        from edgeorch.jobs import make_celery
+        from edgeorch.service.jobs import make_celery
 
         app = make_celery(self.redis_url)
 

@@ -249,7 +249,7 @@ def run_up(args: argparse.Namespace) -> int:
 
     from edgeorch.models.store import ModelStore, ModelStoreError
     from edgeorch.scenario import ScenarioError
-    from edgeorch.settings import CommonSettings
+    from edgeorch.service.settings import CommonSettings
     from edgeorch.stack import StackError
 
     # SIGTERM stops the stack the same way Ctrl-C does: through the `with` blocks' exits. SIGINT

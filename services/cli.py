@@ -20,7 +20,7 @@ def _add_serve_args(p: argparse.ArgumentParser, default_port: int) -> None:
 
 def _bind_refused(host: str, admin_token: str, service: str) -> bool:
     """Print why ``service`` must not listen on ``host`` (no admin token beyond loopback), if so."""
-    from edgeorch.auth import InsecureBindError, check_bind
+    from edgeorch.service.auth import InsecureBindError, check_bind
 
     try:
         check_bind(host, admin_token, service)
@@ -31,7 +31,7 @@ def _bind_refused(host: str, admin_token: str, service: str) -> bool:
 
 
 def _run_splitter(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.splitter.app import SplitterSettings, create_app
 
     setup_logging(args.log_level)
@@ -41,7 +41,7 @@ def _run_splitter(args: argparse.Namespace) -> int:
 
 
 def _run_monitor(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.monitor.app import MonitorSettings, create_app
 
     setup_logging(args.log_level)
@@ -54,7 +54,7 @@ def _run_monitor(args: argparse.Namespace) -> int:
 
 def _run_broadcast(args: argparse.Namespace) -> int:
     from edgeorch.rollout.signing import InsecureSecretError
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.broadcast.app import BroadcastSettings, create_app
 
     setup_logging(args.log_level)
@@ -71,7 +71,7 @@ def _run_broadcast(args: argparse.Namespace) -> int:
 
 
 def _run_orchestrator(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.orchestrator.app import OrchestratorSettings, create_app
 
     setup_logging(args.log_level)
@@ -86,7 +86,7 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     import torch
 
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.worker.app import WorkerSettings, create_app
 
     setup_logging(args.log_level)
@@ -112,14 +112,14 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace):
     from edgeorch.models.store import ModelStore
-    from edgeorch.settings import CommonSettings
+    from edgeorch.service.settings import CommonSettings
 
     return ModelStore(Path(args.store) if args.store else CommonSettings().model_store)
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
     from edgeorch.models.store import ModelStoreError
-    from edgeorch.serve import setup_logging
+    from edgeorch.service.serve import setup_logging
 
     setup_logging("INFO")
     store = _store(args)
@@ -177,8 +177,8 @@ def _add_chain(sub) -> None:
 
 
 def _run_jobs_worker(args: argparse.Namespace) -> int:
-    from edgeorch.jobs import celery_app, worker_argv
-    from edgeorch.serve import setup_logging
+    from edgeorch.service.jobs import celery_app, worker_argv
+    from edgeorch.service.serve import setup_logging
 
     setup_logging(args.log_level)
     # In-process, so the worker is one `edgeorch` process like every other service.

@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from pydantic import Field
 
-from edgeorch.bus import ResilientPublisher
-from edgeorch.http_app import base_app
 from edgeorch.rollout.signing import resolve_secret
-from edgeorch.settings import ServiceSettings
-from edgeorch.storage import default_database_url, make_engine
+from edgeorch.service.bus import ResilientPublisher
+from edgeorch.service.http_app import base_app
+from edgeorch.service.settings import ServiceSettings
+from edgeorch.service.storage import default_database_url, make_engine
 from services.broadcast.driver import DriverConfig, RolloutDriver
 from services.broadcast.metrics import BroadcastMetrics
 from services.broadcast.routes import refused_answer, router

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.auth import AdminAuth
 from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.signing import SIGNATURE_HEADER, bytes_signature_ok, signed_desired
 from edgeorch.schemas.rollout import (
@@ -23,6 +22,7 @@ from edgeorch.schemas.rollout import (
     RolloutView,
 )
 from edgeorch.schemas.stage import ID_PATTERN
+from edgeorch.service.auth import AdminAuth
 from services.broadcast.driver import RolloutDriver
 from services.broadcast.store import Conflict, NotFound, RolloutStore
 

@@ -18,12 +18,12 @@ from fastapi import FastAPI
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch import bus
-from edgeorch.http_app import base_app
 from edgeorch.models.store import ModelStore
 from edgeorch.orchestration.clients import ControlPlane
-from edgeorch.settings import ServiceSettings
-from edgeorch.storage import default_database_url, make_engine
+from edgeorch.service import bus
+from edgeorch.service.http_app import base_app
+from edgeorch.service.settings import ServiceSettings
+from edgeorch.service.storage import default_database_url, make_engine
 from edgeorch.transport.hopclient import HopClient
 from services.orchestrator.controller import Controller
 from services.orchestrator.deployments import DeploymentBook

@@ -19,7 +19,6 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch import bus
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
 from edgeorch.orchestration.decide import decide, measured_slowdown
 from edgeorch.orchestration.generation import Route
@@ -29,6 +28,7 @@ from edgeorch.schemas.orchestrator import PredictedView, StageView
 from edgeorch.schemas.plan import PlanResponse
 from edgeorch.schemas.plan import PlanStage as Placement
 from edgeorch.schemas.rollout import Plan, PlanStage
+from edgeorch.service import bus
 from services.orchestrator.live import Live, measured
 from services.orchestrator.routing import Routes
 from services.orchestrator.store import OrchestratorStore

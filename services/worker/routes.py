@@ -1,6 +1,6 @@
 """Worker HTTP routes: stage admin, the forward data path, emulation.
 
-Loading, unloading and emulation changes need the admin token (edgeorch.auth);
+Loading, unloading and emulation changes need the admin token (edgeorch.service.auth);
 reads, forward steps and session releases are the data path and stay open.
 """
 
@@ -15,12 +15,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.routing import Route
 
-from edgeorch.auth import AdminAuth
 from edgeorch.models.store import ModelStoreError
 from edgeorch.runtime.checks import InputMismatch
 from edgeorch.runtime.host import StageConflict, StageHost, StageNotFound
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
 from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
+from edgeorch.service.auth import AdminAuth
 from edgeorch.transport import wire
 from edgeorch.transport.protocol import HOPS_HEADER, HopFailure
 

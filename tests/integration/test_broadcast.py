@@ -24,11 +24,11 @@ import redis
 import torch
 from transformers import AutoTokenizer
 
-from edgeorch import bus
 from edgeorch.launcher import LocalService
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.checkpoint import CheckpointReader
 from edgeorch.rollout.signing import new_message, sign
+from edgeorch.service import bus
 from tests.integration.rollout_helpers import (
     REDIS_URL,
     PgSchema,

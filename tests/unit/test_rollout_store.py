@@ -7,7 +7,7 @@ import pytest
 from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.state import IllegalTransition
 from edgeorch.schemas.rollout import AckRequest, RolloutRequest
-from edgeorch.storage import make_engine
+from edgeorch.service.storage import make_engine
 from services.broadcast.store import Base, Conflict, NotFound, RolloutStore
 
 
