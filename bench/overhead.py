@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from bench.overhead_markdown import THREAD_CHAIN, UNSPLIT, idle_name, markdown
-from edgeorch.chain import load_chain, parse_stages
 from edgeorch.engine import ENGINES, FORMATS
 from edgeorch.engine.stage import load_stage
-from edgeorch.launcher import LocalWorkers
+from edgeorch.local.chain import load_chain, parse_stages
+from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore

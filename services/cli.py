@@ -141,7 +141,7 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _run_chain(args: argparse.Namespace) -> int:
-    from edgeorch.chain_command import run_chain_command
+    from edgeorch.local.chain_command import run_chain_command
 
     return run_chain_command(args, _store(args))
 
@@ -195,13 +195,13 @@ def _add_jobs_worker(sub) -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from edgeorch.up_command import run_up
+    from edgeorch.local.up_command import run_up
 
     return run_up(args)
 
 
 def _add_up(sub) -> None:
-    from edgeorch.up_command import add_arguments
+    from edgeorch.local.up_command import add_arguments
 
     p = sub.add_parser(
         "up",

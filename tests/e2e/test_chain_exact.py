@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from edgeorch.chain import start_chain
-from edgeorch.launcher import CLI
+from edgeorch.local.chain import start_chain
+from edgeorch.local.launcher import CLI
 
 PROMPTS = [
     "What is the capital of France?",

@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import torch
 
-from edgeorch.launcher import LocalService, LocalWorkers
+from edgeorch.local.launcher import LocalService, LocalWorkers
 from edgeorch.rollout.plan import parse_stage_id
 from edgeorch.schemas.stage import Sampling
 from edgeorch.transport.client import ChainClient

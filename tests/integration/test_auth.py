@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from edgeorch.launcher import CLI, LocalService, LocalWorkers, free_port
+from edgeorch.local.launcher import CLI, LocalService, LocalWorkers, free_port
 from edgeorch.rollout.signing import SIGNATURE_HEADER, sign_bytes
 from edgeorch.service.auth import admin_headers
 from tests.integration.rollout_helpers import (

@@ -24,7 +24,7 @@ import redis
 import torch
 from transformers import AutoTokenizer
 
-from edgeorch.launcher import LocalService
+from edgeorch.local.launcher import LocalService
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.checkpoint import CheckpointReader
 from edgeorch.rollout.signing import new_message, sign

@@ -19,8 +19,8 @@ import httpx
 import psycopg
 import pytest
 
-from edgeorch.chain import load_chain
-from edgeorch.launcher import LocalService, LocalWorkers, free_port
+from edgeorch.local.chain import load_chain
+from edgeorch.local.launcher import LocalService, LocalWorkers, free_port
 from edgeorch.transport.client import ChainClient
 
 MODEL = "smollm2-135m"

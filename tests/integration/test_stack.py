@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 
-from edgeorch.launcher import CLI, free_port, redis_answers
-from edgeorch.stack import LocalStack
+from edgeorch.local.launcher import CLI, free_port, redis_answers
+from edgeorch.local.stack import LocalStack
 from tests.integration.rollout_helpers import wait_for
 from tests.support import REPO
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edgeorch.chain import load_chain
-from edgeorch.launcher import LocalWorkers
+from edgeorch.local.chain import load_chain
+from edgeorch.local.launcher import LocalWorkers
 from edgeorch.transport import wire
 from edgeorch.transport.client import ChainClient
 from edgeorch.transport.protocol import HopFailure

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from edgeorch.launcher import free_port
+from edgeorch.local.launcher import free_port
 from edgeorch.service.jobs import celery_app, complete_one, worker_argv
 from services.orchestrator.jobs_routes import JobQueue, jobs_router
 

@@ -1,4 +1,4 @@
-"""The `edgeorch chain` command: argument handling and output around edgeorch.chain."""
+"""The `edgeorch chain` command: argument handling and output around edgeorch.local.chain."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from edgeorch.chain import ChainSpecError, hop_summary, parse_formats, parse_stages, start_chain
+from edgeorch.local.chain import ChainSpecError, hop_summary, parse_formats, parse_stages, start_chain
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
 from edgeorch.models.tokenizer import load_tokenizer

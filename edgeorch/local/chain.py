@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from edgeorch.launcher import LocalWorkers
+from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models.formats import check_format
 from edgeorch.service.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.transport.client import ChainClient, Generation
