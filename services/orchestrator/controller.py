@@ -251,8 +251,8 @@ class Controller:
             rollout = await self.plane.start_rollout(live.name, plan, self.settings.rollout_wait_s)
             live.pending = None
         except ServiceError as exc:
-            await self._log("rollout_refused", live.name, f"{kind} refused: {exc}",
-                            {"stages": [s.model_dump(mode="json") for s in plan.stages]})  # fmt: skip
+            body = [{"node_id": s.node, "url": urls[s.node], "start": s.start, "end": s.end} for s in stages]
+            await self._log("rollout_refused", live.name, f"{kind} refused: {exc}", {"stages": body})
             return False
         version = rollout.version
         views = [StageView(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
