@@ -148,7 +148,7 @@ def test_greedy_chat_logprobs_equal_the_unsplit_log_softmax(client, aclient, smo
     )
 
 
-def test_completions_logprobs_echo_and_usage_chunks(client, smol_ref):
+def test_completions_logprobs_echo_and_usage_chunks(client, aclient, smol_ref):
     tok, ref = smol_ref
     prompt = "The capital of France is"
     out = client.completions.create(model="smol", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
@@ -159,6 +159,19 @@ def test_completions_logprobs_echo_and_usage_chunks(client, smol_ref):
     assert "".join(lp.tokens) == out.choices[0].text and len(lp.tokens) == len(generated) == 5
     assert lp.token_logprobs == pytest.approx([want[i, t].item() for i, t in enumerate(generated)], abs=1e-4)
     assert all(len(top) == 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+
+    async def run_async():
+        async with aclient() as ac:
+            parts = [c async for c in await ac.completions.create(model="smol", prompt=prompt, max_tokens=5,
+                                                                  temperature=0, logprobs=2, stream=True)]  # fmt: skip
+            with pytest.raises(openai.BadRequestError, match="suffix"):
+                await ac.completions.create(model="smol", prompt=prompt, max_tokens=5, suffix="!")
+        return parts
+
+    parts = [c.choices[0].logprobs for c in asyncio.run(run_async()) if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [v for p in parts for v in p.token_logprobs] == lp.token_logprobs
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
     echoed = client.completions.create(model="smol", prompt=prompt, max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == prompt + out.choices[0].text
     chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=5, temperature=0, echo=True,
