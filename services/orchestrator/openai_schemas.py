@@ -108,10 +108,10 @@ class _Sampled(_Open):
     safety_identifier: str | None = Field(default=None, max_length=256, description="accepted, not used")
 
     def stops(self) -> list[str]:
-        """The stop strings (at most 4, as the API allows)."""
+        """The stop strings (at most 4, as the API allows: more are refused)."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else self.stop[:4]
+        return [self.stop] if isinstance(self.stop, str) else self.stop
 
     def sampling(self, choice: int = 0) -> Sampling:
         """The sampler of choice ``choice``: the seed is offset by the choice index."""
@@ -232,6 +232,8 @@ def refuse_unsupported_embedding(body: EmbeddingRequest) -> None:
 
 def _refuse_common(body: _Sampled, inert: dict[str, Callable[[Any], bool]]) -> None:
     _refuse_extras(body.model_extra, inert, "")
+    if isinstance(body.stop, list) and len(body.stop) > 4:
+        raise Unsupported("stop", f"at most 4 stop strings, got {len(body.stop)}")
     if body.stream_options is not None:
         if not body.stream:
             raise Unsupported("stream_options", "only with stream: true")
