@@ -110,12 +110,13 @@ def js(driver, script: str, *args):
 
 
 def shown_ranges(driver, name: str) -> list[str]:
-    return js(driver, "return [...document.querySelectorAll(`[data-deployment='${arguments[0]}'] .seg`)]"
-                      ".map(s => s.dataset.range)", name)  # fmt: skip
+    """The plan bars of a deployment as "node start:end", sorted."""
+    return sorted(js(driver, "return [...document.querySelectorAll(`[data-deployment='${arguments[0]}'] .seg`)]"
+                             ".map(s => `${s.closest('.bar').dataset.node} ${s.textContent}`)", name))  # fmt: skip
 
 
 def api_ranges(d: dict) -> list[str]:
-    return [f"{s['start']}:{s['end']}" for s in d["stages"]]
+    return sorted(f"{s['node']} {s['start']}:{s['end']}" for s in d["stages"])
 
 
 def shown_version(driver, name: str) -> str | None:
