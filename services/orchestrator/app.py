@@ -159,9 +159,9 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.admin_token = settings.admin_token
+    app.include_router(dashboard_router)  # the page at / and its reads (its own lifespan)
     app.include_router(router)
     app.include_router(openai_router)
-    app.include_router(dashboard_router)  # the page at / and its reads (its own lifespan)
     with contextlib.suppress(ImportError):  # the jobs API comes with Celery's app
         from services.orchestrator.jobs_routes import jobs_router
 

@@ -44,8 +44,10 @@ export function setupChat() {
     try {
       const resp = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body) });
       if (!resp.ok) {
-        const detail = await resp.json().catch(() => ({}));
-        throw new Error(`${resp.status}: ${typeof detail.detail === "string" ? detail.detail : JSON.stringify(detail.detail)}`);
+        const body = await resp.json().catch(() => ({}));
+        // FastAPI's {"detail": ...} or OpenAI's {"error": {"message": ...}}
+        const why = body.error && body.error.message ? body.error.message : body.detail;
+        throw new Error(`${resp.status}: ${typeof why === "string" ? why : JSON.stringify(why)}`);
       }
       let finish = null;
       for await (const data of sseData(resp)) {

@@ -73,6 +73,7 @@ export class ApiError extends Error {
 }
 
 function detailOf(body, fallback) {
+  if (body && body.error && body.error.message) return body.error.message;  // OpenAI-style errors
   if (!body || body.detail === undefined) return fallback;
   if (typeof body.detail === "string") return body.detail;
   return body.detail.map((e) => `${(e.loc || []).join(".")}: ${e.msg}`).join("; ");
