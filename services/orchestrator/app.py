@@ -26,6 +26,7 @@ from edgeorch.orchestration.clients import ControlPlane
 from edgeorch.settings import ServiceSettings
 from edgeorch.storage import default_database_url, make_engine
 from services.orchestrator.controller import Controller
+from services.orchestrator.dashboard_routes import router as dashboard_router
 from services.orchestrator.deployments import DeploymentBook
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.openai_errors import GatewayError, gateway_error_response
@@ -159,6 +160,7 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.admin_token = settings.admin_token
+    app.include_router(dashboard_router)  # the page at / and its reads (its own lifespan)
     app.include_router(router)
     app.include_router(openai_router)
     app.add_exception_handler(GatewayError, gateway_error_response)
