@@ -36,7 +36,7 @@ test: install models lint
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" --timeout=300
 
-# The whole stack on loopback (edgeorch/stack.py): deploy SmolLM2 over the
+# The whole stack on loopback (edgeorch/local/stack.py): deploy SmolLM2 over the
 # workers of scenarios/demo.yaml, ask it a question, stop. `edgeorch up` without
 # --once keeps it running until Ctrl-C.
 demo: install models

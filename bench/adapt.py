@@ -31,8 +31,8 @@ from bench.adapt_markdown import markdown
 from bench.adapt_run import DEPLOYMENT, FAILED_BACKOFF_S, MESSAGES, MODEL, log, run_strategy
 from bench.adapt_scenario import AdaptScenario, load_adapt_scenario, scenario_names
 from bench.adapt_stats import choose_slo, first_change_comparison, rounds_summary, strategy_rows
-from edgeorch.netns import unavailable_reason
-from edgeorch.settings import CommonSettings
+from edgeorch.local.netns import unavailable_reason
+from edgeorch.service.settings import CommonSettings
 
 # Orchestrator policies (edgeorch.schemas.orchestrator.QosPolicy), one per strategy.
 STRATEGIES: dict[str, dict] = {

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 
 from bench.adapt_scenario import AdaptScenario, TimelineEvent, resolve_node
+from edgeorch.local.stack import LocalStack
+from edgeorch.local.up_command import calibrate
 from edgeorch.schemas.profile import profile_key
-from edgeorch.stack import LocalStack
-from edgeorch.up_command import calibrate
 
 MODEL, DEPLOYMENT = "smollm2-135m", "smol"
 # A haiku runs past 24 tokens (a capital city ends in 8), so every request generates max_tokens.

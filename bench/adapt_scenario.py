@@ -7,7 +7,7 @@ A file in ``bench/scenarios/`` (see ``node_slowdown.yaml``)::
     warmup_s: 3             # requests that start earlier are recorded but left out of the statistics
     sessions: 2             # closed-loop chat sessions at the start
     weight_format: fp32     # the deployment's weights under every strategy (default fp32, exact)
-    workers:                # the same fields as scenarios/*.yaml (edgeorch.scenario.WorkerSpec)
+    workers:                # the same fields as scenarios/*.yaml (edgeorch.local.scenario.WorkerSpec)
       - {id: n1, memory: 360MB}
     timeline:
       - {at_s: 15, kind: slowdown, node: "@busiest", factor: 4}
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgeorch.scenario import NODE_ID_PATTERN, Scenario, ScenarioError, WorkerSpec, parse_scenario
+from edgeorch.local.scenario import NODE_ID_PATTERN, Scenario, ScenarioError, WorkerSpec, parse_scenario
 from edgeorch.schemas.profile import WeightFormat
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -145,7 +145,7 @@ class AdaptScenario(BaseModel):
 
 
 def parse_adapt_scenario(data: Any, name: str, source: str = "scenario") -> AdaptScenario:
-    """A benchmark scenario from parsed YAML; the ``workers`` list goes through edgeorch.scenario."""
+    """A benchmark scenario from parsed YAML; the ``workers`` list goes through edgeorch.local.scenario."""
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: expected a mapping, got {type(data).__name__}")
     data = dict(data)

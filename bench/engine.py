@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from edgeorch.engine.formats import FORMATS
 from edgeorch.engine.quality import compare, score_text
+from edgeorch.engine.stage import load_stage
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import load_stage
+from edgeorch.models.formats import FORMATS
 from edgeorch.models.store import ModelStore, ModelStoreError, package_dir
-from edgeorch.settings import CommonSettings
+from edgeorch.service.settings import CommonSettings
 
 PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
 CHAT_PROMPTS = [

@@ -30,17 +30,17 @@ from pathlib import Path
 import torch
 
 from bench.overhead_markdown import THREAD_CHAIN, UNSPLIT, idle_name, markdown
-from edgeorch.chain import load_chain, parse_stages
-from edgeorch.client import ChainClient
 from edgeorch.engine import ENGINES, FORMATS
-from edgeorch.launcher import LocalWorkers
+from edgeorch.engine.stage import load_stage
+from edgeorch.local.chain import load_chain, parse_stages
+from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import load_stage
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.schemas.stage import Sampling
-from edgeorch.settings import CommonSettings
+from edgeorch.service.settings import CommonSettings
+from edgeorch.transport.client import ChainClient
 
 # Torch threads per process: A keeps the active thread count equal to the
 # unsplit run's (only one stage computes at a time in single-session decode);

@@ -13,7 +13,7 @@ def store():
     """The model store the tests use, prepared if it is not yet (idempotent)."""
     # Imported here: the planner's tests need neither torch nor transformers.
     from edgeorch.models.store import ModelStore
-    from edgeorch.settings import CommonSettings
+    from edgeorch.service.settings import CommonSettings
 
     root = Path(os.environ.get("EDGEORCH_MODEL_STORE") or CommonSettings().model_store)
     s = ModelStore(root)

@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeorch.launcher import LocalService, free_port
+from edgeorch.local.launcher import LocalService, free_port
 
 __all__ = ["REPO", "ServiceProcess", "free_port", "wait_for"]
 

@@ -13,7 +13,9 @@ from typing import Literal, get_args
 
 from transformers import PretrainedConfig
 
-from edgeorch.engine.formats import FORMATS, WeightFormat, check_format
+from edgeorch.models import adapter_for, load_config
+from edgeorch.models.formats import FORMATS, check_format
+from edgeorch.schemas.profile import WeightFormat
 
 Engine = Literal["hf", "lean"]
 ENGINES: tuple[str, ...] = get_args(Engine)
@@ -27,9 +29,6 @@ def stage_adapter(config: PretrainedConfig, engine: str = "hf", weight_format: s
     ValueError for an unknown engine or format, or a format the engine lacks
     (the reference engine is fp32 only).
     """
-    # Imported here: edgeorch.models imports the formats module of this package.
-    from edgeorch.models import adapter_for
-
     check_format(weight_format)
     if engine == "hf":
         if weight_format != "fp32":
@@ -50,6 +49,4 @@ def stage_adapter(config: PretrainedConfig, engine: str = "hf", weight_format: s
 
 def load_adapter(model_dir: Path, engine: str = "hf", weight_format: str = "fp32"):
     """:func:`stage_adapter` for a checkpoint directory (reads its config only)."""
-    from edgeorch.models import load_config
-
     return stage_adapter(load_config(model_dir), engine, weight_format)

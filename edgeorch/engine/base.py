@@ -19,10 +19,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from edgeorch.engine.formats import act_dtype, check_format
 from edgeorch.engine.kv import LeanKVCache
 from edgeorch.models.adapter import DEFAULT_PROFILE_CONTEXT
 from edgeorch.models.checkpoint import CheckpointReader
+from edgeorch.models.formats import act_dtype, check_format
 from edgeorch.schemas.profile import ModelProfile
 
 

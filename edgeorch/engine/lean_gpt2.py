@@ -18,9 +18,10 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from edgeorch.engine.base import LeanAdapterMixin, check_cache
-from edgeorch.engine.formats import PackedEmbedding, PackedLinear, packed_vector, table_format
+from edgeorch.engine.formats import PackedEmbedding, PackedLinear, packed_vector
 from edgeorch.engine.kv import LeanKVCache
 from edgeorch.models.adapter import StageInput, causal_mask
+from edgeorch.models.formats import table_format
 from edgeorch.models.gpt2 import GPT2Adapter
 
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeorch.engine.base import LeanAdapterMixin, check_cache
-from edgeorch.engine.formats import PackedEmbedding, PackedLinear, address_mod, packed_vector, table_format
+from edgeorch.engine.formats import PackedEmbedding, PackedLinear, address_mod, packed_vector
 from edgeorch.engine.kv import LeanKVCache
 from edgeorch.models.adapter import StageInput, causal_mask
+from edgeorch.models.formats import table_format
 from edgeorch.models.llama import LlamaAdapter
 
 

@@ -20,8 +20,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
 
-from edgeorch.engine.formats import act_dtype, unit_weight_bytes
 from edgeorch.models.checkpoint import CheckpointReader
+from edgeorch.models.formats import act_dtype, unit_weight_bytes
 from edgeorch.models.kv import StageKVCache
 from edgeorch.schemas.profile import ModelProfile, UnitProfile
 

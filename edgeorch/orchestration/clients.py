@@ -11,18 +11,30 @@ import time
 from typing import Any
 
 import httpx
+from pydantic import TypeAdapter
 
-from edgeorch.schemas.plan import PlanRequest
+from edgeorch.schemas.monitor import LinkView, NodeView
+from edgeorch.schemas.plan import PlanRequest, PlanResponse
+from edgeorch.schemas.rollout import PlacementView, Plan, RolloutRequest, RolloutView
+
+_NODES = TypeAdapter(list[NodeView])
+_LINKS = TypeAdapter(list[LinkView])
 
 
 class ServiceError(RuntimeError):
-    """A control-plane service failed or refused; ``status`` is its HTTP code (0: unreachable)."""
+    """A control-plane service failed or refused.
 
-    def __init__(self, service: str, status: int, detail: Any):
+    ``status`` is its HTTP code (0: unreachable), ``detail`` its message (or
+    the splitter's structured 422), ``kind`` the error JSON's ``kind`` field
+    when the service sends one (broadcast's refusals do).
+    """
+
+    def __init__(self, service: str, status: int, detail: Any, kind: str | None = None):
         super().__init__(f"{service} answered {status}: {detail}" if status else f"{service}: {detail}")
         self.service = service
         self.status = status
         self.detail = detail
+        self.kind = kind
 
 
 class ControlPlane:
@@ -46,76 +58,77 @@ class ControlPlane:
             raise ServiceError(service, 0, f"unreachable at {url}: {exc!r}") from exc
         if resp.status_code >= 400:
             try:
-                detail = resp.json().get("detail", resp.text)
+                body = resp.json()
             except ValueError:
-                detail = resp.text
-            raise ServiceError(service, resp.status_code, detail)
+                body = None
+            if not isinstance(body, dict):
+                raise ServiceError(service, resp.status_code, resp.text)
+            raise ServiceError(service, resp.status_code, body.get("detail", resp.text), body.get("kind"))
         return resp.json()
 
     # ----- monitor -----------------------------------------------------------
 
-    async def nodes(self, model: str) -> list[dict]:
+    async def nodes(self, model: str) -> list[NodeView]:
         """Every node the monitor knows, with its speed on ``model``."""
-        return await self._call("monitor", "GET", f"{self.monitor_url}/v1/nodes", params={"model": model})
+        body = await self._call("monitor", "GET", f"{self.monitor_url}/v1/nodes", params={"model": model})
+        return _NODES.validate_python(body)
 
-    async def links(self) -> list[dict]:
+    async def links(self) -> list[LinkView]:
         """Measured links between live nodes."""
-        return await self._call("monitor", "GET", f"{self.monitor_url}/v1/links")
+        return _LINKS.validate_python(await self._call("monitor", "GET", f"{self.monitor_url}/v1/links"))
 
     async def request_profile(self, model: str) -> None:
         """Have every node calibrate ``model`` (idempotent)."""
         await self._call("monitor", "POST", f"{self.monitor_url}/v1/profiles", json={"model": model})
 
-    async def monitor_events(self, since: int) -> list[dict]:
-        """Monitor events after ``since``."""
-        return await self._call("monitor", "GET", f"{self.monitor_url}/v1/events", params={"since": since})
-
     # ----- splitter ----------------------------------------------------------
 
-    async def plan(self, req: PlanRequest) -> dict:
+    async def plan(self, req: PlanRequest) -> PlanResponse:
         """The splitter's plan for ``req`` (raises ServiceError 422 when infeasible)."""
-        return await self._call("splitter", "POST", f"{self.splitter_url}/v1/plan",
+        body = await self._call("splitter", "POST", f"{self.splitter_url}/v1/plan",
                                 content=req.model_dump_json(), headers={"content-type": "application/json"})  # fmt: skip
+        return PlanResponse.model_validate(body)
 
     # ----- broadcast ---------------------------------------------------------
 
-    async def start_rollout(
-        self, deployment: str, model: str, stages: list[dict], wait_s: float, weight_format: str = "fp32"
-    ) -> dict:
+    async def start_rollout(self, deployment: str, plan: Plan, wait_s: float) -> RolloutView:
         """Start a rollout; an older version still draining is released at once (its sessions are
-        replayed by the gateway); while another rollout still prepares, wait for it (409)."""
-        plan = {"model": model, "stages": stages, "format": weight_format}
-        body = {"deployment": deployment, "plan": plan, "supersede_drain": True}
+        replayed by the gateway); while another rollout is in flight, wait for it (409)."""
+        req = RolloutRequest(deployment=deployment, plan=plan, supersede_drain=True)
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                return await self._call("broadcast", "POST", f"{self.broadcast_url}/v1/rollouts", json=body)
+                body = await self._call("broadcast", "POST", f"{self.broadcast_url}/v1/rollouts",
+                                        content=req.model_dump_json(), headers={"content-type": "application/json"})  # fmt: skip
+                return RolloutView.model_validate(body)
             except ServiceError as exc:
-                if exc.status != 409 or "still" not in str(exc.detail) or time.monotonic() > deadline:
+                if exc.kind != "rollout_in_flight" or time.monotonic() > deadline:
                     raise
             await asyncio.sleep(0.2)
 
-    async def rollout(self, rollout_id: str) -> dict:
+    async def rollout(self, rollout_id: str) -> RolloutView:
         """A rollout's phase and acks."""
-        return await self._call("broadcast", "GET", f"{self.broadcast_url}/v1/rollouts/{rollout_id}")
+        body = await self._call("broadcast", "GET", f"{self.broadcast_url}/v1/rollouts/{rollout_id}")
+        return RolloutView.model_validate(body)
 
-    async def wait_rollout(self, rollout_id: str, timeout_s: float) -> dict:
+    async def wait_rollout(self, rollout_id: str, timeout_s: float) -> RolloutView:
         """Poll until the rollout is committed (or further) or aborted; returns the last view."""
         deadline = time.monotonic() + timeout_s
         while True:
             view = await self.rollout(rollout_id)
-            if view["phase"] in ("committed", "completed", "aborted"):
+            if view.phase in ("committed", "completed", "aborted"):
                 return view
             if time.monotonic() > deadline:
-                raise ServiceError("broadcast", 0, f"rollout {rollout_id} still {view['phase']} "
+                raise ServiceError("broadcast", 0, f"rollout {rollout_id} still {view.phase} "
                                                    f"after {timeout_s:.0f}s")  # fmt: skip
             await asyncio.sleep(0.05)
 
-    async def deployment(self, name: str) -> dict | None:
-        """Broadcast's view of a deployment (active version, entry), or None before its first commit."""
+    async def deployment(self, name: str) -> PlacementView | None:
+        """Broadcast's view of a deployment (active version, its stages), or None before its first commit."""
         try:
-            return await self._call("broadcast", "GET", f"{self.broadcast_url}/v1/deployments/{name}")
+            body = await self._call("broadcast", "GET", f"{self.broadcast_url}/v1/deployments/{name}")
         except ServiceError as exc:
             if exc.status == 404:
                 return None
             raise
+        return PlacementView.model_validate(body)

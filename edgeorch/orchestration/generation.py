@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,34 +24,38 @@ from typing import Protocol
 
 import torch
 
-from edgeorch import wire
-from edgeorch.hopclient import HopClient, HopError
+from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import Sampling
+from edgeorch.transport import protocol, wire
+from edgeorch.transport.hopclient import HopClient, HopError
+from edgeorch.transport.protocol import HopFailure
 
 log = logging.getLogger(__name__)
 
-# "next hop 'd.v1.s2' at http://127.0.0.1:8102/v1/stages/d.v1.s2/forward unreachable: ..."
-_DEAD_HOP = re.compile(r"at (https?://\S+?) (?:unreachable|timed out)")
 _background: set[asyncio.Task] = set()  # fire-and-forget releases, referenced until done
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where a deployment's sessions enter, in one plan version."""
+    """A deployment's chain in one plan version: its stages in order, the first one the entry."""
 
     deployment: str
     version: int
-    entry_url: str
-    entry_stage: str
-    node_urls: dict[str, str]
-    stages: tuple[tuple[str, str], ...] = ()  # (stage id, worker URL) in chain order
+    stages: tuple[PlacedStage, ...]
 
-    def node_of(self, url: str) -> str | None:
-        """The node whose base URL ``url`` starts with."""
-        for node, base in self.node_urls.items():
-            if url.startswith(base.rstrip("/") + "/") or url.rstrip("/") == base.rstrip("/"):
-                return node
-        return None
+    @property
+    def entry_url(self) -> str:
+        """The worker new sessions enter at."""
+        return self.stages[0].url
+
+    @property
+    def entry_stage(self) -> str:
+        """The stage id new sessions enter at."""
+        return self.stages[0].stage_id
+
+    def node_of(self, stage_id: str | None) -> str | None:
+        """The node that hosts ``stage_id`` in this route (None when it is not one of its stages)."""
+        return next((s.node_id for s in self.stages if s.stage_id == stage_id), None)
 
 
 class RouteProvider(Protocol):
@@ -97,31 +100,31 @@ class SessionStats:
     max_gap_s: float = 0.0
 
 
-def _classify(route: Route, status: int, detail: str) -> StepFailure:
-    dead = _DEAD_HOP.findall(detail)
-    if dead:
-        return StepFailure(status, detail, route.node_of(dead[-1]), True)
-    # 404: the stage or session is gone (released by a rollout, worker restarted);
-    # 409: the cache is not where the step expects it. Both heal by a replay.
-    return StepFailure(status, detail, None, status in (404, 409))
+def _classify(route: Route, failure: HopFailure) -> StepFailure:
+    """What the gateway does about a failed step, read from the failure's fields."""
+    if failure.kind in protocol.NODE_LOST:
+        node = failure.failed_node or route.node_of(failure.failed_stage)
+        return StepFailure(failure.status, failure.detail, node, True)
+    # The stage or session is gone (released by a rollout, worker restarted) or
+    # the cache is not where the step expects it: both heal by a replay.
+    return StepFailure(failure.status, failure.detail, None, failure.kind in protocol.STATE_LOST)
 
 
 async def _step(http: HopClient, route: Route, tensors: dict[str, torch.Tensor], **meta) -> wire.Frame:
-    url = f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/forward"
-    body = wire.encode_frame(wire.Frame(meta=meta, tensors=tensors))
+    url = protocol.forward_url(route.entry_url, route.entry_stage)
     try:
-        resp = await http.post(url, content=body, headers={"content-type": wire.CONTENT_TYPE})
+        resp = await http.post(
+            url, content=protocol.step_body(tensors, **meta), headers=protocol.FRAME_HEADERS
+        )
+        frame, _ = protocol.read_answer(resp, route.entry_stage)
     except HopError as exc:
-        node = route.node_of(url)
-        raise StepFailure(502, f"entry stage {route.entry_stage} at {url} unreachable: {exc!r}", node,
-                          True) from exc  # fmt: skip
-    if resp.status_code != 200:
-        try:
-            detail = str(resp.json().get("detail", resp.text))
-        except (ValueError, AttributeError):
-            detail = resp.text
-        raise _classify(route, resp.status_code, detail)
-    return wire.decode_frame(resp.content)
+        failure = protocol.unreachable(
+            exc, "entry stage", route.entry_stage, url, route.node_of(route.entry_stage)
+        )
+        raise _classify(route, failure) from exc
+    except HopFailure as failure:
+        raise _classify(route, failure) from None
+    return frame
 
 
 async def generate(
@@ -205,7 +208,7 @@ async def generate(
 async def release(http: HopClient, route: Route, session: str) -> None:
     """Free a session's caches along the chain (best effort)."""
     try:
-        await http.delete(f"{route.entry_url.rstrip('/')}/v1/stages/{route.entry_stage}/sessions/{session}")
+        await http.delete(protocol.session_url(route.entry_url, route.entry_stage, session))
     except HopError:
         pass
 
@@ -218,9 +221,9 @@ def _in_background(coro) -> None:
 
 async def release_everywhere(http: HopClient, route: Route, session: str) -> None:
     """Free a session on every stage of a broken chain (a release at the entry stops at the gap)."""
-    for stage_id, url in route.stages:
+    for stage in route.stages:
         try:
-            await http.delete(f"{url.rstrip('/')}/v1/stages/{stage_id}/sessions/{session}", timeout_s=2.0)
+            await http.delete(protocol.session_url(stage.url, stage.stage_id, session), timeout_s=2.0)
         except HopError:
             pass  # that node is the dead one, or its caches expire on their own
 

@@ -7,12 +7,13 @@ it can be tested on plain records.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from edgeorch.planning.api import problem_from_request
 from edgeorch.planning.cost import evaluate
 from edgeorch.planning.problem import Stage
+from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
 from edgeorch.schemas.plan import LinkSpec, NodeSpec, PlanRequest, PlanStage, Workload
 from edgeorch.schemas.profile import ModelProfile
@@ -60,33 +61,34 @@ def trusted_units(policy: QosPolicy, num_units: int) -> list[int]:
 
 
 def cluster_from_monitor(
-    nodes: list[dict[str, Any]], links: list[dict[str, Any]], allowed: list[str] | None, exclude: set[str]
+    nodes: list[NodeView], links: list[LinkView], allowed: list[str] | None, exclude: set[str]
 ) -> Cluster:
     """Nodes that are alive, calibrated and allowed, and every link between two of them."""
     specs, urls = [], {}
     for n in nodes:
-        nid = n["node_id"]
-        if n.get("state") != "alive" or not n.get("flops_per_s") or nid in exclude:
+        nid = n.node_id
+        if n.state != "alive" or not n.flops_per_s or nid in exclude:
             continue
         if allowed is not None and nid not in allowed:
             continue
-        specs.append(NodeSpec(id=nid, memory_bytes=n["memory_bytes"], flops_per_s=n["flops_per_s"],
-                              trusted=n["trusted"], watts=n["watts"]))  # fmt: skip
-        urls[nid] = n["url"]
+        specs.append(NodeSpec(id=nid, memory_bytes=n.memory_bytes, flops_per_s=n.flops_per_s,
+                              trusted=n.trusted, watts=n.watts))  # fmt: skip
+        urls[nid] = n.url
     if not specs:
         raise NoNodesError("no live node calibrated on this model" + (f" (excluded {sorted(exclude)})"
                                                                        if exclude else ""))  # fmt: skip
-    measured = {(lk["src"], lk["dst"]): lk for lk in links}
+    measured = {(lk.src, lk.dst): lk for lk in links}
     specs_links = []
     for a in specs:
         for b in specs:
             if a.id == b.id:
                 continue
-            lk = measured.get((a.id, b.id), {})
+            lk = measured.get((a.id, b.id))
+            bandwidth = lk.bandwidth_bytes_per_s if lk is not None else None
+            rtt = lk.rtt_s if lk is not None else None
             specs_links.append(LinkSpec(
-                src=a.id, dst=b.id,
-                bandwidth_bytes_per_s=lk.get("bandwidth_bytes_per_s") or UNMEASURED_BANDWIDTH_BYTES_PER_S,
-                rtt_s=RTT_CHARGE_FACTOR * (lk["rtt_s"] if lk.get("rtt_s") is not None else UNMEASURED_RTT_S),
+                src=a.id, dst=b.id, bandwidth_bytes_per_s=bandwidth or UNMEASURED_BANDWIDTH_BYTES_PER_S,
+                rtt_s=RTT_CHARGE_FACTOR * (rtt if rtt is not None else UNMEASURED_RTT_S),
             ))  # fmt: skip
     return Cluster(specs, specs_links, urls)
 
@@ -104,7 +106,7 @@ def plan_request(
     profile: ModelProfile,
     cluster: Cluster,
     policy: QosPolicy,
-    current: list[tuple[str, int, int]] | None,
+    current: Sequence[PlanStage] | None,
     time_limit_s: float = 0.1,
 ) -> PlanRequest:
     """The splitter request for this deployment now."""
@@ -117,22 +119,22 @@ def plan_request(
         strategy=policy.strategy,
         workload=policy.workload,
         trusted_units=trusted_units(policy, profile.num_units),
-        current_plan=[PlanStage(node=n, start=a, end=b) for n, a, b in current] if current else None,
+        current_plan=list(current) if current else None,
         migration_weight=policy.migration_weight if policy.objective != "throughput" else 0.0,
         time_limit_s=time_limit_s,
     )
 
 
-def predict(req: PlanRequest, stages: list[tuple[str, int, int]]) -> PredictedView | None:
+def predict(req: PlanRequest, stages: Sequence[PlanStage]) -> PredictedView | None:
     """The cost model's figures for ``stages`` under ``req``'s measurements; None if a node is gone.
 
     ``step_s`` is one token through the chain and back (entry hop, every
     stage, every hop, exit hop): the figure a decode step is measured against.
     """
     index = {n.id: i for i, n in enumerate(req.nodes)}
-    if any(n not in index for n, _, _ in stages):
+    if any(s.node not in index for s in stages):
         return None
-    plan_stages = [Stage(index[n], a, b) for n, a, b in stages]
+    plan_stages = [Stage(index[s.node], s.start, s.end) for s in stages]
     full = evaluate(problem_from_request(req), plan_stages)
     one = req.model_copy(update={
         "workload": Workload(prompt_tokens=1, generated_tokens=0, max_sessions=1,

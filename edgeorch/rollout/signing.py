@@ -19,8 +19,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from edgeorch.auth import is_loopback
 from edgeorch.rollout.state import KIND_RANK
+from edgeorch.service.auth import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from edgeorch import wire
+from edgeorch.engine.stage import LoadedStage
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import LoadedStage
 from edgeorch.schemas.stage import ForwardMeta
+from edgeorch.transport import wire
 
 MAX_ENCODER_BATCH = 64
 

@@ -8,15 +8,15 @@ which is what lets several sessions pipeline through the chain.
 
 One exception: a small step (a decode token) that arrives while this worker
 has nothing else in flight runs on the event loop itself. There is then no
-other frame to accept or forward, and the two thread wake-ups it saves
-cost ~0.35 ms per stage per token on a VM whose idle vCPUs halt
-(bench/overhead.py; docs/design.md, "As built: the hop transport").
+other frame to accept or forward, and it saves the two thread wake-ups a
+hand-off to the compute thread costs on every stage of every token, dearest
+on a VM whose idle vCPUs halt (measured in bench/overhead.py; docs/design.md,
+"As built: the hop transport").
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,11 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeorch import wire
 from edgeorch.engine import load_adapter
-from edgeorch.hopclient import HopClient, HopError, HopResponse, HopTimeout
+from edgeorch.engine.stage import LoadedStage
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import LoadedStage
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
@@ -39,10 +37,10 @@ from edgeorch.runtime.sessions import SessionStore
 from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
+from edgeorch.transport import protocol, wire
+from edgeorch.transport.hopclient import HopClient, HopError, HopResponse
 
 log = logging.getLogger(__name__)
-
-HOPS_HEADER = "x-edgeorch-hops"
 
 
 class StageNotFound(LookupError):
@@ -51,15 +49,6 @@ class StageNotFound(LookupError):
 
 class StageConflict(Exception):
     """A stage id is already loaded with a different spec."""
-
-
-class DownstreamError(Exception):
-    """The next stage failed or could not be reached; carries the status to answer with."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass
@@ -76,7 +65,7 @@ class HostedStage:
         """Where this stage's output goes, or None for the last stage."""
         if self.spec.next is None:
             return None
-        return f"{str(self.spec.next.url).rstrip('/')}/v1/stages/{self.spec.next.stage_id}/forward"
+        return protocol.forward_url(str(self.spec.next.url), self.spec.next.stage_id)
 
 
 class StageHost:
@@ -356,33 +345,25 @@ class StageHost:
         return result
 
     async def _send(self, hosted: HostedStage, url: str, payload: bytes) -> tuple[bytes, list[dict]]:
+        """Post the output to the next stage; a failure keeps the failing stage's fields."""
         next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"
         try:
-            resp = await self.paced_post(url, payload, headers={"content-type": wire.CONTENT_TYPE})
-        except HopTimeout as exc:
-            raise DownstreamError(504, f"next hop {next_id!r} at {url} timed out: {exc!r}") from exc
+            resp = await self.paced_post(url, payload, headers=protocol.FRAME_HEADERS)
         except HopError as exc:
-            raise DownstreamError(502, f"next hop {next_id!r} at {url} unreachable: {exc!r}") from exc
-        if resp.status_code != 200:
-            try:
-                detail = resp.json().get("detail", resp.text)
-            except (ValueError, AttributeError):
-                detail = resp.text[:500]
-            status = resp.status_code if resp.status_code < 500 else 502
-            raise DownstreamError(
-                status, f"next hop {next_id!r} at {url} answered {resp.status_code}: {detail}"
-            )
-        hops = json.loads(resp.headers.get(HOPS_HEADER, "[]"))
-        return resp.content, hops
+            raise protocol.unreachable(exc, "next hop", next_id, url) from exc
+        try:
+            return protocol.read_raw_answer(resp, next_id)
+        except protocol.HopFailure as failure:
+            raise failure.relayed(f"next hop {next_id!r} at {url} answered {resp.status_code}") from None
 
     async def release(self, stage_id: str, session: str) -> list[str]:
         """Free a session's cache here and, best effort, on every later stage."""
         hosted = self._get(stage_id)
         released = [stage_id] if self.sessions.release(stage_id, session) else []
-        url = hosted.forward_url()
-        if url is not None and self.client is not None:
+        nxt = hosted.spec.next
+        if nxt is not None and self.client is not None:
             try:
-                resp = await self.client.delete(url.removesuffix("/forward") + f"/sessions/{session}")
+                resp = await self.client.delete(protocol.session_url(str(nxt.url), nxt.stage_id, session))
                 if resp.status_code == 200:
                     released += resp.json().get("released", [])
             except HopError as exc:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeorch import wire
+from edgeorch.transport import wire
 
 # Bumped when the tensors below change meaning; the gateway refuses other versions.
 LOGPROBS_FORMAT = 1

@@ -26,11 +26,11 @@ import httpx
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
-from edgeorch import bus
 from edgeorch.rollout.plan import parse_stage_id
 from edgeorch.rollout.signing import SIGNATURE_HEADER, MessageVerifier, sign_bytes
 from edgeorch.runtime.host import StageHost
 from edgeorch.schemas.stage import StageSpec
+from edgeorch.service import bus
 
 log = logging.getLogger(__name__)
 

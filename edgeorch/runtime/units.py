@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeorch.engine.stage import LoadedStage
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import FamilyAdapter
 from edgeorch.models.checkpoint import CheckpointReader
-from edgeorch.models.stage import LoadedStage
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeorch.schemas.plan import Objective, Strategy, Workload
+from edgeorch.schemas.plan import Objective, PlanStage, Strategy, Workload
 from edgeorch.schemas.profile import WeightFormat
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
 
@@ -68,12 +68,9 @@ class DeploymentRequest(BaseModel):
     policy: QosPolicy = Field(default_factory=QosPolicy)
 
 
-class StageView(BaseModel):
-    """One stage of the active plan."""
+class StageView(PlanStage):
+    """A plan's stage (units ``[start, end)`` on ``node``) with the URL the node was reached at."""
 
-    node: str
-    start: int
-    end: int
     url: str | None = None
 
 

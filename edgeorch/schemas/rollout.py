@@ -130,7 +130,7 @@ class VersionStatus(BaseModel):
     created_at: float
 
 
-class DeploymentView(BaseModel):
+class PlacementView(BaseModel):
     """A deployment's active version and where new sessions enter it."""
 
     name: str

@@ -10,15 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from pydantic import Field
 
-from edgeorch.bus import ResilientPublisher
-from edgeorch.http_app import base_app
 from edgeorch.rollout.signing import resolve_secret
-from edgeorch.settings import ServiceSettings
-from edgeorch.storage import default_database_url, make_engine
+from edgeorch.service.bus import ResilientPublisher
+from edgeorch.service.http_app import base_app
+from edgeorch.service.settings import ServiceSettings
+from edgeorch.service.storage import default_database_url, make_engine
 from services.broadcast.driver import DriverConfig, RolloutDriver
 from services.broadcast.metrics import BroadcastMetrics
-from services.broadcast.routes import router
-from services.broadcast.store import Base, RolloutStore
+from services.broadcast.routes import refused_answer, router
+from services.broadcast.store import Base, Conflict, RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -93,4 +93,5 @@ def create_app(settings: BroadcastSettings, bind_host: str | None = None) -> Fas
     app.state.store = store
     app.state.driver = driver
     app.include_router(router)
+    app.add_exception_handler(Conflict, refused_answer)
     return app

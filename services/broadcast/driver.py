@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import httpx
 
-from edgeorch import bus
 from edgeorch.rollout.plan import node_urls, place
 from edgeorch.rollout.signing import new_message
 from edgeorch.rollout.state import (
@@ -28,6 +27,7 @@ from edgeorch.rollout.state import (
     decide_prepare,
 )
 from edgeorch.schemas.rollout import RolloutView
+from edgeorch.service import bus
 from services.broadcast.metrics import BroadcastMetrics
 from services.broadcast.store import RolloutStore
 

@@ -8,25 +8,31 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.auth import AdminAuth
 from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.signing import SIGNATURE_HEADER, bytes_signature_ok, signed_desired
 from edgeorch.schemas.rollout import (
     DEPLOYMENT_PATTERN,
     AckRequest,
-    DeploymentView,
+    PlacementView,
     RolloutRequest,
     RolloutView,
 )
 from edgeorch.schemas.stage import ID_PATTERN
+from edgeorch.service.auth import AdminAuth
 from services.broadcast.driver import RolloutDriver
 from services.broadcast.store import Conflict, NotFound, RolloutStore
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+
+
+async def refused_answer(request: Request, exc: Exception) -> JSONResponse:
+    """A Conflict raised by any route, as a 409 whose JSON says ``detail`` and ``kind``."""
+    return JSONResponse({"detail": str(exc), "kind": getattr(exc, "kind", "conflict")}, 409)
 
 
 async def get_store(request: Request) -> RolloutStore:
@@ -49,12 +55,9 @@ RolloutId = Annotated[str, Path(pattern=ID_PATTERN)]
 async def start_rollout(req: RolloutRequest, request: Request, store: Store, driver: Driver) -> RolloutView:
     """Start rolling a deployment out to a new plan version: record it, publish PREPARE."""
     settings = request.app.state.settings
-    try:
-        view, superseded = await run_in_threadpool(
-            store.create_rollout, req, uuid.uuid4().hex, time.time(), settings.prepare_timeout_s
-        )
-    except Conflict as exc:
-        raise HTTPException(409, str(exc)) from exc
+    view, superseded = await run_in_threadpool(  # a Conflict answers 409 (refused_answer)
+        store.create_rollout, req, uuid.uuid4().hex, time.time(), settings.prepare_timeout_s
+    )
     if superseded is not None:
         log.info("rollout %s: RELEASE v%s of %s early, superseded", superseded.id, superseded.from_version,
                  superseded.deployment)  # fmt: skip
@@ -105,9 +108,9 @@ async def post_ack(rollout_id: RolloutId, request: Request, store: Store, driver
         view = await run_in_threadpool(store.add_ack, ack, time.time())
     except NotFound as exc:
         raise HTTPException(404, str(exc)) from exc
-    except Conflict as exc:
+    except Conflict:
         driver.metrics.acks.labels("refused").inc()
-        raise HTTPException(409, str(exc)) from exc
+        raise
     driver.metrics.acks.labels("ok" if ack.ok else "failed").inc()
     log.info("rollout %s: %s acked %s in %.2fs (%d bytes read)%s", rollout_id, ack.node_id,
              "ok" if ack.ok else "FAILED", ack.prepare_s, ack.bytes_read,
@@ -125,16 +128,16 @@ async def desired_state(
     return signed_desired(node_id, desired_for_node(node_id, snapshots), request.app.state.secret)
 
 
-@router.get("/v1/deployments", response_model=list[DeploymentView], tags=["deployments"])
-async def list_deployments(store: Store) -> list[DeploymentView]:
+@router.get("/v1/deployments", response_model=list[PlacementView], tags=["deployments"])
+async def list_deployments(store: Store) -> list[PlacementView]:
     """Every deployment with a committed version."""
     return await run_in_threadpool(store.deployments)
 
 
-@router.get("/v1/deployments/{name}", response_model=DeploymentView, tags=["deployments"])
+@router.get("/v1/deployments/{name}", response_model=PlacementView, tags=["deployments"])
 async def get_deployment(
     name: Annotated[str, Path(pattern=DEPLOYMENT_PATTERN)], store: Store
-) -> DeploymentView:
+) -> PlacementView:
     """The active version and its entry stage: where new sessions start."""
     try:
         return await run_in_threadpool(store.deployment, name)

@@ -19,7 +19,7 @@ from edgeorch.rollout.state import ABORTED, COMMITTED, COMPLETED, PREPARING, che
 from edgeorch.schemas.rollout import (
     AckRequest,
     AckView,
-    DeploymentView,
+    PlacementView,
     Plan,
     RolloutRequest,
     RolloutView,
@@ -87,7 +87,11 @@ class NotFound(LookupError):
 
 
 class Conflict(Exception):
-    """The request contradicts the current state (version not newer, rollout in flight, ...)."""
+    """The request contradicts the current state; ``kind`` says how (the 409's ``kind`` field)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 class RolloutStore:
@@ -128,17 +132,23 @@ class RolloutStore:
                 superseded, busy = busy.id, None
             if busy is not None:
                 raise Conflict(
-                    f"rollout {busy.id} of {name!r} to version {busy.version} is still {busy.phase}"
+                    "rollout_in_flight",
+                    f"rollout {busy.id} of {name!r} to version {busy.version} is still {busy.phase}",
                 )
             newest = db.scalar(
                 select(func.max(PlanVersionRow.version)).where(PlanVersionRow.deployment == name)
             )
             version = req.version if req.version is not None else (newest or 0) + 1
             if newest is not None and version <= newest:
-                raise Conflict(f"version {version} of {name!r} is not newer than version {newest}")
+                raise Conflict(
+                    "version_not_newer", f"version {version} of {name!r} is not newer than version {newest}"
+                )
             dep = db.get(DeploymentRow, name)
             if dep is not None and dep.model != req.plan.model:
-                raise Conflict(f"deployment {name!r} serves model {dep.model!r}, not {req.plan.model!r}")
+                raise Conflict(
+                    "model_mismatch",
+                    f"deployment {name!r} serves model {dep.model!r}, not {req.plan.model!r}",
+                )
             nodes = sorted({s.node_id for s in req.plan.stages})
             db.add(PlanVersionRow(deployment=name, version=version, plan_json=req.plan.model_dump_json(),
                                   status=PREPARING, created_at=now))  # fmt: skip
@@ -186,9 +196,11 @@ class RolloutStore:
                 raise NotFound(f"no rollout {ack.rollout_id!r}")
             nodes = json.loads(row.nodes_json)
             if ack.node_id not in nodes:
-                raise Conflict(f"node {ack.node_id!r} has no stage in rollout {row.id}")
+                raise Conflict("not_in_rollout", f"node {ack.node_id!r} has no stage in rollout {row.id}")
             if row.phase != PREPARING:
-                raise Conflict(f"rollout {row.id} is {row.phase}; acks are taken only while preparing")
+                raise Conflict(
+                    "not_preparing", f"rollout {row.id} is {row.phase}; acks are taken only while preparing"
+                )
             db.merge(AckRow(rollout_id=row.id, node_id=ack.node_id, ok=ack.ok, prepare_s=ack.prepare_s,
                             bytes_read=ack.bytes_read, error=ack.error, received_at=now))  # fmt: skip
             db.flush()
@@ -255,7 +267,7 @@ class RolloutStore:
 
     # ----- deployments -----------------------------------------------------
 
-    def deployment(self, name: str) -> DeploymentView:
+    def deployment(self, name: str) -> PlacementView:
         """A deployment's active version and its entry stage."""
         with self._sessions() as db:
             dep = db.get(DeploymentRow, name)
@@ -263,14 +275,14 @@ class RolloutStore:
                 raise NotFound(f"no deployment {name!r} with a committed version")
             return self._deployment_view(db, dep)
 
-    def deployments(self) -> list[DeploymentView]:
+    def deployments(self) -> list[PlacementView]:
         """Every deployment with a committed version."""
         with self._sessions() as db:
             rows = db.scalars(select(DeploymentRow).order_by(DeploymentRow.name))
             return [self._deployment_view(db, d) for d in rows if d.active_version is not None]
 
     @staticmethod
-    def _deployment_view(db: Session, dep: DeploymentRow) -> DeploymentView:
+    def _deployment_view(db: Session, dep: DeploymentRow) -> PlacementView:
         active = db.get(PlanVersionRow, (dep.name, dep.active_version))
         stages = place(dep.name, dep.active_version, Plan.model_validate_json(active.plan_json))
         versions = db.scalars(
@@ -278,7 +290,7 @@ class RolloutStore:
             .where(PlanVersionRow.deployment == dep.name)
             .order_by(PlanVersionRow.version)
         )
-        return DeploymentView(
+        return PlacementView(
             name=dep.name, model=dep.model, active_version=dep.active_version,
             entry=NextHop(url=stages[0].url, stage_id=stages[0].stage_id), stages=stages,
             versions=[VersionStatus(version=v.version, status=v.status, created_at=v.created_at) for v in versions],

@@ -13,12 +13,12 @@ from fastapi import FastAPI
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch import bus
-from edgeorch.http_app import base_app
 from edgeorch.monitoring.cluster import ClusterState, EventDraft, Thresholds
 from edgeorch.schemas.monitor import Heartbeat, HeartbeatReply, MonitorEvent, Peer, Registration
-from edgeorch.settings import ServiceSettings
-from edgeorch.storage import default_database_url, make_engine
+from edgeorch.service import bus
+from edgeorch.service.http_app import base_app
+from edgeorch.service.settings import ServiceSettings
+from edgeorch.service.storage import default_database_url, make_engine
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.routes import router
 from services.monitor.store import Base, MonitorStore

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.auth import AdminAuth
 from edgeorch.monitoring.cluster import UnknownNode
 from edgeorch.schemas.monitor import Heartbeat, HeartbeatReply, LinkView, MonitorEvent, NodeView, Registration
 from edgeorch.schemas.stage import ID_PATTERN
+from edgeorch.service.auth import AdminAuth
 
 router = APIRouter()
 

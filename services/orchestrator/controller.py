@@ -16,58 +16,32 @@ import contextlib
 import logging
 import statistics
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch import bus
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
 from edgeorch.orchestration.decide import decide, measured_slowdown
-from edgeorch.orchestration.generation import ChainFailure, Route
+from edgeorch.orchestration.generation import Route
 from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
-from edgeorch.schemas.orchestrator import MeasuredView, PredictedView, QosPolicy, StageView
-from edgeorch.schemas.profile import ModelProfile, profile_key
+from edgeorch.rollout.plan import place
+from edgeorch.schemas.orchestrator import PredictedView, StageView
+from edgeorch.schemas.plan import PlanResponse
+from edgeorch.schemas.plan import PlanStage as Placement
+from edgeorch.schemas.rollout import Plan, PlanStage
+from edgeorch.service import bus
+from services.orchestrator.live import Live, measured
+from services.orchestrator.routing import Routes
 from services.orchestrator.store import OrchestratorStore
 
 log = logging.getLogger(__name__)
 
 MEASURE_SKIP_STEPS = 16  # steps on a new version before its measurement starts
 MEASURE_STEPS = 32  # steps that make one measurement
-RELOAD_WAIT_S = 2.0  # before replaying a session whose stage vanished on a live node
-SUSPECT_S = 30.0  # a node a request saw die stays out of plans this long, or until the monitor re-sees it
 URGENT_POLL_S = 0.1  # how often the pause between two looks checks whether it should end early
 
 
-@dataclass
-class Live:
-    """What the controller keeps in memory per deployment (all of it can be rebuilt)."""
-
-    name: str
-    model: str
-    policy: QosPolicy
-    profile: ModelProfile
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    triggers: list[str] = field(default_factory=list)
-    route: Route | None = None
-    predicted: PredictedView | None = None
-    steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (ended_at monotonic, version, step_s)
-    requests: int = 0
-    failed: int = 0
-    measured_versions: set[int] = field(default_factory=set)
-    last_periodic: float = field(default_factory=time.monotonic)
-    pending: float | None = None  # since when a change has been predicted to pay off (monotonic)
-    task: asyncio.Task | None = None
-
-    @property
-    def profile_key(self) -> str:
-        """What nodes calibrate this deployment under: its model in its weight format."""
-        return profile_key(self.model, self.policy.weight_format)
-
-
 class Controller:
-    """Deployments in memory, the control loop per deployment, and the gateway's route provider."""
+    """Deployments in memory and the control loop per deployment; ``routes`` serves the gateway."""
 
     def __init__(self, store: OrchestratorStore, plane: ControlPlane, settings, metrics, publisher=None):
         self.store = store
@@ -76,7 +50,7 @@ class Controller:
         self.settings = settings
         self.metrics = metrics
         self.live: dict[str, Live] = {}
-        self.suspects: dict[str, float] = {}
+        self.routes = Routes(self.live, store, plane, self._evaluate, metrics)
 
     # ----- lifecycle -----------------------------------------------------------
 
@@ -110,7 +84,7 @@ class Controller:
 
     def node_seen(self, node_id: str) -> None:
         """The monitor saw the node alive again: it may host stages again."""
-        self.suspects.pop(node_id, None)
+        self.routes.suspects.pop(node_id, None)
 
     async def _loop(self, live: Live) -> None:
         backoff = 1.0
@@ -185,12 +159,14 @@ class Controller:
     async def _evaluate(self, live: Live, trigger: str, exclude: frozenset[str] = frozenset()) -> bool:
         """Re-plan the deployment with fresh measurements; True when a new plan was committed."""
         active = await run_in_threadpool(self.store.active_plan, live.name)
-        current = [(s.node, s.start, s.end) for s in active.stages] if active else None
+        current = (
+            [Placement(node=s.node, start=s.start, end=s.end) for s in active.stages] if active else None
+        )
         try:
             nodes, links = await asyncio.gather(self.plane.nodes(live.profile_key), self.plane.links())
             if active is None:
                 await self.plane.request_profile(live.profile_key)
-            cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self._excluded(exclude))
+            cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude))
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
         except NoNodesError as exc:
@@ -206,14 +182,15 @@ class Controller:
             return False
         cur_pred = predict(req, current) if current else None
         live.predicted = cur_pred or live.predicted
-        stages = [(s["node"], s["start"], s["end"]) for s in answer["stages"]]
+        stages = answer.stages
         cand_pred = predict(req, stages)
         if active is None:
             return await self._roll_out(live, "deploy", f"{trigger}: first plan", stages, cluster.urls,
                                         cand_pred, answer)  # fmt: skip
-        revision = answer.get("revision") or {"kind": "resplit", "current_feasible": cur_pred is not None}
+        revision_kind, current_feasible = (answer.revision.kind, answer.revision.current_feasible) \
+            if answer.revision else ("resplit", cur_pred is not None)  # fmt: skip
         slowed = self._slowed(live)
-        decision = decide(revision_kind=revision["kind"], current_feasible=revision["current_feasible"],
+        decision = decide(revision_kind=revision_kind, current_feasible=current_feasible,
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
                           last_change_at=(await run_in_threadpool(self.store.get, live.name)).last_change_at,
                           trigger=trigger, slowed=slowed)  # fmt: skip
@@ -227,11 +204,11 @@ class Controller:
                 await self._set_state(live, "ready", None)
             return False
         reason = decision.reason
-        if revision["current_feasible"] and not exclude and live.policy.adaptive:
+        if current_feasible and not exclude and live.policy.adaptive:
             confirmation = self._confirmation(live, slowed)
             if confirmation is None:
                 await self._log("keep", live.name, f"{decision.reason}; waiting {self.settings.confirm_s:.1f}s "
-                                "to see the gain again", {"candidate_stages": stages})  # fmt: skip
+                                "to see the gain again", {"candidate_stages": [[s.node, s.start, s.end] for s in stages]})  # fmt: skip
                 return False
             reason = f"{reason}; {confirmation}"
         kind = "recover" if exclude else decision.kind
@@ -240,10 +217,11 @@ class Controller:
     def _confirmation(self, live: Live, slowed: float | None) -> str | None:
         """What confirms a voluntary change now, or None (then a look ``confirm_s`` later may).
 
-        Speeds measured on a busy shared host swing by ±25 % for a second or
-        two, which alone predicts 20–45 % gains for plans that only shuffle
-        nodes; a real change (a node 4x slower) keeps predicting its gain.
-        So a gain must be predicted on every look for ``confirm_s`` — unless the
+        Speeds measured on a busy shared host swing for a second or two, and
+        the swing alone predicts gains for plans that only shuffle nodes,
+        while a real change (a slower node) keeps predicting its gain (figures:
+        docs/design.md, "As built: the orchestrator", Deciding). So a gain
+        must be predicted on every look for ``confirm_s`` — unless the
         current plan's own decode steps already run ``confirm_slowdown`` times
         their earlier median: then the change is real and measured, and
         waiting only keeps every session on the slow plan. The candidate may
@@ -263,155 +241,47 @@ class Controller:
         loop.call_later(self.settings.confirm_s + 0.05, self.poke, live.name, "confirming a candidate")
         return None
 
-    def _excluded(self, extra: frozenset[str]) -> set[str]:
-        now = time.monotonic()
-        self.suspects = {n: t for n, t in self.suspects.items() if now - t < SUSPECT_S}
-        return set(self.suspects) | set(extra)
-
-    async def _roll_out(self, live: Live, kind: str, reason: str, stages: list[tuple[str, int, int]],
-                        urls: dict[str, str], predicted: PredictedView | None, answer: dict) -> bool:  # fmt: skip
+    async def _roll_out(self, live: Live, kind: str, reason: str, stages: list[Placement],
+                        urls: dict[str, str], predicted: PredictedView | None, answer: PlanResponse) -> bool:  # fmt: skip
         """Hand a plan to broadcast, wait for COMMIT, record it; True when committed."""
-        body = [{"node_id": n, "url": urls[n], "start": a, "end": b} for n, a, b in stages]
+        plan = Plan(model=live.model, format=live.policy.weight_format,
+                    stages=[PlanStage(node_id=s.node, url=urls[s.node], start=s.start, end=s.end) for s in stages])  # fmt: skip
         t0 = time.time()
         try:
-            rollout = await self.plane.start_rollout(
-                live.name, live.model, body, self.settings.rollout_wait_s, live.policy.weight_format
-            )
+            rollout = await self.plane.start_rollout(live.name, plan, self.settings.rollout_wait_s)
             live.pending = None
         except ServiceError as exc:
+            body = [{"node_id": s.node, "url": urls[s.node], "start": s.start, "end": s.end} for s in stages]
             await self._log("rollout_refused", live.name, f"{kind} refused: {exc}", {"stages": body})
             return False
-        version = rollout["version"]
-        views = [StageView(node=n, start=a, end=b, url=urls[n]) for n, a, b in stages]
+        version = rollout.version
+        views = [StageView(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
         await run_in_threadpool(self.store.add_plan, live.name, version, kind, reason, views, predicted,
-                                int(answer.get("migration_bytes", 0)), t0)  # fmt: skip
+                                answer.migration_bytes, t0)  # fmt: skip
         log.info("%s v%d (%s): %s -> %s", live.name, version, kind, reason,
-                 " | ".join(f"{n}[{a},{b})" for n, a, b in stages))  # fmt: skip
+                 " | ".join(f"{s.node}[{s.start},{s.end})" for s in stages))  # fmt: skip
         try:
-            view = await self.plane.wait_rollout(rollout["id"], self.settings.rollout_wait_s)
+            view = await self.plane.wait_rollout(rollout.id, self.settings.rollout_wait_s)
+            phase, why = view.phase, view.reason
         except ServiceError as exc:
-            view = {"phase": "unknown", "reason": str(exc)}
-        committed = view["phase"] in ("committed", "completed")
+            phase, why = "unknown", str(exc)
+        committed = phase in ("committed", "completed")
         await run_in_threadpool(self.store.finish_plan, live.name, version, committed, time.time(), True)
-        data = {"version": version, "stages": [v.model_dump() for v in views], "rollout_id": rollout["id"],
+        data = {"version": version, "stages": [v.model_dump() for v in views], "rollout_id": rollout.id,
                 "predicted": predicted.model_dump() if predicted else None, "took_s": time.time() - t0,
-                "migration_bytes": answer.get("migration_bytes", 0),
-                "solver": answer.get("solver", {}).get("name")}  # fmt: skip
+                "migration_bytes": answer.migration_bytes, "solver": answer.solver.name}  # fmt: skip
         if not committed:
-            await self._log(
-                "rollout_aborted", live.name, f"{kind} v{version} aborted: {view.get('reason')}", data
-            )
+            await self._log("rollout_aborted", live.name, f"{kind} v{version} aborted: {why}", data)
             return False
         self.metrics.replans.labels(kind).inc()
         await self._log(kind, live.name, f"v{version} committed: {reason}", data)
-        live.route = Route(live.name, version, urls[stages[0][0]], f"{live.name}.v{version}.s0",
-                           {n: urls[n] for n, _, _ in stages},
-                           tuple((f"{live.name}.v{version}.s{i}", urls[n]) for i, (n, _, _) in enumerate(stages)))  # fmt: skip
+        live.route = Route(live.name, version, tuple(place(live.name, version, plan)))
         live.predicted = predicted
         await self._set_state(live, "ready", None)
         return True
 
-    # ----- the gateway's side ----------------------------------------------------
-
-    async def route(self, deployment: str) -> Route:
-        """The active route (RouteProvider)."""
-        live = self.live.get(deployment)
-        if live is None:
-            raise ChainFailure(404, f"no deployment {deployment!r}")
-        if live.route is None:
-            live.route = await self._route_from_broadcast(live)
-        if live.route is None:
-            row = await run_in_threadpool(self.store.get, deployment)
-            raise ChainFailure(
-                503, f"deployment {deployment!r} is {row.state}: {row.reason or 'no plan yet'}"
-            )
-        return live.route
-
-    async def _route_from_broadcast(self, live: Live) -> Route | None:
-        try:
-            view = await self.plane.deployment(live.name)
-        except ServiceError as exc:
-            log.warning("cannot read %s from broadcast: %s", live.name, exc)
-            return None
-        if view is None:
-            return None
-        return Route(live.name, view["active_version"], view["entry"]["url"], view["entry"]["stage_id"],
-                     {s["node_id"]: s["url"] for s in view["stages"]},
-                     tuple((s["stage_id"], s["url"]) for s in view["stages"]))  # fmt: skip
-
-    def newer(self, route: Route) -> Route | None:
-        """The committed route when it is newer than the session's (RouteProvider)."""
-        live = self.live.get(route.deployment)
-        if live is None or live.route is None or live.route.version <= route.version:
-            return None
-        return live.route if live.policy.adaptive else None
-
-    async def recover(self, route: Route, failed_node: str | None, error: str) -> Route:
-        """A route that avoids ``failed_node`` (RouteProvider): re-plan now if nobody has yet."""
-        live = self.live[route.deployment]
-        if not live.policy.recover:
-            raise ChainFailure(502, f"stage on {failed_node or 'a node'} failed and the policy of "
-                                    f"{route.deployment!r} forbids recovery: {error[:300]}")  # fmt: skip
-        t0 = time.perf_counter()
-        async with live.lock:
-            if live.route is not None and live.route.version > route.version:
-                return live.route  # another session or the loop already moved on
-            if failed_node is None:
-                fresh = await self._route_from_broadcast(live)
-                if fresh is not None and fresh.version > route.version:
-                    live.route = fresh
-                    return fresh
-        if failed_node is None:
-            # Same version, no dead node: a worker lost its stage or cache
-            # (restarted empty) and reloads it from its desired state within a
-            # pull interval. Replay on the same route a little later.
-            await asyncio.sleep(RELOAD_WAIT_S)
-            return live.route or route
-        async with live.lock:
-            if live.route is not None and live.route.version > route.version:
-                return live.route
-            self.suspects[failed_node] = time.monotonic()
-            exclude = frozenset({failed_node})
-            trigger = f"stage on {failed_node} failed mid-request ({error[:160]})"
-            if not await self._evaluate(live, trigger, exclude) and (live.route is None
-                                                                     or live.route.version <= route.version):  # fmt: skip
-                raise ChainFailure(503, f"could not re-route {route.deployment!r} around {failed_node}")
-        log.info("%s: re-routed around %s in %.2fs", route.deployment, failed_node, time.perf_counter() - t0)
-        return live.route
-
-    def step_seen(self, deployment: str, version: int, step_s: float) -> None:
-        """The gateway reports one decode step as it ends (no I/O: called on the request's path)."""
-        live = self.live.get(deployment)
-        if live is not None:
-            live.steps.append((time.monotonic(), version, step_s))
-
-    def observe(self, deployment: str, failed: bool) -> None:
-        """The gateway reports a finished request (its steps came one by one)."""
-        live = self.live.get(deployment)
-        if live is None:
-            return
-        live.requests += 1
-        live.failed += int(failed)
-        attainment = self.measured(deployment).slo_attainment
-        if attainment is not None:
-            self.metrics.slo_attainment.labels(deployment).set(attainment)
-
-    def measured(self, deployment: str) -> MeasuredView:
-        """Median step time on the active version over recent requests."""
-        live = self.live.get(deployment)
-        if live is None:
-            return MeasuredView(step_s=None, steps=0, requests=0, failed_requests=0, slo_attainment=None)
-        version = live.route.version if live.route else None
-        steps = [s for _, v, s in live.steps if v == version]  # decode steps only (no prefills)
-        slo = live.policy.latency_slo_s
-        return MeasuredView(
-            step_s=statistics.median(steps[-64:]) if steps else None, steps=len(steps),
-            requests=live.requests, failed_requests=live.failed,
-            slo_attainment=(sum(s <= slo for s in steps[-64:]) / len(steps[-64:])) if slo and steps else None,
-        )  # fmt: skip
-
     def _slo_trigger(self, live: Live) -> str | None:
-        m = self.measured(live.name)
+        m = measured(live)
         slo = live.policy.latency_slo_s
         if slo and m.step_s is not None and m.steps >= 8 and m.step_s > slo:
             return f"SLO miss: median step {m.step_s * 1000:.0f} ms > {slo * 1000:.0f} ms"

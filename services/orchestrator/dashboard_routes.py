@@ -28,14 +28,14 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch import bus
-from edgeorch.auth import AdminAuth, admin_headers
 from edgeorch.dashboard.cluster import Placement, cluster_view, unit_memory_bytes
 from edgeorch.dashboard.feed import Pulse, event_stream, follow_channel
 from edgeorch.dashboard.series import SeriesRecorder, read_counters
 from edgeorch.schemas.dashboard import ClusterView, SeriesView
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
 from edgeorch.schemas.stage import ID_PATTERN, Emulation
+from edgeorch.service import bus
+from edgeorch.service.auth import AdminAuth, admin_headers
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from edgeorch.models.store import ModelStore, ModelStoreError
 from edgeorch.models.tokenizer import load_tokenizer
 from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, QosPolicy
 from edgeorch.schemas.profile import ModelProfile
-from services.orchestrator.controller import Controller, Live
+from services.orchestrator.controller import Controller
+from services.orchestrator.live import Live, measured
 from services.orchestrator.store import NotFound, OrchestratorStore
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class DeploymentBook:
             state=row.state, reason=row.reason, version=row.version,
             stages=active.stages if active else [],
             predicted=(live.predicted if live and live.predicted else (active.predicted if active else None)),
-            measured=self.controller.measured(name), history=history, created_at=row.created_at,
+            measured=measured(live), history=history, created_at=row.created_at,
         )  # fmt: skip
 
     def kind(self, name: str) -> str:

@@ -25,8 +25,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.bus import live_key
-from edgeorch.jobs import BATCH_TASK, JOB_TTL_S, jobs_queue, make_celery
+from edgeorch.service.bus import live_key
+from edgeorch.service.jobs import BATCH_TASK, JOB_TTL_S, jobs_queue, make_celery
 
 log = logging.getLogger(__name__)
 

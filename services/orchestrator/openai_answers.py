@@ -103,7 +103,7 @@ def completion_logprobs(tokenizer: Any, items: list[TokenLogprobs], offset: int)
 def embedding_value(row: torch.Tensor, encoding_format: str) -> list[float] | str:
     """One embedding as the API writes it: a list of floats, or base64 of little-endian float32."""
     if encoding_format == "base64":
-        # Every host this runs on is little-endian (edgeorch.wire refuses others).
+        # Every host this runs on is little-endian (edgeorch.transport.wire refuses others).
         return base64.b64encode(row.to(torch.float32).contiguous().numpy().tobytes()).decode("ascii")
     return row.tolist()
 

@@ -23,10 +23,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch import wire
 from edgeorch.orchestration.generation import ChainFailure, SessionStats, encode, generate
 from edgeorch.orchestration.text import TextStream, chat_prompt_ids, stop_token_ids
 from edgeorch.runtime.logprobs import LogprobsError, TokenLogprobs, read_logprobs
+from edgeorch.transport import wire
 from services.orchestrator.gateway_auth import require_api_key
 from services.orchestrator.openai_answers import (
     ChoiceState,
@@ -98,9 +98,9 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
     stats, t0, got = SessionStats(), time.perf_counter(), []
     stream = choice.stream
     try:
-        async for token in generate(state.data_http, state.controller, name, ids, max_tokens,
+        async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
                                     body.sampling(choice.index), stop_ids, stats,
-                                    on_step=partial(state.controller.step_seen, name), logprobs=top,
+                                    on_step=partial(state.routes.step_seen, name), logprobs=top,
                                     on_result=_logprob_reader(top, got)):  # fmt: skip
             lp = got.pop() if got else None
             if token in stop_ids:
@@ -115,10 +115,10 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
                 choice.finish = "stop"
                 break
     except ChainFailure:
-        state.controller.observe(name, failed=True)
+        state.routes.observe(name, failed=True)
         state.metrics.requests.labels(name, "generate", "failed").inc()
         raise
-    state.controller.observe(name, failed=False)
+    state.routes.observe(name, failed=False)
     _count(state.metrics, name, stats, time.perf_counter() - t0)
     yield choice, stream.finish(), choice.finish
 
@@ -283,7 +283,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
     enc = await run_in_threadpool(lambda: tok(texts, padding=True, truncation=True, return_tensors="pt"))
     state = request.app.state
     try:
-        emb = await encode(state.data_http, state.controller, body.model, enc["input_ids"],
+        emb = await encode(state.data_http, state.routes, body.model, enc["input_ids"],
                            enc["attention_mask"])  # fmt: skip
     except ChainFailure as exc:
         state.metrics.requests.labels(body.model, "embeddings", "failed").inc()

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.auth import AdminAuth
 from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, OrchestratorEvent
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
+from edgeorch.service.auth import AdminAuth
 from services.orchestrator.deployments import UnknownModel
 from services.orchestrator.store import Conflict, NotFound
 

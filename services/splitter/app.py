@@ -12,8 +12,8 @@ import logging
 from fastapi import FastAPI
 from pydantic import Field
 
-from edgeorch.http_app import base_app
-from edgeorch.settings import CommonSettings
+from edgeorch.service.http_app import base_app
+from edgeorch.service.settings import CommonSettings
 from services.splitter.routes import PlanMetrics, plan_router
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import psutil
 from fastapi import FastAPI
 from pydantic import Field
 
-from edgeorch.http_app import base_app
 from edgeorch.models.store import ModelStore
 from edgeorch.rollout.signing import resolve_secret
 from edgeorch.runtime.agent import AgentConfig, MonitorAgent
@@ -23,7 +22,8 @@ from edgeorch.runtime.rollout_agent import RolloutAgent, RolloutAgentConfig
 from edgeorch.runtime.sessions import SessionStore
 from edgeorch.schemas.monitor import NodeCapacity
 from edgeorch.schemas.stage import Emulation
-from edgeorch.settings import CommonSettings
+from edgeorch.service.http_app import base_app
+from edgeorch.service.settings import CommonSettings
 from services.worker.probe_routes import router as probe_router
 from services.worker.routes import FAST_FORWARD_ROUTE, router
 

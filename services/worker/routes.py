@@ -1,6 +1,6 @@
 """Worker HTTP routes: stage admin, the forward data path, emulation.
 
-Loading, unloading and emulation changes need the admin token (edgeorch.auth);
+Loading, unloading and emulation changes need the admin token (edgeorch.service.auth);
 reads, forward steps and session releases are the data path and stay open.
 """
 
@@ -11,16 +11,18 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.routing import Route
 
-from edgeorch import wire
-from edgeorch.auth import AdminAuth
 from edgeorch.models.store import ModelStoreError
 from edgeorch.runtime.checks import InputMismatch
-from edgeorch.runtime.host import HOPS_HEADER, DownstreamError, StageConflict, StageHost, StageNotFound
+from edgeorch.runtime.host import StageConflict, StageHost, StageNotFound
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
 from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
+from edgeorch.service.auth import AdminAuth
+from edgeorch.transport import wire
+from edgeorch.transport.protocol import HOPS_HEADER, HopFailure
 
 router = APIRouter()
 
@@ -86,13 +88,15 @@ async def forward(stage_id: StageId, request: Request, host: Host) -> Response:
 async def forward_fast(request: Request) -> Response:
     """The forward route without FastAPI's per-request dependency machinery.
 
-    A decode step crosses this route once per stage; FastAPI's parameter
-    solving costs ~0.35 ms per call on the 2-core test machine, a tenth of a
-    hop. Registered ahead of :func:`forward`, which stays for the schema.
+    A decode step crosses this route once per stage, so FastAPI's parameter
+    solving would be paid once per stage per token (measured in docs/design.md,
+    "As built: the hop transport"). Registered ahead of :func:`forward`, which
+    stays for the schema.
     """
     stage_id = request.path_params["stage_id"]
     if not _ID.match(stage_id):
-        raise HTTPException(422, f"stage id {stage_id[:200]!r} must match {ID_PATTERN}")
+        failure = HopFailure(422, f"stage id {stage_id[:200]!r} must match {ID_PATTERN}", "bad_request")
+        return JSONResponse(failure.body(), failure.status)
     return await _forward(request.app.state.host, stage_id, request)
 
 
@@ -101,41 +105,50 @@ _ID = re.compile(ID_PATTERN)
 
 
 async def _forward(host: StageHost, stage_id: str, request: Request) -> Response:
-    limit = request.app.state.settings.max_frame_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        host.metrics.errors.labels("too_large").inc()
-        raise HTTPException(413, f"frame of {declared} bytes exceeds the limit of {limit}")
-    body = await request.body()
     try:
-        answer, hops = await host.forward(stage_id, body, limit)
-    except StageNotFound as exc:
-        raise _fail(host, stage_id, 404, "unknown_stage", exc) from exc
-    except wire.FrameError as exc:
-        raise _fail(host, stage_id, 413 if "limit" in str(exc) else 400, "bad_frame", exc) from exc
-    except ValidationError as exc:
-        raise _fail(
-            host, stage_id, 422, "bad_meta", f"frame metadata: {exc.errors(include_url=False)}"
-        ) from exc
-    except InputMismatch as exc:
-        raise _fail(host, stage_id, 422, "bad_input", exc) from exc
-    except UnknownSession as exc:
-        raise _fail(host, stage_id, 404, "unknown_session", exc) from exc
-    except PositionMismatch as exc:
-        raise _fail(host, stage_id, 409, "position", exc) from exc
-    except CacheFull as exc:
-        raise _fail(host, stage_id, 503, "cache_full", exc) from exc
-    except DownstreamError as exc:
-        raise _fail(host, stage_id, exc.status, "downstream", exc.detail) from exc
+        answer, hops = await _step(host, stage_id, request)
+    except HopFailure as failure:
+        # A relayed failure is counted where it happened; here it is only "downstream".
+        own = failure.failed_stage == stage_id
+        host.metrics.errors.labels(failure.kind if own else "downstream").inc()
+        if stage_id in host.stages:
+            host.metrics.requests.labels(stage_id, str(failure.status)).inc()
+        return JSONResponse(failure.body(), failure.status)
     host.metrics.requests.labels(stage_id, "200").inc()
     return Response(answer, media_type=wire.CONTENT_TYPE, headers={HOPS_HEADER: json.dumps(hops)})
 
 
-def _fail(host: StageHost, stage_id: str, status: int, kind: str, detail) -> HTTPException:
-    host.metrics.errors.labels(kind).inc()
-    if stage_id in host.stages:
-        host.metrics.requests.labels(stage_id, str(status)).inc()
-    return HTTPException(status, str(detail))
+async def _step(host: StageHost, stage_id: str, request: Request) -> tuple[bytes, list[dict]]:
+    """Run the step; every refusal becomes a HopFailure naming this stage and node."""
+    limit = request.app.state.settings.max_frame_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _own(host, stage_id, 413, "limit", f"frame of {declared} bytes exceeds the limit of {limit}")
+    body = await request.body()
+    try:
+        return await host.forward(stage_id, body, limit)
+    except StageNotFound as exc:
+        raise _own(host, stage_id, 404, "stage_missing", exc) from exc
+    except wire.FrameTooLarge as exc:
+        raise _own(host, stage_id, 413, "limit", exc) from exc
+    except wire.FrameError as exc:
+        raise _own(host, stage_id, 400, "bad_frame", exc) from exc
+    except ValidationError as exc:
+        raise _own(
+            host, stage_id, 422, "bad_meta", f"frame metadata: {exc.errors(include_url=False)}"
+        ) from exc
+    except InputMismatch as exc:
+        raise _own(host, stage_id, 422, "bad_input", exc) from exc
+    except UnknownSession as exc:
+        raise _own(host, stage_id, 404, "session_missing", exc) from exc
+    except PositionMismatch as exc:
+        raise _own(host, stage_id, 409, "position", exc) from exc
+    except CacheFull as exc:
+        raise _own(host, stage_id, 503, "cache_full", exc) from exc
+
+
+def _own(host: StageHost, stage_id: str, status: int, kind: str, detail: object) -> HopFailure:
+    return HopFailure(status, str(detail), kind, stage_id, host.node_id)
 
 
 @router.delete("/v1/stages/{stage_id}/sessions/{session}", tags=["data plane"])

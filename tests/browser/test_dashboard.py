@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeorch.scenario import parse_scenario
-from edgeorch.stack import LocalStack
+from edgeorch.local.scenario import parse_scenario
+from edgeorch.local.stack import LocalStack
 from tests.browser.browser import console_errors, require_browser, start_chromium, stop_chromium
 from tests.support import wait_for
 

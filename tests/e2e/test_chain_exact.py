@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from edgeorch.chain import start_chain
+from edgeorch.local.chain import start_chain
+from edgeorch.local.launcher import CLI
 
 PROMPTS = [
     "What is the capital of France?",
@@ -98,7 +98,7 @@ def test_gpt2_split_over_two_workers_gives_the_same_logits(store, tmp_path) -> N
 
 @pytest.mark.slow
 def test_chain_command_answers_and_reports_hops(store) -> None:
-    cmd = [sys.executable, "-m", "edgeorch.cli", "chain", "--model", "smollm2-135m", "--stages",
+    cmd = [*CLI, "chain", "--model", "smollm2-135m", "--stages",
            "0:11,11:21,21:32", "--prompt", "What is the capital of France?", "--max-tokens", "32", "--json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout)
@@ -111,7 +111,7 @@ def test_chain_command_answers_and_reports_hops(store) -> None:
 
 @pytest.mark.slow
 def test_chain_command_rejects_a_bad_split(store) -> None:
-    cmd = [sys.executable, "-m", "edgeorch.cli", "chain", "--model", "smollm2-135m", "--stages", "0:11,12:32",
+    cmd = [*CLI, "chain", "--model", "smollm2-135m", "--stages", "0:11,12:32",
            "--prompt", "hi"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "does not follow 11" in out.stderr

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from edgeorch.chain import parse_formats, start_chain
+from edgeorch.engine.stage import load_stage
+from edgeorch.local.chain import parse_formats, start_chain
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import load_stage
 
 PROMPTS = [
     "What is the capital of France?",

@@ -16,7 +16,7 @@ import subprocess
 import httpx
 import pytest
 
-from edgeorch.stack import LocalStack
+from edgeorch.local.stack import LocalStack
 from tests.support import REPO, wait_for
 
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3,"]

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from edgeorch.scenario import parse_scenario
-from edgeorch.stack import LocalStack
+from edgeorch.local.scenario import parse_scenario
+from edgeorch.local.stack import LocalStack
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow

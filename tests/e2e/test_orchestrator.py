@@ -19,11 +19,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from edgeorch.engine.stage import load_stage
+from edgeorch.local.scenario import parse_scenario
+from edgeorch.local.stack import LocalStack
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.stage import load_stage
-from edgeorch.scenario import parse_scenario
-from edgeorch.stack import LocalStack
 from tests.support import wait_for
 
 PG = "postgresql://root@127.0.0.1:5432"

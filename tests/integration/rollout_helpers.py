@@ -14,10 +14,10 @@ import httpx
 import psycopg
 import torch
 
-from edgeorch.client import ChainClient
-from edgeorch.launcher import LocalService, LocalWorkers
+from edgeorch.local.launcher import LocalService, LocalWorkers
 from edgeorch.rollout.plan import parse_stage_id
 from edgeorch.schemas.stage import Sampling
+from edgeorch.transport.client import ChainClient
 from tests.support import ServiceProcess, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

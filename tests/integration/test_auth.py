@@ -13,15 +13,14 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from edgeorch.auth import admin_headers
-from edgeorch.launcher import LocalService, LocalWorkers, free_port
+from edgeorch.local.launcher import CLI, LocalService, LocalWorkers, free_port
 from edgeorch.rollout.signing import SIGNATURE_HEADER, sign_bytes
+from edgeorch.service.auth import admin_headers
 from tests.integration.rollout_helpers import (
     BROADCAST_KNOBS,
     REDIS_URL,
@@ -178,7 +177,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 @pytest.mark.parametrize("service", ["worker", "monitor", "broadcast"])
 def test_services_refuse_to_listen_beyond_loopback_without_a_token(service: str, tmp_path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "edgeorch.cli", service, "--host", "0.0.0.0", "--port", str(free_port())],
+        [*CLI, service, "--host", "0.0.0.0", "--port", str(free_port())],
         env=_cli_env(EDGEORCH_STATE_DIR=str(tmp_path)), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -201,7 +200,7 @@ def test_a_worker_with_a_token_may_listen_on_every_address(tmp_path) -> None:
     port = free_port()
     with open(tmp_path / "worker.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeorch.cli", "worker", "--host", "0.0.0.0", "--port", str(port)],
+            [*CLI, "worker", "--host", "0.0.0.0", "--port", str(port)],
             env=_cli_env(EDGEORCH_ADMIN_TOKEN=TOKEN), stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

@@ -24,11 +24,11 @@ import redis
 import torch
 from transformers import AutoTokenizer
 
-from edgeorch import bus
-from edgeorch.launcher import LocalService
+from edgeorch.local.launcher import LocalService
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.checkpoint import CheckpointReader
 from edgeorch.rollout.signing import new_message, sign
+from edgeorch.service import bus
 from tests.integration.rollout_helpers import (
     REDIS_URL,
     PgSchema,
@@ -192,6 +192,10 @@ def test_a_worker_killed_during_prepare_aborts_and_the_old_version_keeps_answeri
     wait_for(lambda: len(rig.get(rollout["id"])["acks"]) >= 2 or rig.get(rollout["id"])["phase"] != "preparing",
              10, "the two live workers acking")  # fmt: skip
     assert rig.get(rollout["id"])["phase"] == "preparing"
+    # A second rollout is refused with a kind the orchestrator's client reads (it waits on this one only).
+    plan = {"model": TINY, "stages": [{"node_id": a.name, "url": a.url, "start": 0, "end": 6}]}
+    busy = httpx.post(f"{rig.url}/v1/rollouts", json={"deployment": name, "plan": plan}, timeout=30)
+    assert busy.status_code == 409 and busy.json()["kind"] == "rollout_in_flight", busy.text
     assert generate(rig.deployment(name)["entry"], [1, 50, 60, 70], 12) == expected  # v1 serves meanwhile
     late.proc.send_signal(signal.SIGKILL)
     late.proc.wait()

@@ -164,7 +164,7 @@ def test_jobs_worker_runs_celery_and_is_checked_by_celery_ping() -> None:
     service = _service("jobs-worker")
     assert [str(a) for a in service["command"]][0] == "jobs-worker"
     check = _healthcheck_command(service)
-    assert "celery -A edgeorch.jobs:celery_app inspect ping" in check
+    assert "celery -A edgeorch.service.jobs:celery_app inspect ping" in check
     assert "jobs@" in check  # the name `edgeorch jobs-worker` gives its node
     assert _environment(service)["EDGEORCH_REDIS_URL"] == "redis://redis:6379/0"
 

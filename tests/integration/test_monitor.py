@@ -19,9 +19,9 @@ import httpx
 import psycopg
 import pytest
 
-from edgeorch.chain import load_chain
-from edgeorch.client import ChainClient
-from edgeorch.launcher import LocalService, LocalWorkers, free_port
+from edgeorch.local.chain import load_chain
+from edgeorch.local.launcher import LocalService, LocalWorkers, free_port
+from edgeorch.transport.client import ChainClient
 
 MODEL = "smollm2-135m"
 

@@ -1,6 +1,6 @@
 """Workers in network namespaces of their own, their uplinks shaped by the kernel (tc tbf).
 
-Needs root and a kernel with namespaces and the tbf qdisc (``edgeorch.netns``);
+Needs root and a kernel with namespaces and the tbf qdisc (``edgeorch.local.netns``);
 skipped elsewhere. Every address here belongs to the testbed the test makes:
 a bridge in the root namespace (the control plane) and one namespace per
 worker. The stack serves a real SmolLM2 deployment across them; one worker's
@@ -16,9 +16,9 @@ import time
 import httpx
 import pytest
 
-from edgeorch.netns import tbf_args, unavailable_reason
-from edgeorch.scenario import Scenario, WorkerSpec
-from edgeorch.stack import LocalStack
+from edgeorch.local.netns import tbf_args, unavailable_reason
+from edgeorch.local.scenario import Scenario, WorkerSpec
+from edgeorch.local.stack import LocalStack
 from tests.integration.rollout_helpers import wait_for
 
 REASON = unavailable_reason()
@@ -112,7 +112,7 @@ def test_tbf_parameters() -> None:
 
 
 def test_a_closed_testbed_leaves_no_namespace_or_interface() -> None:
-    from edgeorch.netns import Testbed
+    from edgeorch.local.netns import Testbed
 
     tb = Testbed()
     names = [tb.nodes.get(n) or tb.add_node(n) for n in ("a", "b")]
@@ -131,9 +131,9 @@ def test_a_closed_testbed_leaves_no_namespace_or_interface() -> None:
 def test_a_testbed_left_by_a_killed_process_is_removed_by_the_next() -> None:
     import sys
 
-    from edgeorch.netns import remove_stale
+    from edgeorch.local.netns import remove_stale
 
-    code = ("import os; from edgeorch.netns import Testbed; tb = Testbed(); tb.add_node('a'); "
+    code = ("import os; from edgeorch.local.netns import Testbed; tb = Testbed(); tb.add_node('a'); "
             "print(tb.bridge, tb.nodes['a'][0], flush=True); os.kill(os.getpid(), 9)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     bridge, ns = out.stdout.split()

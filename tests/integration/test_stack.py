@@ -9,21 +9,20 @@ the jobs API are exercised in tests/e2e/test_jobs.py.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from edgeorch.launcher import free_port, redis_answers
-from edgeorch.stack import LocalStack
+from edgeorch.local.launcher import CLI, free_port, redis_answers
+from edgeorch.local.stack import LocalStack
 from tests.integration.rollout_helpers import wait_for
 from tests.support import REPO
 
 
 def _edgeorch(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edgeorch.cli", *args],
+        [*CLI, *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
     )  # fmt: skip
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edgeorch import wire
-from edgeorch.chain import load_chain
-from edgeorch.client import ChainClient, ChainError
-from edgeorch.launcher import LocalWorkers
+from edgeorch.local.chain import load_chain
+from edgeorch.local.launcher import LocalWorkers
 from edgeorch.runtime.logprobs import read_logprobs
+from edgeorch.transport import wire
+from edgeorch.transport.client import ChainClient
+from edgeorch.transport.protocol import HopFailure
 
 MODEL = "tiny-llama"  # 4 layers: units 0..5
 
@@ -120,13 +121,14 @@ def test_byte_count_not_matching_shape_is_refused(workers, chain) -> None:
 def test_oversize_body_is_413_and_unknown_stage_404(workers, chain) -> None:
     ids, _ = chain
     big = _post(_fwd(workers, 0, ids[0]), b"\x00" * (65 << 20))
-    assert big.status_code == 413
-    assert (
-        _post(_fwd(workers, 0, "no.such.stage"), _frame({"session": "s"}, x=torch.tensor([[1]]))).status_code
-        == 404
-    )
+    assert big.status_code == 413 and big.json()["kind"] == "limit"
+    missing = _post(_fwd(workers, 0, "no.such.stage"), _frame({"session": "s"}, x=torch.tensor([[1]])))
+    assert missing.status_code == 404
+    assert {k: missing.json()[k] for k in ("kind", "failed_stage", "failed_node")} == {
+        "kind": "stage_missing", "failed_stage": "no.such.stage", "failed_node": workers.workers[0].name}  # fmt: skip
     bad_id = _post(_fwd(workers, 0, "-starts-with-a-dash"), _frame({"session": "s"}, x=torch.tensor([[1]])))
     assert bad_id.status_code == 422 and "must match" in bad_id.json()["detail"]
+    assert bad_id.json()["kind"] == "bad_request"
 
 
 def test_forward_is_documented_and_served_by_the_fast_route(workers) -> None:
@@ -140,9 +142,10 @@ def test_forward_is_documented_and_served_by_the_fast_route(workers) -> None:
 def test_position_mismatch_is_409_and_session_survives(chain) -> None:
     _, client = chain
     client.step({"x": torch.tensor([[1, 2, 3]])}, session="pm", position=0)
-    with pytest.raises(ChainError) as err:
+    with pytest.raises(HopFailure) as err:
         client.step({"x": torch.tensor([[4]])}, session="pm", position=5)
     assert err.value.status == 409 and "at position 3" in err.value.detail
+    assert (err.value.kind, err.value.failed_stage) == ("position", client.entry_stage)
     # The refused step changed nothing: the right position still works.
     res = client.step({"x": torch.tensor([[4]])}, session="pm", position=3, release=True)
     assert res.frame.meta["position"] == 4
@@ -151,7 +154,7 @@ def test_position_mismatch_is_409_and_session_survives(chain) -> None:
 def test_worker_keeps_serving_after_errors(chain) -> None:
     _, client = chain
     for _ in range(3):
-        with pytest.raises(ChainError):
+        with pytest.raises(HopFailure):
             client.step({"x": torch.tensor([[1]])}, session="gone", position=7)
     assert len(client.generate([1, 2, 3], 4).token_ids) == 4
 
@@ -160,10 +163,12 @@ def test_downstream_down_is_502_naming_the_hop(store, tmp_path) -> None:
     with LocalWorkers(2, model_store=store.root, threads=1, log_dir=tmp_path) as w:
         ids = load_chain(w, MODEL, [(0, 3), (3, 6)], prefix="dd")
         w.workers[1].stop()
-        with ChainClient(w.workers[0].url, ids[0]) as client, pytest.raises(ChainError) as err:
+        with ChainClient(w.workers[0].url, ids[0]) as client, pytest.raises(HopFailure) as err:
             client.generate([1, 2, 3], 2)
     assert err.value.status == 502
     assert "next hop 'dd.s1'" in err.value.detail and "unreachable" in err.value.detail
+    # The fields, not the message, say what failed: the gateway re-routes on these.
+    assert (err.value.kind, err.value.failed_stage, err.value.failed_node) == ("unreachable", "dd.s1", None)
 
 
 def test_full_kv_cache_is_503_not_a_crash(store, tmp_path) -> None:
@@ -173,9 +178,10 @@ def test_full_kv_cache_is_503_not_a_crash(store, tmp_path) -> None:
         ids = load_chain(w, MODEL, [(0, 6)], prefix="kv")
         with ChainClient(w.workers[0].url, ids[0]) as client:
             client.step({"x": torch.tensor([[1] * 10])}, session="a", position=0)
-            with pytest.raises(ChainError) as err:
+            with pytest.raises(HopFailure) as err:
                 client.step({"x": torch.tensor([[1] * 10])}, session="b", position=0)
             assert err.value.status == 503 and "KV cache full" in err.value.detail
+            assert err.value.kind == "cache_full" and err.value.failed_node == w.workers[0].name
             client.release("a")
             assert (
                 client.step({"x": torch.tensor([[1] * 10])}, session="b", position=0).frame.meta["token"] >= 0

@@ -17,7 +17,7 @@ from bench.adapt_stats import (
     strategy_rows,
     transition,
 )
-from edgeorch.scenario import ScenarioError
+from edgeorch.local.scenario import ScenarioError
 
 BASE = {"duration_s": 40, "workers": [{"id": "n1", "memory": "360MB"}, {"id": "n2", "memory": "360MB"}]}
 

@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from edgeorch.auth import AdminAuth, InsecureBindError, admin_headers, check_bind, is_loopback
+from edgeorch.service.auth import AdminAuth, InsecureBindError, admin_headers, check_bind, is_loopback
 
 TOKEN = "unit-test-admin-token"
 

@@ -8,21 +8,22 @@ import time
 from edgeorch.orchestration.generation import Route
 from edgeorch.schemas.orchestrator import QosPolicy
 from services.orchestrator.app import OrchestratorSettings
-from services.orchestrator.controller import Controller, Live
+from services.orchestrator.controller import Controller
+from services.orchestrator.live import Live
 
 
 def _controller(**settings) -> tuple[Controller, Live]:
     # _confirmation and _slowed read only the settings and the deployment's live state: no store, no services.
     ctl = Controller(store=None, plane=None, settings=OrchestratorSettings(**settings), metrics=None)
     live = Live(name="d", model="m", policy=QosPolicy(), profile=None)
-    live.route = Route("d", 3, "http://127.0.0.1:1", "d.v3.s0", {})
+    live.route = Route("d", 3, ())
     ctl.live["d"] = live
     return ctl, live
 
 
 def _steps(ctl: Controller, version: int, seconds: float, n: int, ago_s: float) -> None:
     """``n`` decode steps reported ``ago_s`` seconds ago (as if the gateway had just seen them)."""
-    ctl.step_seen("d", version, seconds)
+    ctl.routes.step_seen("d", version, seconds)
     live = ctl.live["d"]
     t, v, s = live.steps.pop()
     live.steps.extend([(t - ago_s, v, s)] * n)
@@ -64,11 +65,11 @@ def test_a_plan_whose_steps_slowed_down_confirms_at_once() -> None:
 def test_steps_reported_by_the_gateway_carry_when_they_ended() -> None:
     ctl, live = _controller()
     before = time.monotonic()
-    ctl.step_seen("d", 3, 0.1)
-    ctl.step_seen("nobody", 3, 0.1)  # an unknown deployment is ignored
+    ctl.routes.step_seen("d", 3, 0.1)
+    ctl.routes.step_seen("nobody", 3, 0.1)  # an unknown deployment is ignored
     ((ended_at, version, seconds),) = live.steps
     assert before <= ended_at <= time.monotonic() and (version, seconds) == (3, 0.1)
-    ctl.observe("d", failed=False)
+    ctl.routes.observe("d", failed=False)
     assert (live.requests, live.failed) == (1, 0)
 
 

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from edgeorch.engine import stage_adapter
 from edgeorch.engine.formats import (
-    FORMATS,
     PackedLinear,
     dequantize_int4,
     dequantize_int8,
@@ -19,11 +18,12 @@ from edgeorch.engine.formats import (
 )
 from edgeorch.engine.kv import LeanKVCache
 from edgeorch.engine.quality import compare, score_text
+from edgeorch.engine.stage import load_stage
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.checkpoint import CheckpointReader
+from edgeorch.models.formats import FORMATS
 from edgeorch.models.kv import StageKVCache
-from edgeorch.models.stage import load_stage
 from edgeorch.schemas.stage import StageSpec
 
 QUALITY_TEXT = Path(__file__).resolve().parents[2] / "bench" / "data" / "quality_text.txt"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from edgeorch.hopclient import HopClient, HopError, HopStatusError, HopTimeout, SyncHopClient
+from edgeorch.transport.hopclient import HopClient, HopError, HopStatusError, HopTimeout, SyncHopClient
 
 
 class RawServer:

@@ -8,11 +8,11 @@ import threading
 import torch
 from prometheus_client import CollectorRegistry
 
-from edgeorch import wire
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sessions import SessionStore
 from edgeorch.schemas.stage import Emulation, StageSpec
+from edgeorch.transport import wire
 
 MODEL = "tiny-llama"  # 6 units: one stage holds the whole model, so no next hop is needed
 LIMIT = 1 << 20

@@ -15,8 +15,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from edgeorch.jobs import celery_app, complete_one, worker_argv
-from edgeorch.launcher import free_port
+from edgeorch.local.launcher import free_port
+from edgeorch.service.jobs import celery_app, complete_one, worker_argv
 from services.orchestrator.jobs_routes import JobQueue, jobs_router
 
 LIVE_REDIS = "redis://127.0.0.1:6379/0"

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
+from edgeorch.engine.stage import load_stage
 from edgeorch.models import UnsupportedModelError, adapter_for, load_config
 from edgeorch.models.adapter import StageInput, causal_mask
 from edgeorch.models.checkpoint import CheckpointError, CheckpointReader
 from edgeorch.models.kv import StageKVCache
-from edgeorch.models.stage import load_stage
 from edgeorch.models.store import ModelStore, ModelStoreError, package_dir
 
 DECODERS = ["tiny-llama", "tiny-gpt2"]

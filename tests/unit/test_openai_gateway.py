@@ -11,7 +11,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from edgeorch import wire
 from edgeorch.runtime.logprobs import (
     LOGPROBS_FORMAT,
     LogprobsError,
@@ -20,6 +19,7 @@ from edgeorch.runtime.logprobs import (
     read_logprobs,
 )
 from edgeorch.schemas.stage import ForwardMeta
+from edgeorch.transport import wire
 from services.orchestrator.openai_answers import (
     chat_logprobs,
     completion_logprobs,

@@ -17,13 +17,27 @@ from edgeorch.orchestration.snapshot import (
     trusted_units,
 )
 from edgeorch.orchestration.text import TextStream
+from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
+from edgeorch.schemas.plan import PlanStage
 from edgeorch.schemas.profile import ModelProfile, UnitProfile
+from edgeorch.schemas.rollout import PlacedStage
+from edgeorch.transport.protocol import HopFailure
 
 
-def _node(nid, flops=1e9, state="alive", trusted=False, memory=10**9):
-    return {"node_id": nid, "state": state, "flops_per_s": flops, "memory_bytes": memory, "trusted": trusted,
-            "watts": 10.0, "url": f"http://127.0.0.1:9{len(nid)}00"}  # fmt: skip
+def _node(nid, flops=1e9, state="alive", trusted=False, memory=10**9) -> NodeView:
+    return NodeView(node_id=nid, state=state, flops_per_s=flops, memory_bytes=memory, trusted=trusted,
+                    watts=10.0, url=f"http://127.0.0.1:9{len(nid)}00", speeds={}, profiles={}, live={},
+                    capacity={"cores": 1, "memory_bytes": memory}, registered_at=0.0, last_seen=0.0)  # fmt: skip
+
+
+def _link(src: str, dst: str, bandwidth: float, rtt_s: float) -> LinkView:
+    return LinkView(src=src, dst=dst, bandwidth_bytes_per_s=bandwidth, rtt_s=rtt_s, resolvable_bytes_per_s=None,
+                    samples=1, updated_at=0.0)  # fmt: skip
+
+
+def _stages(*spec: tuple[str, int, int]) -> list[PlanStage]:
+    return [PlanStage(node=n, start=a, end=b) for n, a, b in spec]
 
 
 def _profile(n_layers=4) -> ModelProfile:
@@ -45,7 +59,7 @@ def test_privacy_levels_name_the_units_that_need_trusted_nodes() -> None:
 
 def test_cluster_keeps_live_calibrated_allowed_nodes_and_fills_unmeasured_links() -> None:
     nodes = [_node("a"), _node("b"), _node("c", state="lost"), _node("d", flops=None), _node("e")]
-    links = [{"src": "a", "dst": "b", "bandwidth_bytes_per_s": 5e6, "rtt_s": 0.004}]
+    links = [_link("a", "b", 5e6, 0.004)]
     cl = cluster_from_monitor(nodes, links, allowed=None, exclude={"e"})
     assert [n.id for n in cl.nodes] == ["a", "b"]
     by_pair = {(lk.src, lk.dst): lk for lk in cl.links}
@@ -67,18 +81,17 @@ def test_source_is_the_policys_node_else_a_trusted_one_else_the_first() -> None:
 
 
 def test_predicted_step_is_one_token_through_the_chain_by_hand() -> None:
-    links = [{"src": s, "dst": d, "bandwidth_bytes_per_s": 1e6, "rtt_s": 0.01}
-             for s, d in (("a", "b"), ("b", "a"))]  # fmt: skip
+    links = [_link(s, d, 1e6, 0.01) for s, d in (("a", "b"), ("b", "a"))]
     cl = cluster_from_monitor([_node("a", flops=1e9), _node("b", flops=2e9)], links, None, set())
     req = plan_request(_profile(), cl, QosPolicy(source="a"), None)
-    p = predict(req, [("a", 0, 3), ("b", 3, 6)])
+    p = predict(req, _stages(("a", 0, 3), ("b", 3, 6)))
     # compute: a runs 2 layers (2e6 flops at 1e9), b runs 2 layers + head (3e6 at 2e9)
     compute = 2e6 / 1e9 + 3e6 / 2e9
     # hops: a->b carries 64 B, b->a (exit) carries 4 B; each costs the planner's rtt/2 (the measured
     # round trip, RTT_CHARGE_FACTOR) + bytes/bandwidth; entry is on a
     hops = (0.01 + 64 / 1e6) + (0.01 + 4 / 1e6)
     assert p.step_s == pytest.approx(compute + hops)
-    assert predict(req, [("a", 0, 3), ("gone", 3, 6)]) is None
+    assert predict(req, _stages(("a", 0, 3), ("gone", 3, 6))) is None
 
 
 def _pred(latency_s: float) -> PredictedView:
@@ -139,17 +152,23 @@ def test_measured_slowdown_compares_a_versions_last_steps_with_its_earlier_ones(
     assert measured_slowdown(steps, 4, now=4.0) is None
 
 
-def test_failures_name_the_innermost_dead_hop() -> None:
-    route = Route("d", 1, "http://127.0.0.1:8100", "d.v1.s0",
-                  {"a": "http://127.0.0.1:8100", "b": "http://127.0.0.1:8101", "c": "http://127.0.0.1:8102"})  # fmt: skip
-    detail = ("next hop 'd.v1.s1' at http://127.0.0.1:8101/v1/stages/d.v1.s1/forward answered 502: "
-              "next hop 'd.v1.s2' at http://127.0.0.1:8102/v1/stages/d.v1.s2/forward unreachable: ConnectError")  # fmt: skip
-    f = _classify(route, 502, detail)
-    assert f.failed_node == "c" and f.replayable
-    stale = _classify(route, 404, "no stage 'd.v1.s0' here")
-    assert stale.failed_node is None and stale.replayable
-    full = _classify(route, 503, "KV cache full")
-    assert not full.replayable
+def test_failures_are_read_from_their_fields_not_their_message() -> None:
+    stages = tuple(PlacedStage(stage_id=f"d.v1.s{i}", node_id=n, url=f"http://127.0.0.1:810{i}", model="m",
+                               start=i, end=i + 1, next=None) for i, n in enumerate("abc"))  # fmt: skip
+    route = Route("d", 1, stages)
+    assert (route.entry_url, route.entry_stage) == ("http://127.0.0.1:8100", "d.v1.s0")
+    # A stage knows its next hop's stage id, not its node: the route names the node.
+    dead = _classify(route, HopFailure(502, "whatever words", "unreachable", "d.v1.s2"))
+    assert dead.failed_node == "c" and dead.replayable
+    late = _classify(route, HopFailure(502, "", "timeout", "d.v1.s1", failed_node="b"))
+    assert late.failed_node == "b" and late.replayable
+    # Text that reads like a dead hop decides nothing: only the kind does.
+    worded = "next hop 'd.v1.s2' at http://127.0.0.1:8102/v1/stages/d.v1.s2/forward unreachable: ConnectError"
+    assert not _classify(route, HopFailure(502, worded, "error", "d.v1.s1")).replayable
+    for kind in ("stage_missing", "session_missing", "position"):
+        stale = _classify(route, HopFailure(404, "", kind, "d.v1.s0", "a"))
+        assert stale.failed_node is None and stale.replayable
+    assert not _classify(route, HopFailure(503, "KV cache full", "cache_full", "d.v1.s1", "b")).replayable
 
 
 class _CharTokenizer:

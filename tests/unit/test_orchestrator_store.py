@@ -9,7 +9,7 @@ import pytest
 from fastapi import Depends, FastAPI
 
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy, StageView
-from edgeorch.storage import make_engine
+from edgeorch.service.storage import make_engine
 from services.orchestrator.gateway_auth import require_api_key
 from services.orchestrator.store import Base, Conflict, NotFound, OrchestratorStore
 
@@ -73,7 +73,7 @@ def test_a_restored_deployment_reads_its_saved_profile_until_the_config_changes(
     import shutil
 
     from edgeorch.models.store import ModelStore
-    from edgeorch.settings import CommonSettings
+    from edgeorch.service.settings import CommonSettings
     from services.orchestrator.deployments import DeploymentBook
 
     real = ModelStore(CommonSettings().model_store)

@@ -7,7 +7,7 @@ import pytest
 from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.state import IllegalTransition
 from edgeorch.schemas.rollout import AckRequest, RolloutRequest
-from edgeorch.storage import make_engine
+from edgeorch.service.storage import make_engine
 from services.broadcast.store import Base, Conflict, NotFound, RolloutStore
 
 
@@ -49,18 +49,21 @@ def test_a_rollout_goes_from_prepare_to_commit_to_complete(store) -> None:
 
 def test_versions_must_grow_and_one_rollout_at_a_time(store) -> None:
     store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
-    with pytest.raises(Conflict, match="still preparing"):
+    with pytest.raises(Conflict, match="still preparing") as busy:
         store.create_rollout(_req(), "r2", now=0, prepare_timeout_s=30)
+    assert busy.value.kind == "rollout_in_flight"  # the orchestrator waits on this field
     store.abort("r1", "test", now=1)
-    with pytest.raises(Conflict, match="not newer than version 1"):
+    with pytest.raises(Conflict, match="not newer than version 1") as stale:
         store.create_rollout(_req(version=1), "r2", now=2, prepare_timeout_s=30)
+    assert stale.value.kind == "version_not_newer"
     r, _ = store.create_rollout(_req(), "r2", now=2, prepare_timeout_s=30)
     assert r.version == 2  # an aborted version's number is never reused
     for n in ("a", "b"):
         store.add_ack(_ack("r2", n), now=3)
     store.commit("r2", now=4)
-    with pytest.raises(Conflict, match="still committed"):
+    with pytest.raises(Conflict, match="still committed") as draining:
         store.create_rollout(_req(), "r3", now=5, prepare_timeout_s=30)
+    assert draining.value.kind == "rollout_in_flight"
     store.complete("r2", "drained", now=6)
     with pytest.raises(Conflict, match="serves model"):
         store.create_rollout(_req(model="tiny-gpt2"), "r3", now=7, prepare_timeout_s=30)

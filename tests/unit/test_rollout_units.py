@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
+from edgeorch.engine.stage import load_stage
 from edgeorch.models.checkpoint import CheckpointReader
-from edgeorch.models.stage import load_stage
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sessions import SessionStore

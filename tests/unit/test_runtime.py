@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from edgeorch.chain import ChainSpecError, parse_formats, parse_stages
+from edgeorch.local.chain import ChainSpecError, parse_formats, parse_stages
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, SessionStore, UnknownSession
 from edgeorch.schemas.stage import Sampling

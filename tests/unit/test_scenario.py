@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeorch.scenario import (
+from edgeorch.local.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,
     WorkerSpec,

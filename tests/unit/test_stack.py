@@ -10,10 +10,10 @@ import socket
 
 import pytest
 
-from edgeorch.launcher import free_port, port_is_free, redis_answers
-from edgeorch.scenario import load_scenario
-from edgeorch.stack import LocalStack, StackError, choose_redis
-from edgeorch.up_command import format_table, plan_table
+from edgeorch.local.launcher import free_port, port_is_free, redis_answers
+from edgeorch.local.scenario import load_scenario
+from edgeorch.local.stack import LocalStack, StackError, choose_redis
+from edgeorch.local.up_command import format_table, plan_table
 
 LIVE_REDIS = "redis://127.0.0.1:6379/0"
 

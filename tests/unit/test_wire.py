@@ -19,8 +19,16 @@ from typing import Any
 import pytest
 import torch
 
-from edgeorch import wire
-from edgeorch.wire import MAGIC, MAX_NDIM, MAX_TENSORS, Frame, FrameError, decode_frame, encode_frame
+from edgeorch.transport import wire
+from edgeorch.transport.wire import (
+    MAGIC,
+    MAX_NDIM,
+    MAX_TENSORS,
+    Frame,
+    FrameError,
+    decode_frame,
+    encode_frame,
+)
 
 # The integer type of the same width, for bitwise comparison of float tensors.
 _BITS: dict[torch.dtype, torch.dtype] = {

@@ -1,4 +1,4 @@
-"""The `edgeorch chain` command: argument handling and output around edgeorch.chain."""
+"""The `edgeorch chain` command: argument handling and output around edgeorch.local.chain."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import argparse
 import json
 import sys
 
-from edgeorch.chain import ChainSpecError, hop_summary, parse_formats, parse_stages, start_chain
-from edgeorch.client import ChainError
+from edgeorch.local.chain import ChainSpecError, hop_summary, parse_formats, parse_stages, start_chain
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
 from edgeorch.models.tokenizer import load_tokenizer
-from edgeorch.settings import CommonSettings
+from edgeorch.service.settings import CommonSettings
+from edgeorch.transport.protocol import HopFailure
 
 
 def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
@@ -37,8 +37,8 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
             enc = tokenizer([args.prompt], return_tensors="pt")
             emb = chain.client.encode(enc["input_ids"], enc["attention_mask"])
             result = {"embedding": emb[0].tolist(), "dim": emb.shape[1]}
-    except ChainError as exc:
-        print(f"error: the chain answered {exc}", file=sys.stderr)
+    except HopFailure as exc:
+        print(f"error: the chain answered {exc.status} ({exc.kind}): {exc.detail}", file=sys.stderr)
         return 1
     finally:
         chain.close()

@@ -52,11 +52,15 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _PREFIX = struct.Struct("<4sI")
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
-    raise ImportError("edgeorch.wire assumes a little-endian host")
+    raise ImportError("edgeorch.transport.wire assumes a little-endian host")
 
 
 class FrameError(ValueError):
     """A frame is malformed, too large or inconsistent; the message says how."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame (or its header) is larger than the receiver accepts."""
 
 
 @dataclass
@@ -102,7 +106,7 @@ def encode_frame(frame: Frame) -> bytes:
     except (TypeError, ValueError) as exc:
         raise FrameError(f"frame metadata is not JSON-safe: {exc}") from exc
     if len(header) > MAX_HEADER_BYTES:
-        raise FrameError(f"frame header is {len(header)} bytes; the limit is {MAX_HEADER_BYTES}")
+        raise FrameTooLarge(f"frame header is {len(header)} bytes; the limit is {MAX_HEADER_BYTES}")
     _parse_header(header)  # refuse here whatever the receiving decoder would refuse
     parts = [_PREFIX.pack(MAGIC, len(header)), header]
     parts.extend(_tensor_bytes(t) for t in frame.tensors.values())
@@ -162,14 +166,15 @@ def decode_frame(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_
     """Parse and validate a frame; raises FrameError on anything inconsistent."""
     view = memoryview(data).cast("B")
     if len(view) > max_bytes:
-        raise FrameError(f"frame is {len(view)} bytes; the limit is {max_bytes}")
+        raise FrameTooLarge(f"frame is {len(view)} bytes; the limit is {max_bytes}")
     if len(view) < _PREFIX.size:
         raise FrameError(f"frame is {len(view)} bytes, shorter than its {_PREFIX.size}-byte prefix")
     magic, header_len = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise FrameError(f"not an edgeorch frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(view):
-        raise FrameError(f"frame header length {header_len} is larger than the limit or the frame")
+        error = FrameTooLarge if header_len > MAX_HEADER_BYTES else FrameError
+        raise error(f"frame header length {header_len} is larger than the limit or the frame")
     offset = _PREFIX.size + header_len
     meta, specs = _parse_header(bytes(view[_PREFIX.size : offset]))
     expected = sum(s[3] for s in specs)
@@ -197,12 +202,12 @@ def read_frame(stream: BinaryIO, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Fr
     if magic != MAGIC:
         raise FrameError(f"not an edgeorch frame (magic {magic!r}, expected {MAGIC!r})")
     if header_len > MAX_HEADER_BYTES:
-        raise FrameError(f"frame header length {header_len} exceeds {MAX_HEADER_BYTES}")
+        raise FrameTooLarge(f"frame header length {header_len} exceeds {MAX_HEADER_BYTES}")
     header = _read_exact(stream, header_len)
     _, specs = _parse_header(header)
     payload_len = sum(s[3] for s in specs)
     if _PREFIX.size + header_len + payload_len > max_bytes:
-        raise FrameError(f"frame of {_PREFIX.size + header_len + payload_len} bytes exceeds {max_bytes}")
+        raise FrameTooLarge(f"frame of {_PREFIX.size + header_len + payload_len} bytes exceeds {max_bytes}")
     return decode_frame(prefix + header + _read_exact(stream, payload_len), max_bytes)
 
 

@@ -1,7 +1,7 @@
 """`edgeorch up`: the whole stack on this machine, one deployment, one sample answer, until Ctrl-C.
 
 Steps: prepare the model store; generate an admin token (unless
-EDGEORCH_ADMIN_TOKEN is set); start :class:`edgeorch.stack.LocalStack`; create
+EDGEORCH_ADMIN_TOKEN is set); start :class:`edgeorch.local.stack.LocalStack`; create
 the deployment through the orchestrator's API and wait until it is ready;
 print where everything listens, the active plan and a sample answer; then
 wait for SIGINT/SIGTERM (or, with ``--once``, stop at once) and stop
@@ -215,7 +215,7 @@ def _already_stopping(_signum, _frame) -> None:
 def _serve(args: argparse.Namespace, store_root: Path, token: str, generated: bool) -> int:
     import httpx
 
-    from edgeorch.stack import LocalStack
+    from edgeorch.local.stack import LocalStack
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="edgeorch-up-"))
     api_keys = [k.strip() for k in os.environ.get("EDGEORCH_API_KEYS", "").split(",") if k.strip()]
@@ -248,10 +248,10 @@ def run_up(args: argparse.Namespace) -> int:
     """`edgeorch up`; returns the exit code."""
     import httpx
 
+    from edgeorch.local.scenario import ScenarioError
+    from edgeorch.local.stack import StackError
     from edgeorch.models.store import ModelStore, ModelStoreError
-    from edgeorch.scenario import ScenarioError
-    from edgeorch.settings import CommonSettings
-    from edgeorch.stack import StackError
+    from edgeorch.service.settings import CommonSettings
 
     # SIGTERM stops the stack the same way Ctrl-C does: through the `with` blocks' exits. SIGINT
     # too, explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.

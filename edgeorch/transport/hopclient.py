@@ -1,12 +1,12 @@
 """The data plane's HTTP client: one POST per hop, over keep-alive connections.
 
 Every decode step crosses one hop per stage, so a hop's fixed cost is paid
-tens of times per second. httpx costs about 1.6 ms of Python per round trip
-on this project's 2-core test machine; this client, which speaks only what a
-hop needs (HTTP/1.1 POST and DELETE with a byte body, answered with a
-``content-length`` or chunked body), costs about 0.2 ms against the same
-uvicorn server. The server side is unchanged: plain HTTP that curl, httpx or
-any other client can also send.
+tens of times per second. A general-purpose client's Python (httpx's
+request and response models, its transport layers) dominates that cost, so
+this client speaks only what a hop needs: HTTP/1.1 POST and DELETE with a
+byte body, answered with a ``content-length`` or chunked body (measured
+costs: docs/design.md, "As built: the hop transport"). The server side is
+unchanged: plain HTTP that curl, httpx or any other client can also send.
 
 Connections are pooled per (host, port) and reused while they are idle for
 less than :data:`IDLE_REUSE_S`, well under uvicorn's keep-alive timeout. A

@@ -53,7 +53,7 @@ class ResilientPublisher:
     async def publish(self, channel: str, message: dict[str, Any]) -> bool:
         """Publish now if possible; otherwise queue. True when delivered to Redis."""
         if channel not in CHANNELS:
-            raise ValueError(f"unknown channel {channel!r}; add it to edgeorch.bus")
+            raise ValueError(f"unknown channel {channel!r}; add it to edgeorch.service.bus")
         self._queue.append((channel, json.dumps(message)))
         return await self.flush()
 

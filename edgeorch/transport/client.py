@@ -7,26 +7,15 @@ replaying them.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
-from edgeorch import wire
-from edgeorch.hopclient import HopError, SyncHopClient
-from edgeorch.runtime.host import HOPS_HEADER
 from edgeorch.schemas.stage import Sampling
-
-
-class ChainError(RuntimeError):
-    """A stage answered with an error; ``status`` and ``detail`` are what it said."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(f"{status}: {detail}")
-        self.status = status
-        self.detail = detail
+from edgeorch.transport import protocol, wire
+from edgeorch.transport.hopclient import HopError, SyncHopClient
 
 
 @dataclass
@@ -63,8 +52,9 @@ class ChainClient:
     """Sends frames to the first stage of a chain and reads the answers."""
 
     def __init__(self, entry_url: str, entry_stage: str, timeout_s: float = 300.0):
-        self.url = f"{entry_url.rstrip('/')}/v1/stages/{entry_stage}/forward"
-        self.release_url = f"{entry_url.rstrip('/')}/v1/stages/{entry_stage}/sessions"
+        self.entry_url = entry_url
+        self.entry_stage = entry_stage
+        self.url = protocol.forward_url(entry_url, entry_stage)
         self.http = SyncHopClient(timeout_s=timeout_s)
 
     def close(self) -> None:
@@ -78,22 +68,16 @@ class ChainClient:
         self.close()
 
     def step(self, tensors: dict[str, torch.Tensor], **meta) -> StepResult:
-        """One frame in, the chain's answer out."""
-        body = wire.encode_frame(wire.Frame(meta=meta, tensors=tensors))
+        """One frame in, the chain's answer out; a failure raises :class:`~edgeorch.transport.protocol.HopFailure` with its fields."""
+        body = protocol.step_body(tensors, **meta)
         t0 = time.perf_counter()
         try:
-            resp = self.http.post(self.url, content=body, headers={"content-type": wire.CONTENT_TYPE})
+            resp = self.http.post(self.url, content=body, headers=protocol.FRAME_HEADERS)
         except HopError as exc:
-            raise ChainError(502, f"entry stage at {self.url} unreachable: {exc}") from exc
+            raise protocol.unreachable(exc, "entry stage", self.entry_stage, self.url) from exc
         wall = time.perf_counter() - t0
-        if resp.status_code != 200:
-            try:
-                detail = resp.json().get("detail", resp.text)
-            except ValueError:
-                detail = resp.text
-            raise ChainError(resp.status_code, str(detail))
-        hops = json.loads(resp.headers.get(HOPS_HEADER, "[]"))
-        return StepResult(wire.decode_frame(resp.content), hops, wall, len(body))
+        frame, hops = protocol.read_answer(resp, self.entry_stage)
+        return StepResult(frame, hops, wall, len(body))
 
     def generate(
         self,
@@ -128,7 +112,7 @@ class ChainClient:
     def release(self, session: str) -> None:
         """Free a session's caches along the chain (best effort)."""
         try:
-            self.http.delete(f"{self.release_url}/{session}")
+            self.http.delete(protocol.session_url(self.entry_url, self.entry_stage, session))
         except HopError:
             pass
 

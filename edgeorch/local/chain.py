@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 
-from edgeorch.auth import ADMIN_TOKEN_ENV, admin_headers
-from edgeorch.client import ChainClient, Generation
-from edgeorch.engine.formats import check_format
-from edgeorch.launcher import LocalWorkers
+from edgeorch.local.launcher import LocalWorkers
+from edgeorch.models.formats import check_format
+from edgeorch.service.auth import ADMIN_TOKEN_ENV, admin_headers
+from edgeorch.transport.client import ChainClient, Generation
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ deployments, plans and recovery as interactive traffic, and a job worker
 needs neither torch nor the model store.
 
 ``celery_app`` is built from ``EDGEORCH_REDIS_URL`` at import time because the
-Celery worker (``edgeorch jobs-worker``, or ``celery -A edgeorch.jobs:celery_app``)
+Celery worker (``edgeorch jobs-worker``, or ``celery -A edgeorch.service.jobs:celery_app``)
 needs a module-level app. Senders that have settings of their own (the
 orchestrator's jobs routes) build a client with :func:`make_celery` and send by
 task name, so they never depend on the environment of the process they run in.

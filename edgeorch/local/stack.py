@@ -6,7 +6,7 @@ then the orchestrator, the Celery jobs worker and the workers of a scenario
 file. ``stop()`` goes back tier by tier, newest first.
 
 ``network="netns"`` puts every worker in a network namespace of its own
-(:mod:`edgeorch.netns`): the control plane and a private Redis listen on the
+(:mod:`edgeorch.local.netns`): the control plane and a private Redis listen on the
 bridge's address, each worker on its namespace's, and a worker's
 ``bandwidth_mbps`` becomes a real ``tbf`` cap on its uplink instead of
 user-space pacing.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeorch.launcher import (
+from edgeorch.local.launcher import (
     JobsWorker,
     LocalProcess,
     LocalService,
@@ -36,8 +36,8 @@ from edgeorch.launcher import (
     port_is_free,
     redis_answers,
 )
-from edgeorch.netns import Testbed
-from edgeorch.scenario import Scenario, WorkerSpec, load_scenario
+from edgeorch.local.netns import Testbed
+from edgeorch.local.scenario import Scenario, WorkerSpec, load_scenario
 
 log = logging.getLogger(__name__)
 

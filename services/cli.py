@@ -1,4 +1,9 @@
-"""`edgeorch <command>`: one entry point for every process type and tool."""
+"""`edgeorch <command>`: one entry point for every process type and tool.
+
+The composition root: it sits above the core (``edgeorch/``, which imports
+no service) and above every service, and is the only module that names them
+all. Run as the ``edgeorch`` console script or ``python -m services.cli``.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ def _add_serve_args(p: argparse.ArgumentParser, default_port: int) -> None:
 
 def _bind_refused(host: str, admin_token: str, service: str) -> bool:
     """Print why ``service`` must not listen on ``host`` (no admin token beyond loopback), if so."""
-    from edgeorch.auth import InsecureBindError, check_bind
+    from edgeorch.service.auth import InsecureBindError, check_bind
 
     try:
         check_bind(host, admin_token, service)
@@ -26,7 +31,7 @@ def _bind_refused(host: str, admin_token: str, service: str) -> bool:
 
 
 def _run_splitter(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.splitter.app import SplitterSettings, create_app
 
     setup_logging(args.log_level)
@@ -36,7 +41,7 @@ def _run_splitter(args: argparse.Namespace) -> int:
 
 
 def _run_monitor(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.monitor.app import MonitorSettings, create_app
 
     setup_logging(args.log_level)
@@ -49,7 +54,7 @@ def _run_monitor(args: argparse.Namespace) -> int:
 
 def _run_broadcast(args: argparse.Namespace) -> int:
     from edgeorch.rollout.signing import InsecureSecretError
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.broadcast.app import BroadcastSettings, create_app
 
     setup_logging(args.log_level)
@@ -66,7 +71,7 @@ def _run_broadcast(args: argparse.Namespace) -> int:
 
 
 def _run_orchestrator(args: argparse.Namespace) -> int:
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.orchestrator.app import OrchestratorSettings, create_app
 
     setup_logging(args.log_level)
@@ -81,7 +86,7 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     import torch
 
-    from edgeorch.serve import serve, setup_logging
+    from edgeorch.service.serve import serve, setup_logging
     from services.worker.app import WorkerSettings, create_app
 
     setup_logging(args.log_level)
@@ -107,14 +112,14 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace):
     from edgeorch.models.store import ModelStore
-    from edgeorch.settings import CommonSettings
+    from edgeorch.service.settings import CommonSettings
 
     return ModelStore(Path(args.store) if args.store else CommonSettings().model_store)
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
     from edgeorch.models.store import ModelStoreError
-    from edgeorch.serve import setup_logging
+    from edgeorch.service.serve import setup_logging
 
     setup_logging("INFO")
     store = _store(args)
@@ -136,7 +141,7 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _run_chain(args: argparse.Namespace) -> int:
-    from edgeorch.chain_command import run_chain_command
+    from edgeorch.local.chain_command import run_chain_command
 
     return run_chain_command(args, _store(args))
 
@@ -172,8 +177,8 @@ def _add_chain(sub) -> None:
 
 
 def _run_jobs_worker(args: argparse.Namespace) -> int:
-    from edgeorch.jobs import celery_app, worker_argv
-    from edgeorch.serve import setup_logging
+    from edgeorch.service.jobs import celery_app, worker_argv
+    from edgeorch.service.serve import setup_logging
 
     setup_logging(args.log_level)
     # In-process, so the worker is one `edgeorch` process like every other service.
@@ -190,13 +195,13 @@ def _add_jobs_worker(sub) -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from edgeorch.up_command import run_up
+    from edgeorch.local.up_command import run_up
 
     return run_up(args)
 
 
 def _add_up(sub) -> None:
-    from edgeorch.up_command import add_arguments
+    from edgeorch.local.up_command import add_arguments
 
     p = sub.add_parser(
         "up",

@@ -19,6 +19,10 @@ import redis
 
 log = logging.getLogger(__name__)
 
+# The command line lives above the core (it composes the services), so a
+# launched process names it by module: `python -m services.cli <command>`.
+CLI = (sys.executable, "-m", "services.cli")
+
 
 def free_port() -> int:
     """A loopback TCP port that nothing listens on right now."""
@@ -84,7 +88,7 @@ class LocalService(LocalProcess):
         self.port = port
         self.host = host
         self.url = f"http://{host}:{port}"
-        argv = [*prefix, sys.executable, "-m", "edgeorch.cli", *args, "--host", host, "--port", str(port)]
+        argv = [*prefix, *CLI, *args, "--host", host, "--port", str(port)]
         super().__init__(name, argv, env, log_dir, log_mode)
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
@@ -152,13 +156,13 @@ class JobsWorker(LocalProcess):
     def __init__(self, env: dict[str, str], log_dir: Path, concurrency: int = 2):
         self.hostname = f"jobs-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.redis_url = env["EDGEORCH_REDIS_URL"]
-        argv = [sys.executable, "-m", "edgeorch.cli", "jobs-worker", "--concurrency", str(concurrency),
+        argv = [*CLI, "jobs-worker", "--concurrency", str(concurrency),
                 "--hostname", self.hostname]  # fmt: skip
         super().__init__("jobs-worker", argv, env, log_dir)
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Block until the worker answers Celery's ping through the broker."""
-        from edgeorch.jobs import make_celery
+        from edgeorch.service.jobs import make_celery
 
         app = make_celery(self.redis_url)
 

@@ -1,0 +1,1 @@
+"""Local launch tools: processes on loopback (or network namespaces), scenario files, `edgeorch up` and `edgeorch chain`."""
