@@ -162,20 +162,6 @@ async def _placements(request: Request) -> list[Placement]:
     return out
 
 
-def _suspects(controller) -> list[str]:
-    """Nodes the controller keeps out of plans because a request saw them fail.
-
-    They live on the controller, or on the route keeper it delegates the
-    gateway's side to (``controller.routes``) once that is split out; stale
-    ones are dropped on each look of a control loop (every few seconds).
-    """
-    holder = getattr(controller, "routes", None)
-    found = getattr(holder, "suspects", None)
-    if found is None:
-        found = getattr(controller, "suspects", {})
-    return list(found)
-
-
 def _active_plan(store, name: str):
     try:
         return store.active_plan(name)
@@ -194,7 +180,7 @@ async def cluster(request: Request) -> ClusterView:
     )
     alive = [n for n in nodes if n.get("state") == "alive"]
     emulations = await asyncio.gather(*(_emulation(state, n["url"]) for n in alive))
-    suspects = _suspects(app.state.controller)
+    suspects = sorted(app.state.routes.excluded(frozenset()))  # recent ones only
     models = await run_in_threadpool(app.state.book.models.prepared)
     return cluster_view(nodes, links, now=time.time(), suspects=suspects,
                         placements=await _placements(request),

@@ -169,13 +169,3 @@ def test_a_pulse_that_moved_already_does_not_wait() -> None:
         return asyncio.get_running_loop().time() - t0
 
     assert asyncio.run(scenario()) < 0.1
-
-
-def test_suspects_are_found_on_the_controller_or_its_route_keeper() -> None:
-    from types import SimpleNamespace
-
-    from services.orchestrator.dashboard_routes import _suspects
-
-    assert _suspects(SimpleNamespace(suspects={"a": 1.0})) == ["a"]
-    assert _suspects(SimpleNamespace(routes=SimpleNamespace(suspects={"b": 1.0}))) == ["b"]
-    assert _suspects(SimpleNamespace(routes=SimpleNamespace(suspects={}))) == []
