@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeorch.engine.stage import LoadedStage
+from edgeorch.engine.stage import LoadedStage, unit_loader
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import FamilyAdapter
-from edgeorch.models.checkpoint import CheckpointReader
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +94,8 @@ class UnitCache:
         reader = None
         try:
             if missing:
-                reader = CheckpointReader(model_dir)
-                fresh = {u: adapter.load_unit(u, reader, dtype) for u in missing}
+                load, reader = unit_loader(model_dir, adapter, dtype)
+                fresh = {u: load(u) for u in missing}
             else:
                 fresh = {}
         except BaseException:
