@@ -70,7 +70,9 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
     adapter = adapter_for(load_config(store.path(model)))
     ranges = split_even(adapter.num_units, n_stages)
     token = CommonSettings().admin_token
-    with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env={"EDGEORCH_ADMIN_TOKEN": token}) as ws:
+    with LocalWorkers(
+        n_stages, model_store=store.root, threads=1, extra_env={"EDGEORCH_ADMIN_TOKEN": token}
+    ) as ws:
         time.sleep(1.0)
         bare = [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
         ids = load_chain(ws, model, ranges, prefix=f"mem{os.getpid()}", options={"engine": "lean", "format": fmt},

@@ -66,7 +66,9 @@ class LeanAdapterMixin:
         try:
             module.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
-            raise ValueError(f"packed unit {u} does not fit this model in {self.weight_format}: {exc}") from exc
+            raise ValueError(
+                f"packed unit {u} does not fit this model in {self.weight_format}: {exc}"
+            ) from exc
         return module.eval()
 
     def build_lean_unit(self, u: int, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -49,9 +49,21 @@ def pack_model(model_dir: Path, fmt: str) -> dict:
         tensors, mods = unit_tensors(adapter.load_unit(u, reader))
         sizes.append(write_unit_file(tmp / unit_file_name(u), tensors, mods))
         del tensors  # one unit at a time
-    record = {"num_units": adapter.num_units, "unit_bytes": sizes, "torch": torch.__version__, "source": "checkpoint"}
+    record = {
+        "num_units": adapter.num_units,
+        "unit_bytes": sizes,
+        "torch": torch.__version__,
+        "source": "checkpoint",
+    }
     packed.commit(tmp, record)
-    log.info("packed %s as %s: %d units, %d bytes in %.1fs", model_dir, fmt, len(sizes), sum(sizes), time.monotonic() - t0)
+    log.info(
+        "packed %s as %s: %d units, %d bytes in %.1fs",
+        model_dir,
+        fmt,
+        len(sizes),
+        sum(sizes),
+        time.monotonic() - t0,
+    )
     return record
 
 
@@ -86,7 +98,12 @@ def synth_units(model_dir: Path, fmt: str, seed: int = 0) -> dict:
         tensors = {k: _random_like(k, p, gen) for k, p in skeleton.state_dict(keep_vars=True).items()}
         sizes.append(write_unit_file(tmp / unit_file_name(u), tensors))
         del tensors
-    record = {"num_units": adapter.num_units, "unit_bytes": sizes, "torch": torch.__version__, "source": f"random (seed {seed})"}
+    record = {
+        "num_units": adapter.num_units,
+        "unit_bytes": sizes,
+        "torch": torch.__version__,
+        "source": f"random (seed {seed})",
+    }
     packed.commit(tmp, record)
     log.info("synthesised %s as %s: %d bytes in %.1fs", model_dir, fmt, sum(sizes), time.monotonic() - t0)
     return record

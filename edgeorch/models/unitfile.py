@@ -49,7 +49,9 @@ def unit_file_name(u: int) -> str:
     return f"unit-{u:05d}.safetensors"
 
 
-def write_unit_file(path: Path, tensors: dict[str, torch.Tensor], address_mods: dict[str, int] | None = None) -> int:
+def write_unit_file(
+    path: Path, tensors: dict[str, torch.Tensor], address_mods: dict[str, int] | None = None
+) -> int:
     """Write ``tensors`` to ``path`` (via a temporary file), each at its address mod 64; returns bytes written."""
     mods = address_mods or {}
     header: dict[str, dict] = {}
@@ -62,11 +64,19 @@ def write_unit_file(path: Path, tensors: dict[str, torch.Tensor], address_mods: 
         want = mods.get(name, 0) % _ALIGN
         gap = (want - offset) % _ALIGN
         if gap:
-            header[f"__pad__.{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            header[f"__pad__.{pads}"] = {
+                "dtype": "U8",
+                "shape": [gap],
+                "data_offsets": [offset, offset + gap],
+            }
             layout.append((offset, None, gap))
             pads, offset = pads + 1, offset + gap
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         layout.append((offset, t, n))
         offset += n
     header["__metadata__"] = {"format": "edgeorch-unit"}
@@ -112,7 +122,11 @@ def map_unit_file(path: Path) -> dict[str, torch.Tensor]:
             raise UnitFileError(f"{path} is truncated: {name} ends at {base + end}, file of {size}")
         dtype = _TORCH[meta["dtype"]]
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(0, dtype=dtype)
+        t = (
+            torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
         out[name] = t.view(meta["shape"])
     return out
 

@@ -142,6 +142,13 @@ class UnitCache:
             held = self._held.get((str(Path(model_dir).resolve()), u, engine, fmt))
             return held.refs if held else 0
 
+    def holds(
+        self, model_dir: Path, u: int, adapter: FamilyAdapter, dtype: torch.dtype = torch.float32
+    ) -> bool:
+        """Whether unit ``u`` (as ``adapter`` builds it) is loaded already."""
+        with self._lock:
+            return _unit_key(model_dir, u, adapter, dtype) in self._held
+
     def held_units(self) -> int:
         """Unit modules in memory."""
         with self._lock:
