@@ -8,9 +8,12 @@ reads from /proc per worker:
   ``--context`` tokens (what the worker's memory check counts);
 - ``peak``: ``VmHWM`` (peak RSS, anonymous and file pages), and
   ``(peak - bare) / planned``, the figure issue 16 targets at <= 1.15;
-- ``read/share``: bytes of model-store files resident in the worker's
-  mappings (``/proc/PID/smaps``) plus the bytes it read through its
-  checkpoint reader, over its ``param_bytes``;
+- ``ready``: RSS after the worker loaded, ran and dropped a one-unit stage
+  of a small model of the family (code imported, not data), and
+  ``(peak - ready) / planned``;
+- ``read/share``: the bytes the worker's load read (unit files mapped, or
+  checkpoint tensors read), over its ``param_bytes``; ``mapped/share``: the
+  model-store file bytes resident in its mappings (``/proc/PID/smaps``);
 - load seconds (the worker's own figure) and the chain's decode tokens/s.
 
 Run: ``python -m bench.memory [--models smollm2-135m:int8,smollm2-135m:int4] [--stages N]``.
@@ -31,6 +34,7 @@ from edgeorch.local.chain import load_chain
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore
+from edgeorch.service.auth import admin_headers
 from edgeorch.service.settings import CommonSettings
 from edgeorch.transport.client import ChainClient
 
@@ -65,7 +69,25 @@ def split_even(num_units: int, n: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(n)]
 
 
-def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int, tokens: int) -> list[dict]:
+def _ready_rss(ws: LocalWorkers, warmup: str, token: str) -> list[int]:
+    """RSS of each worker after it loaded, ran and dropped a one-unit stage of ``warmup``.
+
+    What that leaves is code, not data: the model family's modules imported
+    (transformers' modeling code, ~85 MB for Llama), the kernels' first-use
+    state. A worker pays it once, whatever it serves.
+    """
+    headers = admin_headers(token)
+    for i, w in enumerate(ws.workers):
+        sid = f"warm{os.getpid()}.{i}"
+        spec = {"model": warmup, "start": 0, "end": 1, "engine": "lean", "format": "int8"}
+        httpx.put(f"{w.url}/v1/stages/{sid}", json=spec, headers=headers, timeout=120).raise_for_status()
+        httpx.delete(f"{w.url}/v1/stages/{sid}", headers=headers, timeout=60).raise_for_status()
+    time.sleep(0.5)
+    return [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
+
+
+def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int, tokens: int,
+            warmup: str) -> list[dict]:  # fmt: skip
     """One chain of ``n_stages`` workers for ``model`` in ``fmt``; one row per worker."""
     adapter = adapter_for(load_config(store.path(model)))
     ranges = split_even(adapter.num_units, n_stages)
@@ -75,8 +97,9 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
     ) as ws:
         time.sleep(1.0)
         bare = [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
-        ids = load_chain(ws, model, ranges, prefix=f"mem{os.getpid()}", options={"engine": "lean", "format": fmt},
-                         token=token)  # fmt: skip
+        ready = _ready_rss(ws, warmup, token)
+        opts = {"engine": "lean", "format": fmt, "kv_sessions": 1, "kv_context": context}
+        ids = load_chain(ws, model, ranges, prefix=f"mem{os.getpid()}", options=opts, token=token)
         client = ChainClient(ws.workers[0].url, ids[0])
         try:
             gen = client.generate([1, 2, 3, 4, 5, 6, 7, 8], tokens)
@@ -88,12 +111,14 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
             st = proc_status(w.proc.pid)
             kv = int(info.get("kv_bytes") or 0)
             planned = info["param_bytes"] + kv
-            read = store_resident(w.proc.pid, store.root) + int(info.get("bytes_read") or 0)
+            share = info["param_bytes"]
             rows.append({
                 "model": model, "format": fmt, "stage": f"{ranges[i][0]}:{ranges[i][1]}",
-                "param_bytes": info["param_bytes"], "kv_bytes": kv, "planned": planned,
-                "bare_rss": bare[i], "peak_rss": st["VmHWM"], "rss_anon": st["RssAnon"], "rss_file": st["RssFile"],
-                "ratio": (st["VmHWM"] - bare[i]) / planned, "read_over_share": read / info["param_bytes"],
+                "param_bytes": share, "kv_bytes": kv, "planned": planned, "bare_rss": bare[i],
+                "ready_rss": ready[i], "peak_rss": st["VmHWM"], "rss_anon": st["RssAnon"], "rss_file": st["RssFile"],
+                "ratio": (st["VmHWM"] - bare[i]) / planned, "ratio_ready": (st["VmHWM"] - ready[i]) / planned,
+                "read_over_share": int(info.get("bytes_read") or 0) / share,
+                "resident_over_share": store_resident(w.proc.pid, store.root) / share,
                 "load_s": info["load_s"], "decode_tok_s": gen.decode_tokens_per_s,
             })  # fmt: skip
     return rows
@@ -102,13 +127,14 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
 def table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     mib = 1 << 20
-    head = ("| model | fmt | stage | planned MiB | bare MiB | peak MiB | (peak-bare)/planned "
-            "| read/share | load s | decode tok/s |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
+    head = ("| model | fmt | stage | planned MiB | bare MiB | ready MiB | peak MiB | (peak-bare)/planned "
+            "| (peak-ready)/planned | read/share | mapped/share | load s | decode tok/s |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['format']} | {r['stage']} | {r['planned'] / mib:.1f} | {r['bare_rss'] / mib:.0f} "
-            f"| {r['peak_rss'] / mib:.0f} | {r['ratio']:.2f} | {r['read_over_share']:.2f} | {r['load_s']:.2f} "
+            f"| {r['ready_rss'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | {r['ratio']:.2f} | {r['ratio_ready']:.2f} "
+            f"| {r['read_over_share']:.2f} | {r['resident_over_share']:.2f} | {r['load_s']:.2f} "
             f"| {r['decode_tok_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -122,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256, help="KV tokens per session the plan counts")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--warmup", default="tiny-llama", help="a small model of the same family, for the ready RSS"
+    )
+    p.add_argument("--store", type=Path, default=None, help="model store (default: EDGEORCH_MODEL_STORE)")
     args = p.parse_args(argv)
-    store = ModelStore(CommonSettings().model_store)
+    store = ModelStore(args.store or CommonSettings().model_store)
     rows: list[dict] = []
     for item in args.models.split(","):
         model, _, fmt = item.partition(":")
-        rows += measure(store, model, fmt or "int8", args.stages, args.context, args.tokens)
+        rows += measure(store, model, fmt or "int8", args.stages, args.context, args.tokens, args.warmup)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

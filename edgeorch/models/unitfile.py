@@ -7,7 +7,7 @@ int8 codes and their scales, int4 codes already in the CPU kernel's packed
 layout, fused q/k/v and gate/up matrices. ``index.json``, written last,
 marks the directory complete; a directory without it is never used.
 
-Reading maps the file privately (``MAP_PRIVATE | MAP_POPULATE``) and makes
+Reading maps the file read-only (``MAP_SHARED | MAP_POPULATE``) and makes
 every tensor a view of the mapping (``torch.frombuffer``): the worker reads
 its units' bytes once, holds them as clean file pages, never builds an fp32
 copy, and gives them back to the OS the moment the last tensor is dropped.
@@ -26,6 +26,7 @@ import mmap
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,8 +109,11 @@ def map_unit_file(path: Path) -> dict[str, torch.Tensor]:
             if 8 + n > size:
                 raise UnitFileError(f"{path} is truncated: header of {n} bytes, file of {size}")
             header = json.loads(f.read(n))
-            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-            mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # Read-only and shared: the pages stay clean page cache (a private writable
+            # mapping would be pre-faulted as anonymous copies); populated now, so the
+            # load reads the bytes and the first step does not.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
     except OSError as exc:
         raise UnitFileError(f"cannot map {path}: {exc}") from exc
     base = 8 + n
@@ -122,13 +126,17 @@ def map_unit_file(path: Path) -> dict[str, torch.Tensor]:
             raise UnitFileError(f"{path} is truncated: {name} ends at {base + end}, file of {size}")
         dtype = _TORCH[meta["dtype"]]
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-        t = (
-            torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin)
-            if count
-            else torch.empty(0, dtype=dtype)
-        )
+        t = _view(mm, dtype, count, base + begin) if count else torch.empty(0, dtype=dtype)
         out[name] = t.view(meta["shape"])
     return out
+
+
+def _view(mm: mmap.mmap, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    """A tensor over ``count`` elements of a read-only mapping; weights are never written, so
+    torch's warning about a non-writable buffer does not apply."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset)
 
 
 class PackedUnits:
