@@ -87,14 +87,13 @@ def _ready_rss(ws: LocalWorkers, warmup: str, token: str) -> list[int]:
 
 
 def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int, tokens: int,
-            warmup: str) -> list[dict]:  # fmt: skip
+            warmup: str, memory: int | None = None) -> list[dict]:  # fmt: skip
     """One chain of ``n_stages`` workers for ``model`` in ``fmt``; one row per worker."""
     adapter = adapter_for(load_config(store.path(model)))
     ranges = split_even(adapter.num_units, n_stages)
     token = CommonSettings().admin_token
-    with LocalWorkers(
-        n_stages, model_store=store.root, threads=1, extra_env={"EDGEORCH_ADMIN_TOKEN": token}
-    ) as ws:
+    env = {"EDGEORCH_ADMIN_TOKEN": token, **({"EDGEORCH_MEMORY": str(memory)} if memory else {})}
+    with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env=env) as ws:
         time.sleep(1.0)
         bare = [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
         ready = _ready_rss(ws, warmup, token)
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for item in args.models.split(","):
         model, _, fmt = item.partition(":")
-        rows += measure(store, model, fmt or "int8", args.stages, args.context, args.tokens, args.warmup)
+        rows += measure(
+            store, model, fmt or "int8", args.stages, args.context, args.tokens, args.warmup, args.memory
+        )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
