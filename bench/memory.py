@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256, help="KV tokens per session the plan counts")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--memory", type=int, default=None, help="each worker's memory cap (EDGEORCH_MEMORY)")
     p.add_argument(
         "--warmup", default="tiny-llama", help="a small model of the same family, for the ready RSS"
     )

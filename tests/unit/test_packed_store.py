@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from edgeorch.engine import load_adapter
-from edgeorch.engine.pack import pack_model, synth_units
-from edgeorch.engine.stage import load_stage
+from edgeorch.engine.pack import pack_model, synth_units, unit_tensors
+from edgeorch.engine.stage import LoadedStage, load_stage
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.unitfile import PackedUnits, UnitFileError, map_unit_file, write_unit_file
 from edgeorch.runtime.memory import OverMemory, check_budget
@@ -128,3 +128,30 @@ def test_the_budget_names_the_bytes() -> None:
         OverMemory, match=r"needs 601 bytes \(501 of weights \+ 100 of planned KV\).*1 bytes over"
     ):
         check_budget(1000, 400, 501, 100, "stage s")
+
+
+def test_packed_fp32_layers_keep_the_reference_alignment_bit_for_bit(store, tmp_path) -> None:
+    # One-row fp32 matmuls sum in an order that depends on the weight's address
+    # modulo 64 (engine/formats.py, place_like): SmolLM2's layers at another
+    # alignment give other last bits, so this checks the unit files keep it.
+    d = store.path("smollm2-135m")
+    ref = load_stage(d, 1, 4, engine="lean", weight_format="fp32")
+    adapter = ref.adapter
+    units = []
+    for u, module in ref.units:
+        tensors, mods = unit_tensors(module)
+        write_unit_file(tmp_path / f"{u}.safetensors", tensors, mods)
+        units.append((u, adapter.load_packed_unit(u, map_unit_file(tmp_path / f"{u}.safetensors"))))
+    got = LoadedStage(d, adapter, 1, 4, units, 0, 0.0)
+    for (_, a), (_, b) in zip(ref.units, got.units, strict=True):
+        want = {k: v.data_ptr() % 64 for k, v in a.state_dict().items()}
+        assert {k: v.data_ptr() % 64 for k, v in b.state_dict().items()} == want
+    torch.manual_seed(0)
+    h = torch.randn(1, 6, 576)
+    c1, c2 = ref.new_cache(), got.new_cache()
+    for pos, x in [(0, h), *[(6 + i, h[:, i : i + 1] * 0.5) for i in range(4)]]:
+        assert torch.equal(
+            ref.run(StageInput(x=x, position=pos), c1), got.run(StageInput(x=x, position=pos), c2)
+        )
+        c1.advance(x.shape[1])
+        c2.advance(x.shape[1])
