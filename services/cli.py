@@ -141,6 +141,22 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_import(args: argparse.Namespace) -> int:
+    from edgeorch.engine.importer import import_model
+    from edgeorch.models.store import ModelStoreError
+    from edgeorch.service.serve import setup_logging
+
+    setup_logging("INFO")
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    try:
+        path = import_model(_store(args), Path(args.path), args.name, formats)
+    except (ModelStoreError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {args.path} as {args.name} ({', '.join(formats) or 'checkpoint only'}) at {path}")
+    return 0
+
+
 def _models_synth(args: argparse.Namespace) -> int:
     from edgeorch.engine.synth import synth_model
     from edgeorch.models.store import ModelStoreError
@@ -183,6 +199,12 @@ def _add_models(sub) -> None:
         "--formats", default="", help="also write packed per-unit files in these formats (e.g. int8,int4)"
     )
     p.set_defaults(func=_models_prepare)
+    p = msub.add_parser("import", help="add a GGUF file (llama, qwen2, mistral) or HF directory to the store")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--format", default="int8,int4", help="packed formats to write (default int8,int4)")
+    p.add_argument("--store")
+    p.set_defaults(func=_models_import)
     p = msub.add_parser("synth", help="write a random-weight model of a real shape, unit by unit")
     p.add_argument("name")
     p.add_argument("--shape", required=True, help="tinyllama-1.1b or llama-7b")
