@@ -55,7 +55,8 @@ async def put_stage(stage_id: StageId, spec: StageSpec, host: Host, response: Re
 async def memory(host: Host) -> dict[str, int | None]:
     """Planned bytes (weights held + planned KV), the cap, and what /proc says this process holds."""
     return {"limit": host.memory_limit, "param_bytes": host.units.held_bytes(),
-            "planned_bytes": host.planned_bytes(), **proc_memory()}  # fmt: skip
+            "planned_bytes": host.planned_bytes(), "kv_held_bytes": host.sessions.total_bytes(),
+            **proc_memory()}  # fmt: skip
 
 
 @router.get("/v1/stages", response_model=list[StageInfo], tags=["stages"])
