@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-engine bench-peers bench-adapt bench-adapt-targets report compose-check clean
+.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets report compose-check clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 models: install
-	$(BIN)/edgeorch models prepare
+	$(BIN)/edgeorch models prepare --formats int8,int4
 
 lint: install
 	$(BIN)/ruff check .
@@ -52,6 +52,11 @@ bench-overhead: install models
 
 bench-planner: install
 	$(BIN)/python bench/planner.py
+
+# What a worker holds for its stage, from /proc (docs/results.md, "Memory per worker").
+# Needs the synthesised models: edgeorch models synth tinyllama-1.1b --shape tinyllama-1.1b --format int4 (and llama-7b).
+bench-memory: install models
+	$(BIN)/python -m bench.memory $(MEMORY_ARGS)
 
 bench-engine: install models
 	$(BIN)/python bench/engine.py

@@ -93,6 +93,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     overrides = {"node_id": args.node_id} if args.node_id else {}
     if args.threads is not None:
         overrides["torch_threads"] = args.threads
+    if args.memory is not None:
+        overrides["memory"] = args.memory
     settings = WorkerSettings(**overrides)
     if _bind_refused(args.host, settings.admin_token, "worker"):
         return 2
@@ -125,10 +127,48 @@ def _models_prepare(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         built = store.prepare(args.only or None, force=args.force)
-    except ModelStoreError as exc:
+        packed = []
+        if args.formats:
+            from edgeorch.engine.synth import pack_store
+
+            formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+            packed = pack_store(store, args.only or store.prepared(), formats, force=args.force)
+    except (ModelStoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"model store {store.root}: built {built or 'nothing (all prepared)'}; ready: {store.prepared()}")
+    print(f"model store {store.root}: built {built or 'nothing (all prepared)'}; packed {packed or 'nothing'}; "
+          f"ready: {store.prepared()}")  # fmt: skip
+    return 0
+
+
+def _models_import(args: argparse.Namespace) -> int:
+    from edgeorch.engine.importer import import_model
+    from edgeorch.models.store import ModelStoreError
+    from edgeorch.service.serve import setup_logging
+
+    setup_logging("INFO")
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    try:
+        path = import_model(_store(args), Path(args.path), args.name, formats)
+    except (ModelStoreError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {args.path} as {args.name} ({', '.join(formats) or 'checkpoint only'}) at {path}")
+    return 0
+
+
+def _models_synth(args: argparse.Namespace) -> int:
+    from edgeorch.engine.synth import synth_model
+    from edgeorch.models.store import ModelStoreError
+    from edgeorch.service.serve import setup_logging
+
+    setup_logging("INFO")
+    try:
+        path = synth_model(_store(args), args.name, args.shape, args.format, seed=args.seed)
+    except (ModelStoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"synthesised {args.name} ({args.shape}, {args.format}) at {path}")
     return 0
 
 
@@ -155,7 +195,23 @@ def _add_models(sub) -> None:
     )
     p.add_argument("--only", nargs="*", help="only these models")
     p.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    p.add_argument(
+        "--formats", default="", help="also write packed per-unit files in these formats (e.g. int8,int4)"
+    )
     p.set_defaults(func=_models_prepare)
+    p = msub.add_parser("import", help="add a GGUF file (llama, qwen2, mistral) or HF directory to the store")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--format", default="int8,int4", help="packed formats to write (default int8,int4)")
+    p.add_argument("--store")
+    p.set_defaults(func=_models_import)
+    p = msub.add_parser("synth", help="write a random-weight model of a real shape, unit by unit")
+    p.add_argument("name")
+    p.add_argument("--shape", required=True, help="tinyllama-1.1b or llama-7b")
+    p.add_argument("--format", required=True, help="fp32, bf16, int8 or int4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store")
+    p.set_defaults(func=_models_synth)
     p = msub.add_parser("list", help="list prepared models")
     p.add_argument("--store")
     p.set_defaults(func=_models_list)
@@ -241,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(p, 8100)
     p.add_argument("--node-id", help="node id (default: EDGEORCH_NODE_ID or host-pid)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: EDGEORCH_TORCH_THREADS)")
+    p.add_argument(
+        "--memory",
+        type=int,
+        help="memory cap in bytes for weights + planned KV (default: EDGEORCH_MEMORY, none)",
+    )
     p.set_defaults(func=_run_worker)
 
     _add_models(sub)

@@ -19,6 +19,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
+from edgeorch.engine.formats import skeleton
 from edgeorch.engine.kv import LeanKVCache
 from edgeorch.models.adapter import DEFAULT_PROFILE_CONTEXT
 from edgeorch.models.checkpoint import CheckpointReader
@@ -51,6 +52,24 @@ class LeanAdapterMixin:
     def load_unit(self, u: int, reader: CheckpointReader, dtype: torch.dtype | None = None) -> nn.Module:
         """Unit ``u`` as a lean module in this adapter's weight format (``dtype`` is ignored)."""
         return self.build_lean_unit(u, self.read_unit_state(u, reader)).eval()
+
+    def skeleton_unit(self, u: int) -> nn.Module:
+        """Unit ``u`` as a lean module whose parameters are shapes only (meta), ready to be filled."""
+        with init_empty_weights(include_buffers=False):
+            reference = self.build_unit(u)
+        with skeleton():
+            return self.build_lean_unit(u, reference.state_dict())
+
+    def load_packed_unit(self, u: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """Unit ``u`` filled with the tensors of its packed unit file, taken as they are (no copy)."""
+        module = self.skeleton_unit(u)
+        try:
+            module.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"packed unit {u} does not fit this model in {self.weight_format}: {exc}"
+            ) from exc
+        return module.eval()
 
     def build_lean_unit(self, u: int, state: dict[str, torch.Tensor]) -> nn.Module:
         """The lean module of unit ``u`` from the reference module's state dict."""

@@ -26,6 +26,10 @@ byte rule the unit profile and these modules share) is
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,6 +91,27 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+# While set, the Packed* modules only declare their parameters (shape and
+# dtype, on the meta device) instead of converting the weights they are given:
+# a unit built so is then filled with tensors mapped from its packed unit file
+# (edgeorch.models.unitfile), with no quantisation and no fp32 copy.
+_SKELETON: contextvars.ContextVar[bool] = contextvars.ContextVar("edgeorch_skeleton", default=False)
+
+
+@contextlib.contextmanager
+def skeleton() -> Iterator[None]:
+    """Build lean modules as shapes only (meta parameters), to be filled by ``load_state_dict(assign=True)``."""
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def _meta(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return _frozen(torch.empty(shape, dtype=dtype, device="meta"))
+
+
 # Where a single-row fp32 matmul starts summing depends on the weight's
 # address: MKL's sgemv peels elements until it reaches an aligned boundary, so
 # the same weights at another address modulo 64 give results that differ in
@@ -110,7 +135,9 @@ def place_like(t: torch.Tensor, address_mod: int | None) -> torch.Tensor:
 
 
 def address_mod(*tensors: torch.Tensor) -> int | None:
-    """The common address of ``tensors`` modulo 64 bytes, None when they differ."""
+    """The common address of ``tensors`` modulo 64 bytes, None when they differ (or have no address)."""
+    if any(t.device.type == "meta" for t in tensors):
+        return None
     mods = {t.data_ptr() % _ALIGN for t in tensors}
     return mods.pop() if len(mods) == 1 else None
 
@@ -133,6 +160,17 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.dtype = matmul_dtype(fmt)
         self.scales = None
+        out_f, in_f = self.out_features, self.in_features
+        if _SKELETON.get():
+            if fmt == "int4":
+                self.weight = _meta((out_f, in_f // 2), torch.uint8)  # the CPU kernel's packed layout
+                self.scales = _meta((in_f // INT4_GROUP, out_f, 2), torch.bfloat16)
+            elif fmt == "int8":
+                self.weight, self.scales = _meta((out_f, in_f), torch.int8), _meta((out_f,), torch.bfloat16)
+            else:
+                self.weight = _meta((out_f, in_f), self.dtype)
+            self.bias = None if bias is None else _meta(tuple(bias.shape), torch.float32)
+            return
         if fmt == "int4":
             q, sz = quantize_int4(weight)
             self.weight = _frozen(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
@@ -194,6 +232,13 @@ class PackedEmbedding(nn.Module):
         self.fmt = fmt
         self.dtype = act_dtype(fmt)
         self.scales = None
+        if _SKELETON.get():
+            rows, dim = table.shape
+            if fmt == "int8":
+                self.weight, self.scales = _meta((rows, dim), torch.int8), _meta((rows,), torch.bfloat16)
+            else:
+                self.weight = _meta((rows, dim), matmul_dtype(fmt))
+            return
         if fmt == "int8":
             q, scales = quantize_int8(table)
             self.weight = _frozen(q)
@@ -212,4 +257,6 @@ def packed_vector(t: torch.Tensor | None, fmt: str) -> nn.Parameter | None:
     """A norm weight or bias, float32 in every format."""
     if t is None:
         return None
+    if _SKELETON.get():
+        return _meta(tuple(t.shape), act_dtype(fmt))
     return _frozen(t.detach().to(act_dtype(fmt)).contiguous())

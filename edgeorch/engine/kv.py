@@ -60,7 +60,9 @@ class LeanKVCache:
         if self.max_tokens is not None:
             capacity = min(capacity, self.max_tokens)
         shape = (self.num_layers, 2, batch, capacity, self.kv_heads, self.head_dim)
-        buf = torch.empty(shape, dtype=self.dtype)
+        # Zeroed, not empty: the pages are then resident from the start, so what the
+        # worker plans for a session is what /proc shows it holding.
+        buf = torch.zeros(shape, dtype=self.dtype)
         if self._buf is not None and self.seq_len:
             buf[:, :, :, : self.seq_len].copy_(self._buf[:, :, :, : self.seq_len])
         self._buf, self.capacity = buf, capacity

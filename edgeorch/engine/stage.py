@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,24 @@ from edgeorch.engine import stage_adapter
 from edgeorch.models import load_config
 from edgeorch.models.adapter import FamilyAdapter, StageInput
 from edgeorch.models.checkpoint import CheckpointReader
+
+UnitLoad = Callable[[int], nn.Module]
+
+
+def unit_loader(model_dir: Path, adapter: FamilyAdapter, dtype: torch.dtype = torch.float32):
+    """How to build ``adapter``'s units of ``model_dir``: (load one unit, the reader that counts bytes read).
+
+    A lean adapter whose format has packed unit files maps them (the bytes a
+    unit holds, nothing more, no quantising); otherwise units are built from
+    the checkpoint's tensors as before.
+    """
+    from edgeorch.engine.pack import packed_source
+
+    packed = packed_source(model_dir, adapter)
+    if packed is not None:
+        return (lambda u: adapter.load_packed_unit(u, packed.unit(u))), packed
+    reader = CheckpointReader(model_dir)
+    return (lambda u: adapter.load_unit(u, reader, dtype)), reader
 
 
 @dataclass
@@ -75,7 +94,7 @@ def load_stage(
     engine: str = "hf",
     weight_format: str = "fp32",
 ) -> LoadedStage:
-    """Load units ``[start, end)`` from ``model_dir``, reading only their tensors.
+    """Load units ``[start, end)`` from ``model_dir``, reading only their tensors (or packed unit files).
 
     ``engine`` ``hf`` (the default here) builds the Hugging Face reference
     modules; ``lean`` builds edgeorch.engine's modules in ``weight_format``
@@ -85,8 +104,8 @@ def load_stage(
     adapter = stage_adapter(load_config(model_dir), engine, weight_format)
     if not 0 <= start < end <= adapter.num_units:
         raise ValueError(f"stage [{start}, {end}) is not inside the model's units [0, {adapter.num_units})")
-    reader = CheckpointReader(model_dir)
-    units = [(u, adapter.load_unit(u, reader, dtype)) for u in range(start, end)]
+    load, reader = unit_loader(model_dir, adapter, dtype)
+    units = [(u, load(u)) for u in range(start, end)]
     return LoadedStage(
         model_dir=model_dir,
         adapter=adapter,

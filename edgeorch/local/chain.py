@@ -57,6 +57,14 @@ class Chain:
     stage_ids: list[str]
     client: ChainClient
 
+    def stage_bytes(self) -> list[dict[str, int]]:
+        """Per stage, what its worker holds for it: ``param_bytes`` and planned ``kv_bytes``."""
+        out = []
+        for w, sid in zip(self.workers.workers, self.stage_ids, strict=False):
+            info = httpx.get(f"{w.url}/v1/stages/{sid}", timeout=30).json()
+            out.append({"param_bytes": info["param_bytes"], "kv_bytes": info.get("kv_bytes", 0)})
+        return out
+
     def close(self) -> None:
         """Stop the client and the workers."""
         self.client.close()

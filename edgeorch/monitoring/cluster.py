@@ -106,7 +106,15 @@ class ClusterState:
             events.append(EventDraft("node_returned", node_id, {"url": rec.url}))
         rec.last_seen = now
         rec.live = hb.model_dump(
-            include={"cpu_percent", "memory_free_bytes", "queue_depth", "sessions", "stage_compute_s"}
+            include={
+                "cpu_percent",
+                "memory_free_bytes",
+                "rss_bytes",
+                "planned_bytes",
+                "queue_depth",
+                "sessions",
+                "stage_compute_s",
+            }  # fmt: skip
         )
         for report in hb.profiles:
             rec.profiles[report.model] = report

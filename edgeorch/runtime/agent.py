@@ -19,6 +19,7 @@ import psutil
 
 from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian, rtt_jumped
 from edgeorch.runtime.host import StageHost
+from edgeorch.runtime.memory import proc_memory
 from edgeorch.runtime.probes import ModelProbe, calibrate, load_probe
 from edgeorch.schemas.monitor import (
     Heartbeat,
@@ -128,6 +129,8 @@ class MonitorAgent:
         return Heartbeat(
             cpu_percent=psutil.cpu_percent(None),
             memory_free_bytes=psutil.virtual_memory().available,
+            rss_bytes=proc_memory()["rss"],
+            planned_bytes=self.host.planned_bytes(),
             queue_depth=self.host.in_flight,
             sessions=self.host.sessions.count(),
             stage_compute_s={

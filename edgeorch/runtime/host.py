@@ -31,6 +31,7 @@ from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
+from edgeorch.runtime.memory import check_budget, return_memory
 from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import SessionStore
@@ -68,6 +69,14 @@ class HostedStage:
         return protocol.forward_url(str(self.spec.next.url), self.spec.next.stage_id)
 
 
+def _planned_cache(hosted: HostedStage):
+    """A new session's cache; a lean one reserves the spec's whole planned context on its first step."""
+    cache = hosted.loaded.new_cache()
+    if hasattr(cache, "chunk_tokens") and hosted.spec.kv_context > cache.chunk_tokens:
+        cache.chunk_tokens = hosted.spec.kv_context
+    return cache
+
+
 class StageHost:
     """Every stage one worker serves, with their sessions and emulated capacity."""
 
@@ -80,6 +89,7 @@ class StageHost:
         forward_timeout_s: float = 120.0,
         emulation: Emulation | None = None,
         inline_max_tokens: int = 8,
+        memory_limit: int | None = None,
     ):
         self.store = store
         self.sessions = sessions
@@ -106,6 +116,7 @@ class StageHost:
         self.inline_max_tokens = inline_max_tokens
         self._jobs = 0  # compute-thread jobs submitted and not yet awaited back
         self.inline_steps = 0  # forwards computed on the event loop (each hop also says "inline")
+        self.memory_limit = memory_limit  # planned weights + KV may not pass it (None: no cap)
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""
@@ -131,12 +142,12 @@ class StageHost:
                     f"stage {stage_id!r} is already loaded with another spec; delete it first"
                 )
             model_dir = self.store.path(spec.model)
+            adapter = load_adapter(model_dir, spec.engine, spec.format)
+            self._check_memory(stage_id, spec, model_dir, adapter)
             loop = asyncio.get_running_loop()
             got = await loop.run_in_executor(
                 self._loader,
-                lambda: self.units.acquire_stage(
-                    model_dir, spec.start, spec.end, adapter=load_adapter(model_dir, spec.engine, spec.format)
-                ),
+                lambda: self.units.acquire_stage(model_dir, spec.start, spec.end, adapter=adapter),
             )
             loaded = got.stage
             kv = sum(loaded.adapter.kv_bytes_per_token(u, 4) for u in range(spec.start, spec.end))
@@ -147,6 +158,26 @@ class StageHost:
             )  # fmt: skip
             return self.info(stage_id), True
 
+    def planned_bytes(self) -> int:
+        """Weights held (shared units once) plus the KV every loaded stage plans for."""
+        return self.units.held_bytes() + sum(self.planned_kv(h) for h in self.stages.values())
+
+    @staticmethod
+    def planned_kv(hosted: HostedStage) -> int:
+        """The KV bytes a stage's spec plans for (sessions x context tokens)."""
+        return int(hosted.kv_bytes_per_token * hosted.spec.kv_sessions * hosted.spec.kv_context)
+
+    def _check_memory(self, stage_id: str, spec: StageSpec, model_dir, adapter) -> None:
+        """OverMemory when the stage's new weights and planned KV would pass the cap."""
+        if self.memory_limit is None:
+            return
+        profile = adapter.profile(spec.model)
+        fresh = [u for u in range(spec.start, spec.end) if not self.units.holds(model_dir, u, adapter)]
+        weights = sum(profile.units[u].param_bytes for u in fresh)
+        kv = sum(profile.units[u].kv_bytes_per_token for u in range(spec.start, spec.end))
+        kv = int(kv * spec.kv_sessions * spec.kv_context)
+        check_budget(self.memory_limit, self.planned_bytes(), weights, kv, f"stage {stage_id!r}")
+
     def unload(self, stage_id: str) -> None:
         """Forget a stage and its sessions."""
         hosted = self.stages.pop(stage_id, None)
@@ -155,6 +186,9 @@ class StageHost:
         self.sessions.drop_stage(stage_id)
         # A step still computing on this stage keeps its modules alive through `hosted`.
         freed = self.units.release_stage(hosted.loaded)
+        if freed:
+            del hosted
+            return_memory()  # mapped unit files are unmapped now; trim what malloc still keeps
         log.info(
             "unloaded stage %s (%d units freed, %d still held)", stage_id, freed, self.units.held_units()
         )
@@ -177,7 +211,7 @@ class StageHost:
             stage_id=stage_id, model=hosted.spec.model, start=ld.start, end=ld.end, next=hosted.spec.next,
             num_units=ld.adapter.num_units, param_bytes=ld.param_bytes(), bytes_read=ld.bytes_read,
             load_s=ld.load_s, sessions=self.sessions.count(stage_id), units_shared=hosted.units_shared,
-            engine=ld.engine, format=ld.weight_format,
+            engine=ld.engine, format=ld.weight_format, kv_bytes=self.planned_kv(hosted),
         )  # fmt: skip
 
     def _get(self, stage_id: str) -> HostedStage:
@@ -314,7 +348,7 @@ class StageHost:
         if loaded.adapter.is_decoder and loaded.has_layers:
             new_bytes = int(hosted.kv_bytes_per_token * q_len * inp.x.shape[0])
             cache = self.sessions.acquire(
-                hosted.stage_id, meta.session, meta.position, new_bytes, loaded.new_cache
+                hosted.stage_id, meta.session, meta.position, new_bytes, lambda: _planned_cache(hosted)
             )
         h = loaded.run(inp, cache)
         if cache is not None:

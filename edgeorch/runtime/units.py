@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeorch.engine.stage import LoadedStage
+from edgeorch.engine.stage import LoadedStage, unit_loader
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import FamilyAdapter
-from edgeorch.models.checkpoint import CheckpointReader
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +94,8 @@ class UnitCache:
         reader = None
         try:
             if missing:
-                reader = CheckpointReader(model_dir)
-                fresh = {u: adapter.load_unit(u, reader, dtype) for u in missing}
+                load, reader = unit_loader(model_dir, adapter, dtype)
+                fresh = {u: load(u) for u in missing}
             else:
                 fresh = {}
         except BaseException:
@@ -142,6 +141,13 @@ class UnitCache:
         with self._lock:
             held = self._held.get((str(Path(model_dir).resolve()), u, engine, fmt))
             return held.refs if held else 0
+
+    def holds(
+        self, model_dir: Path, u: int, adapter: FamilyAdapter, dtype: torch.dtype = torch.float32
+    ) -> bool:
+        """Whether unit ``u`` (as ``adapter`` builds it) is loaded already."""
+        with self._lock:
+            return _unit_key(model_dir, u, adapter, dtype) in self._held
 
     def held_units(self) -> int:
         """Unit modules in memory."""

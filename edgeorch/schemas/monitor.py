@@ -89,6 +89,8 @@ class Heartbeat(BaseModel):
 
     cpu_percent: float = Field(ge=0, **_F)
     memory_free_bytes: int = Field(ge=0)
+    rss_bytes: int = Field(default=0, ge=0, description="the worker's resident memory, from /proc")
+    planned_bytes: int = Field(default=0, ge=0, description="weights it holds + the KV its stages plan for")
     queue_depth: int = Field(ge=0)
     sessions: int = Field(ge=0)
     stage_compute_s: dict[str, float] = Field(default_factory=dict, description="recent median per stage")

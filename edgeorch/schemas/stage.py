@@ -38,6 +38,8 @@ class StageSpec(BaseModel):
     format: WeightFormat = Field(
         default="fp32", description="weights: fp32 (exact), bf16, int8 or int4 with bf16 matmuls (lean only)"
     )
+    kv_sessions: int = Field(default=1, ge=0, le=4096, description="sessions the plan gives this stage")
+    kv_context: int = Field(default=256, ge=0, le=1 << 20, description="context tokens per planned session")
 
     @model_validator(mode="after")
     def _engine_has_format(self) -> StageSpec:
@@ -62,6 +64,7 @@ class StageInfo(BaseModel):
     units_shared: int = Field(default=0, description="units reused from other stages on this worker")
     engine: str = Field(default="hf", description="the engine that runs the stage")
     format: str = Field(default="fp32", description="the weight format it holds")
+    kv_bytes: int = Field(default=0, description="KV bytes planned for it: kv_sessions x kv_context tokens")
 
 
 class Sampling(BaseModel):

@@ -62,6 +62,11 @@ class WorkerSettings(CommonSettings):
     link_probe_interval_s: float = Field(default=0.5, gt=0)
     cores: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="static capacity")
     memory_bytes: int = Field(default_factory=lambda: psutil.virtual_memory().total, ge=0)
+    memory: int | None = Field(
+        default=None, gt=0,
+        description="memory cap in bytes (EDGEORCH_MEMORY, --memory): a stage load whose weights + planned "
+        "KV would pass it is refused; also the memory this node advertises",
+    )  # fmt: skip
     device: str = "cpu"
     trusted: bool = False
     watts: float = Field(default=10.0, ge=0)
@@ -129,6 +134,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         node_id=settings.node_id,
         forward_timeout_s=settings.forward_timeout_s,
         inline_max_tokens=settings.inline_max_tokens,
+        memory_limit=settings.memory,
         emulation=Emulation(
             slowdown=settings.emulation_slowdown,
             bandwidth_mbps=settings.emulation_bandwidth_mbps,
@@ -153,7 +159,7 @@ def _make_agent(host: StageHost, settings: WorkerSettings) -> MonitorAgent | Non
             "EDGEORCH_ADVERTISE_URL must be set when EDGEORCH_MONITOR_URL is: peers must reach us"
         )
     capacity = NodeCapacity(
-        cores=settings.cores, memory_bytes=settings.memory_bytes, device=settings.device,
+        cores=settings.cores, memory_bytes=settings.memory or settings.memory_bytes, device=settings.device,
         trusted=settings.trusted, watts=settings.watts,
     )  # fmt: skip
     return MonitorAgent(

@@ -18,6 +18,7 @@ from starlette.routing import Route
 from edgeorch.models.store import ModelStoreError
 from edgeorch.runtime.checks import InputMismatch
 from edgeorch.runtime.host import StageConflict, StageHost, StageNotFound
+from edgeorch.runtime.memory import OverMemory, proc_memory
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
 from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
 from edgeorch.service.auth import AdminAuth
@@ -42,12 +43,20 @@ async def put_stage(stage_id: StageId, spec: StageSpec, host: Host, response: Re
         info, created = await host.load(stage_id, spec)
     except ModelStoreError as exc:
         raise HTTPException(404, str(exc)) from exc
-    except StageConflict as exc:
+    except (StageConflict, OverMemory) as exc:
         raise HTTPException(409, str(exc)) from exc
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
     response.status_code = 201 if created else 200
     return info
+
+
+@router.get("/v1/memory", tags=["stages"])
+async def memory(host: Host) -> dict[str, int | None]:
+    """Planned bytes (weights held + planned KV), the cap, and what /proc says this process holds."""
+    return {"limit": host.memory_limit, "param_bytes": host.units.held_bytes(),
+            "planned_bytes": host.planned_bytes(), "kv_held_bytes": host.sessions.total_bytes(),
+            **proc_memory()}  # fmt: skip
 
 
 @router.get("/v1/stages", response_model=list[StageInfo], tags=["stages"])

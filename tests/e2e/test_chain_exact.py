@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from edgeorch.engine import load_adapter
 from edgeorch.local.chain import start_chain
 from edgeorch.local.launcher import CLI
 
@@ -102,9 +103,15 @@ def test_chain_command_answers_and_reports_hops(store) -> None:
            "0:11,11:21,21:32", "--prompt", "What is the capital of France?", "--max-tokens", "32", "--json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout)
+    profile = load_adapter(store.path("smollm2-135m"), "lean", "fp32").profile("smollm2-135m")
     assert result["text"] == "The capital of France is Paris."
     assert len(result["hops"]) == 3 and all(h["decode_compute_ms"] > 0 for h in result["hops"])
     assert result["hops"][1]["bytes_in_decode"] > 576 * 4  # one fp32 hidden vector plus the header
+    # What each worker holds: fp32 weights of its units, and the KV its spec plans for.
+    assert [h["param_bytes"] for h in result["hops"]] == [
+        sum(u.param_bytes for u in profile.units[a:b]) for a, b in ((0, 11), (11, 21), (21, 32))
+    ]
+    assert all(h["kv_bytes"] > 0 for h in result["hops"])
     plain = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300, check=True)
     assert plain.stdout.strip() == "The capital of France is Paris."
 

@@ -146,6 +146,8 @@ def test_nodes_are_registered_calibrated_and_linked(cluster) -> None:
     assert len(pairs) == 6  # every directed pair of three nodes
     assert httpx.get(f"{mon.url}/v1/nodes/nope").status_code == 404
     assert all(n["live"]["cpu_percent"] >= 0 and n["live"]["memory_free_bytes"] > 0 for n in nodes.values())
+    # Each worker's measured RSS (from its /proc) reaches the monitor: a python + torch process is > 100 MB.
+    assert all(n["live"]["rss_bytes"] > 100 << 20 for n in nodes.values())
     assert "edgeorch_monitor_heartbeats_total" in httpx.get(f"{mon.url}/metrics").text
     assert httpx.get(f"{mon.url}/readyz").status_code == 200
 
