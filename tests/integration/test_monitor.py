@@ -150,17 +150,33 @@ def test_nodes_are_registered_calibrated_and_linked(cluster) -> None:
     assert httpx.get(f"{mon.url}/readyz").status_code == 200
 
 
+def _link_samples(mon: LocalService) -> dict[tuple[str, str], int]:
+    return {(lk["src"], lk["dst"]): lk["samples"] for lk in httpx.get(f"{mon.url}/v1/links").json()}
+
+
 def test_real_traffic_feeds_stage_times_and_link_samples(cluster) -> None:
     mon, workers = cluster
     ids = load_chain(workers, MODEL, [(0, 11), (11, 21), (21, 32)], prefix="mon")
+    before = _link_samples(mon)
+    steps = 24
     with ChainClient(workers.workers[0].url, ids[0]) as client:
-        client.generate([1, 504, 3575, 282], 8)
+        client.generate([1, 504, 3575, 282], steps)
     # The heartbeat after the traffic carries each stage's recent compute time.
     for i, stage in enumerate(ids):
         live = wait_for(lambda i=i, stage=stage: _live_stage_time(mon, f"worker-{i}", stage), 5)
         assert live > 0
+    time.sleep(2.5)  # two heartbeats: every passive sample has been reported
+    after = _link_samples(mon)
     for i, stage in enumerate(ids):
         httpx.delete(f"{workers.workers[i].url}/v1/stages/{stage}")
+    # Each step adds a passive sample on the links the chain uses (0->1, 1->2) and none on
+    # the other link out of the same node, which only the periodic probes feed (at the
+    # same rate, counted in the same heartbeat).
+    gained = {pair: after[pair] - before.get(pair, 0) for pair in after}
+    print(f"link samples gained during {steps} steps: {gained}")
+    for used, unused in ((("worker-0", "worker-1"), ("worker-0", "worker-2")),
+                         (("worker-1", "worker-2"), ("worker-1", "worker-0"))):  # fmt: skip
+        assert gained[used] - gained[unused] >= steps - 2, (used, gained)
 
 
 def _live_stage_time(mon, node: str, stage: str) -> float | None:
