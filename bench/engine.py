@@ -1,11 +1,13 @@
 """The stage engine against Hugging Face transformers and llama.cpp, unsplit, in one process.
 
-Run: ``python bench/engine.py [--threads 1,2] [--rounds 3] [--new-tokens 64]``.
+Run: ``python -m bench.engine [--threads 1,2] [--rounds 3] [--new-tokens 64]``.
 Writes ``bench/results/engine.json`` and ``engine.md`` (also printed).
 
 Rows: Hugging Face transformers (fp32 and bf16, eager PyTorch), edgeorch's lean
 engine in every weight format, and llama.cpp on the model's own Q4_1 GGUF
-through ``llama-cpp-python`` when it is installed (``make bench-peers``).
+through ``llama-cpp-python`` when it is installed (``make bench-peers``), in a
+child process (bench/engine_peer.py) so that a peer crashing on this CPU is a
+row marked "crashed" rather than the end of the run.
 Every ratio is taken within one round, and the variants' decode steps are
 interleaved token by token (order rotated), so load from other processes on
 a shared machine hits them alike. The same run checks that the fp32 engine
@@ -25,9 +27,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from bench.engine_peer import PEER_NAME, PeerCrashed, SubprocessPeer
 from edgeorch.engine.quality import compare, score_text
 from edgeorch.engine.stage import load_stage
 from edgeorch.models.adapter import StageInput
@@ -110,31 +114,6 @@ class EngineVariant:
         return out
 
 
-class LlamaCppVariant:
-    """llama.cpp on the GGUF the model store was built from, through llama-cpp-python."""
-
-    def __init__(self, gguf: Path, threads: int, n_ctx: int):
-        from llama_cpp import Llama
-
-        self.name = "llama.cpp Q4_1"
-        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         n_batch=512, logits_all=False, verbose=False)  # fmt: skip
-        self.param_bytes = gguf.stat().st_size
-
-    def steps(self, ids: list[int], n: int) -> Iterator[tuple[int, float]]:
-        """(greedy token, seconds) per step; the first step is the prompt's prefill."""
-        import numpy as np
-
-        self.llm.reset()
-        x = list(ids)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            self.llm.eval(x)
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            yield token, time.perf_counter() - t0
-            x = [token]
-
-
 def rotated(items: list, k: int) -> list:
     """``items`` starting at index k (mod len)."""
     k %= len(items)
@@ -142,17 +121,28 @@ def rotated(items: list, k: int) -> list:
 
 
 def run_round(variants: list, prompt_ids: list[int], prefill_ids: list[int], n: int, r: int) -> dict:
-    """Every variant's decode interleaved token by token, then every variant's 128-token prefill."""
+    """Every variant's decode interleaved token by token, then every variant's 128-token prefill.
+
+    A peer whose child process dies is marked ``crashed`` and left out of the
+    round (and of the rounds after it); the others go on.
+    """
     streams = {v.name: v.steps(prompt_ids, n) for v in variants}
     steps: dict[str, list[tuple[int, float]]] = {v.name: [] for v in variants}
-    for t in range(n):
-        for v in rotated(variants, r + t):
-            steps[v.name].append(next(streams[v.name]))
     prefill = {}
-    for v in rotated(variants, r):
-        prefill[v.name] = next(v.steps(prefill_ids, 1))[1]
+    for t in range(n + 1):
+        for v in rotated([v for v in variants if not getattr(v, "crashed", None)], r + t):
+            try:
+                if t < n:
+                    steps[v.name].append(next(streams[v.name]))
+                else:
+                    prefill[v.name] = next(v.steps(prefill_ids, 1))[1]
+            except PeerCrashed as exc:
+                v.crashed = str(exc)
+                log(f"{v.name} crashed: {exc}")
     out = {}
     for v in variants:
+        if getattr(v, "crashed", None):
+            continue
         decode = steps[v.name][1:]
         out[v.name] = {"decode_tok_s": len(decode) / sum(s for _, s in decode), "prefill_ms": 1000 * prefill[v.name],
                        "tokens": [tok for tok, _ in steps[v.name]]}  # fmt: skip
@@ -172,8 +162,12 @@ def run_threads(threads: int, variants: list, args, prompt_ids, prefill_ids) -> 
         log(f"[{threads} thread(s)] round {r + 1}/{args.rounds} ({time.monotonic() - t0:.0f}s): "
             + ", ".join(f"{k} {v['decode_tok_s']:.1f}" for k, v in rounds[-1].items()) + f" tok/s (HF fp32 {hf:.1f})")  # fmt: skip
     rows = []
-    peer = "llama.cpp Q4_1"
+    peer = PEER_NAME
+    has_peer = all(peer in rd for rd in rounds)
     for v in variants:
+        if getattr(v, "crashed", None):
+            rows.append({"variant": v.name, "threads": threads, "status": f"crashed: {v.crashed}"})
+            continue
         rec = [rd[v.name] for rd in rounds]
         row = {"variant": v.name, "threads": threads, "param_bytes": v.param_bytes,
                "decode_tok_s": statistics.median(x["decode_tok_s"] for x in rec),
@@ -185,7 +179,7 @@ def run_threads(threads: int, variants: list, args, prompt_ids, prefill_ids) -> 
                "decode_per_round": [x["decode_tok_s"] for x in rec],
                "same_tokens_as_hf_fp32": all(x["tokens"] == rd[HF_FP32]["tokens"]
                                              for x, rd in zip(rec, rounds, strict=True))}  # fmt: skip
-        if peer in rounds[0]:
+        if has_peer:
             row["decode_vs_llama_cpp"] = statistics.median(
                 x["decode_tok_s"] / rd[peer]["decode_tok_s"] for x, rd in zip(rec, rounds, strict=True)
             )
@@ -250,13 +244,29 @@ def llama_cpp_status() -> str | None:
     return None
 
 
+def start_peer(gguf: Path, threads: int):
+    """llama.cpp in its child process, or a stand-in already marked crashed when it died loading."""
+    try:
+        return SubprocessPeer(gguf, threads, n_ctx=1024)
+    except PeerCrashed as exc:
+        log(f"{PEER_NAME} crashed while loading: {exc}")
+        return SimpleNamespace(name=PEER_NAME, crashed=f"while loading: {exc}")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags that decide which kernels native code may use (AVX*, FMA, F16C, AMX)."""
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("flags")), [])  # fmt: skip
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+
+
 def machine_info() -> dict:
     """What ran the benchmark."""
     import transformers
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "cpu_flags": cpu_flags(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
     try:
@@ -324,9 +334,15 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info(), "llama_cpp": peer_status or "measured", "configs": []}  # fmt: skip
     for threads in args.threads:
         variants = [hf32, hf16, *engines.values()]
-        if peer_status is None:
-            variants.append(LlamaCppVariant(gguf, threads, n_ctx=1024))
-        result["configs"].append(run_threads(threads, variants, args, prompt_ids, prefill_ids))
+        peer = start_peer(gguf, threads) if peer_status is None else None
+        if peer is not None:
+            variants.append(peer)
+            result["llama_cpp_system_info"] = getattr(peer, "system_info", None)
+        try:
+            result["configs"].append(run_threads(threads, variants, args, prompt_ids, prefill_ids))
+        finally:
+            if isinstance(peer, SubprocessPeer):
+                peer.close()
     torch.set_num_threads(max(args.threads))
     log("exactness: fp32 engine against HF generate")
     result["exactness"] = exactness(hf32, engines["fp32"], tok, args.check_tokens)
@@ -341,5 +357,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

@@ -23,6 +23,9 @@ def _speed_table(cfg: dict, quality: dict, peer_status: str) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in cfg["rows"]:
+        if "status" in r:  # a peer whose child process died: what it said, no figures
+            lines.append(f"| {r['variant']} | — | {r['status']} | — | — | — | — | — | — | — |")
+            continue
         q = quality.get(r["variant"].removeprefix("edgeorch "))
         if r["variant"] == "HF transformers bf16":
             q = quality.get("HF bf16")
@@ -76,7 +79,11 @@ def markdown(result: dict) -> str:
              f"{m['date']}, {m['nproc']} cores ({m['cpu']}), torch {m['torch']}, transformers "
              f"{m['transformers']}{f', llama-cpp-python {peer}' if peer else ''}; {cfg['rounds']} rounds of "
              f"{cfg['new_tokens']} decoded tokens after a {cfg['prompt_tokens']}-token chat prompt, "
-             f"prefill of {cfg['prefill_tokens']} tokens.", ""]  # fmt: skip
+             f"prefill of {cfg['prefill_tokens']} tokens.", "",
+             f"CPU flags: {' '.join(m.get('cpu_flags', [])) or 'not read'}."]  # fmt: skip
+    if result.get("llama_cpp_system_info"):
+        lines.append(f"llama.cpp build: `{result['llama_cpp_system_info']}`.")
+    lines.append("")
     for c in result["configs"]:
         lines += _speed_table(c, result["quality"], result["llama_cpp"])
     lines += _targets(result)

@@ -205,8 +205,7 @@ class MonitorAgent:
                 lambda: load_probe(model, model_dir, engine_format), emulate=False
             )
             self.probes[model] = probe
-        slowdown = self.host.emulation.slowdown
-        report, _ = await self.host.run_compute(lambda: calibrate(probe, slowdown), emulate=False)
+        report, _ = await self.host.run_compute(lambda: calibrate(probe, self.host.hold), emulate=False)
         # The window restarts from probes taken under the new calibration.
         speed = self._speed(model)
         speed.decode.clear()

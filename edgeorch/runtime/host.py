@@ -30,6 +30,7 @@ from edgeorch.engine.stage import LoadedStage
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
+from edgeorch.runtime.emulation import SlowdownHold
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
 from edgeorch.runtime.memory import check_budget, return_memory
 from edgeorch.runtime.metrics import WorkerMetrics
@@ -97,6 +98,8 @@ class StageHost:
         self.node_id = node_id
         self.forward_timeout_s = forward_timeout_s
         self.emulation = emulation or Emulation()
+        # Holds the compute thread after each step as a slower node would (read from the clock).
+        self.hold = SlowdownHold(lambda: self.emulation.slowdown)
         self.stages: dict[str, HostedStage] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         # Loads read checkpoints on their own thread, so a rollout's PREPARE
@@ -304,25 +307,9 @@ class StageHost:
         def timed():
             t0 = time.perf_counter()
             result = fn()
-            elapsed = time.perf_counter() - t0
-            return result, self._emulate_slowdown(elapsed) if emulate else elapsed
+            return result, self.hold(t0) if emulate else time.perf_counter() - t0
 
         return await self._on_thread(timed)
-
-    def _emulate_slowdown(self, elapsed_s: float) -> float:
-        """Hold the compute thread as a k-times slower node would; returns that node's compute time.
-
-        The time is the model's, ``elapsed × k``, not the clock read after the
-        sleep: waking from it means taking the GIL back from the event loop,
-        up to the 5 ms switch interval, an artefact of emulating in-process
-        that a really slower node does not have. Read from the clock, it made
-        nodes slowed 4x measure 4.8–5.5x on a 2 ms probe.
-        """
-        k = self.emulation.slowdown
-        if k <= 1.0:
-            return elapsed_s
-        time.sleep(elapsed_s * (k - 1.0))
-        return elapsed_s * k
 
     async def paced_post(self, url: str, payload: bytes, **kwargs) -> HopResponse:
         """POST through this node's emulated outgoing link (bandwidth, then RTT)."""
@@ -355,7 +342,7 @@ class StageHost:
             cache.advance(q_len)
             if meta.release:
                 self.sessions.release(hosted.stage_id, meta.session)
-        compute_s = self._emulate_slowdown(time.perf_counter() - t0)
+        compute_s = self.hold(t0)
         return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
 
     @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,14 @@ from edgeorch.models.checkpoint import CheckpointReader
 from edgeorch.models.kv import StageKVCache
 from edgeorch.schemas.monitor import ProfileReport, UnitProfileTiming
 
+# hold(t0): wait as the node's emulated slowdown says, return the seconds since t0 (runtime/emulation.py)
+Hold = Callable[[float], float]
+
 PREFILL_TOKENS = 64
 DECODE_CONTEXT = 64
 PROBE_TARGET_S = 0.002  # long enough to rise above timer and scheduler noise
-REPEATS = 3
+REPEATS = 3  # steps per timed block
+BLOCKS = 3  # timed blocks per unit and phase: their median
 
 
 @dataclass
@@ -108,32 +113,54 @@ def load_probe(model: str, model_dir, weight_format: str | None = None) -> Model
     return ModelProbe(model, adapter, units, profile.units[1].flops_per_token, 1, base)
 
 
-def _time_unit(probe: ModelProbe, u: int, tokens: int, decode: bool) -> float:
+def _time_unit(probe: ModelProbe, u: int, tokens: int, decode: bool, hold: Hold) -> tuple[float, float]:
+    """A warm-up step, then ``REPEATS`` steps of unit ``u`` back to back, then the node's hold.
+
+    Returns seconds per step as the clock read after the hold, and seconds
+    per step of compute alone. One hold per block, not per step, and a
+    warm-up first: a step that follows a sleep runs on cold caches (a 0.3 ms
+    step then took twice as long), which would count the emulation's own
+    artefact as slowness.
+    """
     adapter = probe.adapter
     if u == 0:
         x = torch.zeros(1, tokens, dtype=torch.int64)
     else:
         x = torch.zeros(1, tokens, adapter.hidden_size)
-    cache = _fork(probe.base_cache) if decode and 1 <= u <= adapter.num_layers else None
     position = DECODE_CONTEXT if decode and adapter.is_decoder else 0
-    t0 = time.perf_counter()
+    t0 = 0.0
     with torch.inference_mode():
-        adapter.run([(u, probe.units[u])], StageInput(x=x, position=position), cache)
+        for i in range(REPEATS + 1):
+            t0 = time.perf_counter() if i == 1 else t0
+            cache = _fork(probe.base_cache) if decode and 1 <= u <= adapter.num_layers else None
+            adapter.run([(u, probe.units[u])], StageInput(x=x, position=position), cache)
+    computed = time.perf_counter() - t0
+    return hold(t0) / REPEATS, computed / REPEATS
+
+
+def _no_hold(t0: float) -> float:
     return time.perf_counter() - t0
 
 
-def calibrate(probe: ModelProbe, slowdown: float) -> ProfileReport:
-    """Time every unit kind for prefill and decode (blocking; call on the compute thread)."""
+def calibrate(probe: ModelProbe, hold: Hold = _no_hold) -> ProfileReport:
+    """Time every unit kind for prefill and decode (blocking; call on the compute thread).
+
+    ``hold(t0)`` is the node's emulated slowdown: it waits as a slower node
+    would and returns the seconds since ``t0`` from the clock, so a slowed
+    node calibrates slower because it really took longer.
+    """
     t_start = time.perf_counter()
     adapter = probe.adapter
-    timings = {}
+    timings, decode_compute_s = {}, 0.0
     for u in sorted(probe.units):
-        _time_unit(probe, u, PREFILL_TOKENS, decode=False)  # warm
-        pre = statistics.median(_time_unit(probe, u, PREFILL_TOKENS, decode=False) for _ in range(REPEATS))
-        dec = statistics.median(_time_unit(probe, u, 1, decode=True) for _ in range(REPEATS))
-        timings[u] = (pre * slowdown, dec * slowdown)
+        pre = statistics.median(_time_unit(probe, u, PREFILL_TOKENS, False, hold)[0] for _ in range(BLOCKS))
+        decode = [_time_unit(probe, u, 1, True, hold) for _ in range(BLOCKS)]
+        timings[u] = (pre, statistics.median(d[0] for d in decode))
+        if u == 1:
+            decode_compute_s = statistics.median(d[1] for d in decode)
     probe.timings = timings
-    probe.repeats = max(1, min(50, math.ceil(PROBE_TARGET_S / max(timings[1][1] / slowdown, 1e-6))))
+    # Sized on the compute alone: a slowed node's probe does the same work and waits longer.
+    probe.repeats = max(1, min(50, math.ceil(PROBE_TARGET_S / max(decode_compute_s, 1e-6))))
     n_layers, last = adapter.num_layers, adapter.num_units - 1
     decode_s = timings[0][1] + n_layers * timings[1][1] + timings[last][1]
     # Speeds are quoted on one layer, the unit the periodic probe and the

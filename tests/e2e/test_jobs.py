@@ -1,15 +1,18 @@
 """Batch jobs end to end: the whole local stack, a tiny-llama deployment, a Celery job through the gateway.
 
 A job's answers must be exactly what the same prompts get from `/v1/completions`
-directly (greedy decoding), a failing prompt is recorded rather than failing the
-job, and unknown ids are 404. The curl scripts in scripts/ are driven against
-the same stack.
+directly (greedy decoding), a failing prompt among good ones is recorded rather
+than failing the job, and unknown ids are 404. The gateway requires API keys
+(EDGEORCH_API_KEYS): calls without one are refused, and a job presents its
+caller's key to the completions it makes. The curl scripts in scripts/ are
+driven against the same stack.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 
@@ -21,6 +24,8 @@ from tests.support import REPO, wait_for
 
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
 PARAMS = {"max_tokens": 8, "temperature": 0}
+KEY_A, KEY_B = secrets.token_hex(8), secrets.token_hex(8)
+AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,7 @@ def stack(store, tmp_path_factory):
     """Two workers; a private Redis when redis-server is here, so other runs' events stay out."""
     with LocalStack(
         workers=2, model_store=store.root, log_dir=tmp_path_factory.mktemp("logs"),
-        private_redis=shutil.which("redis-server") is not None, start_timeout_s=180,
+        private_redis=shutil.which("redis-server") is not None, start_timeout_s=180, api_keys=[KEY_A, KEY_B],
     ) as s:  # fmt: skip
         admin = {"Authorization": f"Bearer {s.admin_token}"}
         body = {"name": "tiny", "model": "tiny-llama"}
@@ -46,7 +51,7 @@ def stack(store, tmp_path_factory):
 
 def _poll(stack: LocalStack, job_id: str, timeout_s: float = 180) -> dict:
     def finished():
-        job = httpx.get(f"{stack.orchestrator_url}/v1/jobs/{job_id}", timeout=30).json()
+        job = httpx.get(f"{stack.orchestrator_url}/v1/jobs/{job_id}", headers=AUTH, timeout=30).json()
         return job if job["state"] in ("succeeded", "failed") else None
 
     return wait_for(finished, timeout_s, f"job {job_id} finished")
@@ -54,14 +59,18 @@ def _poll(stack: LocalStack, job_id: str, timeout_s: float = 180) -> dict:
 
 def _complete(stack: LocalStack, prompt: str, max_tokens: int = PARAMS["max_tokens"]) -> str:
     body = {"model": "tiny", "prompt": prompt, **PARAMS, "max_tokens": max_tokens}
-    resp = httpx.post(f"{stack.orchestrator_url}/v1/completions", json=body, timeout=120)
+    resp = httpx.post(f"{stack.orchestrator_url}/v1/completions", json=body, headers=AUTH, timeout=120)
     assert resp.status_code == 200, resp.text
     return resp.json()["choices"][0]["text"]
 
 
+def _submit(stack: LocalStack, prompts: list[str], model: str = "tiny", headers=AUTH) -> httpx.Response:
+    return httpx.post(f"{stack.orchestrator_url}/v1/jobs", json={"model": model, "prompts": prompts, **PARAMS},
+                      headers=headers, timeout=30)  # fmt: skip
+
+
 def test_a_job_answers_like_direct_completions(stack) -> None:
-    resp = httpx.post(f"{stack.orchestrator_url}/v1/jobs",
-                      json={"model": "tiny", "prompts": PROMPTS, **PARAMS}, timeout=30)  # fmt: skip
+    resp = _submit(stack, PROMPTS)
     assert resp.status_code == 202, resp.text
     accepted = resp.json()
     assert set(accepted) == {"id", "state"} and accepted["state"] == "pending"
@@ -75,9 +84,21 @@ def test_a_job_answers_like_direct_completions(stack) -> None:
         assert r["text"] == _complete(stack, r["prompt"]), r
 
 
-def test_a_failing_prompt_is_recorded_not_fatal(stack) -> None:
-    resp = httpx.post(f"{stack.orchestrator_url}/v1/jobs",
-                      json={"model": "no-such-deployment", "prompts": ["a", "b"], **PARAMS}, timeout=30)  # fmt: skip
+def test_a_failing_prompt_among_good_ones_is_recorded_not_fatal(stack) -> None:
+    # The empty prompt is valid in a job but refused by /v1/completions (422).
+    prompts = [PROMPTS[0], "", PROMPTS[2]]
+    resp = _submit(stack, prompts)
+    assert resp.status_code == 202, resp.text
+    job = _poll(stack, resp.json()["id"])
+    assert job["state"] == "succeeded" and (job["done"], job["total"]) == (3, 3), job
+    good, bad, also_good = job["results"]
+    assert bad["text"] is None and bad["error"].startswith("HTTP 422"), bad
+    for r in (good, also_good):
+        assert r["error"] is None and r["text"] == _complete(stack, r["prompt"]), r
+
+
+def test_a_job_for_an_unknown_deployment_records_every_prompt_as_404(stack) -> None:
+    resp = _submit(stack, ["a", "b"], model="no-such-deployment")
     assert resp.status_code == 202, resp.text
     job = _poll(stack, resp.json()["id"])
     assert job["state"] == "succeeded" and job["done"] == 2, job
@@ -85,8 +106,35 @@ def test_a_failing_prompt_is_recorded_not_fatal(stack) -> None:
         assert r["text"] is None and r["error"].startswith("HTTP 404"), r
 
 
+def test_the_gateway_refuses_calls_without_a_key(stack) -> None:
+    url = stack.orchestrator_url
+    body = {"model": "tiny", "prompt": PROMPTS[0], **PARAMS}
+    for headers in (
+        {},
+        {"Authorization": "Bearer not-a-key"},
+        {"Authorization": f"Bearer {stack.admin_token}"},
+    ):
+        assert httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30).status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=headers, timeout=30).status_code == 401
+        assert _submit(stack, PROMPTS[:1], headers=headers).status_code == 401
+    # Either configured key opens it.
+    other = {"Authorization": f"Bearer {KEY_B}"}
+    assert httpx.post(f"{url}/v1/completions", json=body, headers=other, timeout=120).status_code == 200
+
+
+def test_a_job_presents_its_callers_key(stack) -> None:
+    # Submitted with the second key: every completion the job makes needs a key too,
+    # and the job presents the one its caller gave (a 401 would be recorded per prompt).
+    resp = _submit(stack, PROMPTS[:2], headers={"Authorization": f"Bearer {KEY_B}"})
+    assert resp.status_code == 202, resp.text
+    job = _poll(stack, resp.json()["id"])
+    assert job["state"] == "succeeded", job
+    for r in job["results"]:
+        assert r["error"] is None and r["text"] == _complete(stack, r["prompt"]), r
+
+
 def test_unknown_job_is_404(stack) -> None:
-    resp = httpx.get(f"{stack.orchestrator_url}/v1/jobs/0123456789abcdef", timeout=30)
+    resp = httpx.get(f"{stack.orchestrator_url}/v1/jobs/0123456789abcdef", headers=AUTH, timeout=30)
     assert resp.status_code == 404
     assert "no job" in resp.json()["detail"]
 
@@ -102,12 +150,16 @@ def test_unknown_job_is_404(stack) -> None:
     ],
 )
 def test_malformed_jobs_are_422(stack, body) -> None:
-    assert httpx.post(f"{stack.orchestrator_url}/v1/jobs", json=body, timeout=30).status_code == 422
+    assert (
+        httpx.post(f"{stack.orchestrator_url}/v1/jobs", json=body, headers=AUTH, timeout=30).status_code
+        == 422
+    )
 
 
 def _script(stack: LocalStack, name: str, *args: str) -> str:
     env = {**os.environ, "EDGEORCH_URL": stack.orchestrator_url, "EDGEORCH_MONITOR_URL": stack.monitor_url,
-           "EDGEORCH_WORKER_URL": stack.workers[0].url, "EDGEORCH_ADMIN_TOKEN": stack.admin_token}  # fmt: skip
+           "EDGEORCH_WORKER_URL": stack.workers[0].url, "EDGEORCH_ADMIN_TOKEN": stack.admin_token,
+           "EDGEORCH_API_KEY": KEY_A}  # fmt: skip
     result = subprocess.run([str(REPO / "scripts" / name), *args], env=env, capture_output=True,
                             text=True, timeout=180, check=False)  # fmt: skip
     assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import time
 
 import httpx
+import psutil
 import pytest
 
 from edgeorch.local.launcher import CLI, LocalService, LocalWorkers, free_port
@@ -184,6 +186,12 @@ def test_services_refuse_to_listen_beyond_loopback_without_a_token(service: str,
     assert f"EDGEORCH_ADMIN_TOKEN is empty but {service} would listen on '0.0.0.0'" in done.stderr
 
 
+def _own_addresses() -> list[str]:
+    """This machine's IPv4 addresses outside 127.0.0.0/8 (none on a loopback-only sandbox)."""
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")]  # fmt: skip
+
+
 def _healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
@@ -205,8 +213,13 @@ def test_a_worker_with_a_token_may_listen_on_every_address(tmp_path) -> None:
         )  # fmt: skip
     try:
         assert _healthy(proc, f"http://127.0.0.1:{port}", 60), (tmp_path / "worker.log").read_text()
-        emulation = f"http://127.0.0.1:{port}/v1/admin/emulation"
-        assert _refused(httpx.post(emulation, json={"slowdown": 2.0}, timeout=30))
+        # Every address, not only loopback: 127.0.0.2 reaches a socket bound to 0.0.0.0 but not
+        # one bound to 127.0.0.1, and so does each of this machine's own non-loopback addresses.
+        addresses = ["127.0.0.2", *_own_addresses()]
+        for address in addresses:
+            emulation = f"http://{address}:{port}/v1/admin/emulation"
+            assert _refused(httpx.post(emulation, json={"slowdown": 2.0}, timeout=30)), address
+            assert httpx.get(f"http://{address}:{port}/healthz", timeout=30).status_code == 200, address
     finally:
         proc.terminate()
         proc.wait(timeout=30)

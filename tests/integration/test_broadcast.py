@@ -12,6 +12,7 @@ The SmolLM2 tests keep the broadcast state in SQLite, the tiny-model tests in Po
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -53,7 +54,6 @@ PROMPTS = [
     "How do I boil an egg?",
 ]
 NEW_TOKENS = 32
-RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
 # ----- SmolLM2: cutover under load, and a rollout that moves one unit ------------------------------
@@ -81,7 +81,7 @@ def smol(store, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cutover_under_load_fails_nothing_and_changes_no_text(smol) -> None:
+def test_cutover_under_load_fails_nothing_and_changes_no_text(smol, tmp_path) -> None:
     rig, name, prompts, reference, _ = smol
     a, b, _, d = rig.workers.workers
     start_version = rig.deployment(name)["active_version"]
@@ -120,8 +120,10 @@ def test_cutover_under_load_fails_nothing_and_changes_no_text(smol) -> None:
         "model": SMOL, "from": "0:11,11:21,21:32 on a,b,c", "to": "0:9,9:23,23:32 on a,b,d",
     }  # fmt: skip
     print("\nrollout under load:", json.dumps(report, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rollout_pause.json").write_text(json.dumps(report, indent=1) + "\n")
+    # Tests write only to temporary paths; the figures docs/design.md quotes are a run
+    # kept on purpose: EDGEORCH_ROLLOUT_REPORT=bench/results/rollout_pause.json.
+    out = Path(os.environ.get("EDGEORCH_ROLLOUT_REPORT") or tmp_path / "rollout_pause.json")
+    out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _unit_bytes(model_dir, u: int) -> int:
@@ -162,9 +164,11 @@ def tiny(store, tmp_path_factory):
     schema = PgSchema()
     rig = None
     try:
-        rig = start_rig(
-            tmp_path_factory.mktemp("tiny"), 3, db_url=schema.url, EDGEORCH_PREPARE_TIMEOUT_S="20"
-        )
+        # A probe waits up to 60 s, longer than the prepare timeout: a worker that is stopped
+        # (SIGSTOP: its socket accepts, nothing answers) is never declared dead by timeouts,
+        # only one whose socket is gone refuses the probes (test_a_worker_killed_...).
+        rig = start_rig(tmp_path_factory.mktemp("tiny"), 3, db_url=schema.url,
+                        EDGEORCH_PREPARE_TIMEOUT_S="20", EDGEORCH_PROBE_TIMEOUT_S="60")  # fmt: skip
         yield rig
     finally:
         if rig is not None:
@@ -187,23 +191,27 @@ def test_a_worker_killed_during_prepare_aborts_and_the_old_version_keeps_answeri
     a, b = rig.workers.workers[:2]
     late = rig.workers.add_worker(unique("late"), wait=True)
     late.proc.send_signal(signal.SIGSTOP)  # alive but unable to prepare
-    t0 = time.time()
     rollout = rig.rollout(name, TINY, [(a, 0, 3), (b, 3, 5), (late, 5, 6)])
     wait_for(lambda: len(rig.get(rollout["id"])["acks"]) >= 2 or rig.get(rollout["id"])["phase"] != "preparing",
              10, "the two live workers acking")  # fmt: skip
-    assert rig.get(rollout["id"])["phase"] == "preparing"
     # A second rollout is refused with a kind the orchestrator's client reads (it waits on this one only).
     plan = {"model": TINY, "stages": [{"node_id": a.name, "url": a.url, "start": 0, "end": 6}]}
     busy = httpx.post(f"{rig.url}/v1/rollouts", json={"deployment": name, "plan": plan}, timeout=30)
     assert busy.status_code == 409 and busy.json()["kind"] == "rollout_in_flight", busy.text
     assert generate(rig.deployment(name)["entry"], [1, 50, 60, 70], 12) == expected  # v1 serves meanwhile
+    # Stopped, the late worker holds the rollout in PREPARE: nothing aborts it yet
+    # (4 s: with probes that time out after 1 s, two failures would have aborted it by now).
+    time.sleep(4.0)
+    assert rig.get(rollout["id"])["phase"] == "preparing"
+    t_kill = time.time()
     late.proc.send_signal(signal.SIGKILL)
     late.proc.wait()
 
     done = rig.wait_phase(rollout["id"], timeout_s=25)
     assert done["phase"] == "aborted", done
     assert late.name in done["reason"] and "unreachable" in done["reason"]
-    assert done["finished_at"] - t0 < 20  # within the prepare timeout
+    # Because of the kill: two refused probes 0.5 s apart, long before the 20 s prepare timeout.
+    assert done["finished_at"] - t_kill < 6, done["finished_at"] - t_kill
     assert rig.deployment(name)["active_version"] == 1
     assert generate(rig.deployment(name)["entry"], [1, 50, 60, 70], 12) == expected
     wait_for(lambda: rig.converged(name, 1), 10, "the aborted version's stages unloaded")

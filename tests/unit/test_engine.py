@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from edgeorch.engine import stage_adapter
@@ -28,9 +30,25 @@ from edgeorch.schemas.stage import StageSpec
 
 QUALITY_TEXT = Path(__file__).resolve().parents[2] / "bench" / "data" / "quality_text.txt"
 # Relative error of the logits against the fp32 reference, per format, on the tiny random models
-# (measured 0.01–0.03 for bf16, 0.03–0.07 for int8, 0.2–0.5 for int4: random weights are far
-# from any 4-bit grid; the bounds leave about 2x room).
-LOSSY_BOUND = {"bf16": 0.06, "int8": 0.15, "int4": 1.0}
+# (measured 0.007–0.013 for bf16, 0.017–0.033 for int8, 0.15–0.42 for int4: random weights are far
+# from any 4-bit grid). Not the check that the engine is right (see below), only that the format
+# stays usable; every bound is well under the 1.0 an all-zero output reads.
+LOSSY_BOUND = {"bf16": 0.06, "int8": 0.15, "int4": 0.6}
+# What the engine may add to its format's own cost: its matmul inputs are rounded to bf16
+# (unit roundoff 2^-8, about 0.4 % per matmul input, a dozen matmuls deep). Measured 0.005–0.014
+# against the same network computed in float32 from the format's dequantised weights.
+ACTIVATION_ROUNDING_BOUND = 0.05
+
+
+@contextmanager
+def _dequantised_matmuls():
+    """Every PackedLinear multiplies in float32 by the matrix its format stores (``dense()``)."""
+    packed = PackedLinear.forward
+    PackedLinear.forward = lambda self, x: F.linear(x.float(), self.dense(), self.bias)
+    try:
+        yield
+    finally:
+        PackedLinear.forward = packed
 
 
 def _ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -102,8 +120,17 @@ def test_lossy_formats_stay_close_to_fp32(store, name, fmt) -> None:
     ids = _ids(ref.adapter.config.vocab_size, 16)
     want = ref.run(StageInput(x=ids, logits="all"))
     got = lean.run(StageInput(x=ids, logits="all"))
-    rel = ((got - want).norm() / want.norm()).item()
-    assert rel <= LOSSY_BOUND[fmt], rel
+    with _dequantised_matmuls():
+        own = lean.run(StageInput(x=ids, logits="all"))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    # The engine computes what its format's weights say, up to the rounding of its
+    # activations: the bound comes from the format, not from how far fp32 happens to be.
+    assert rel(got, own) <= ACTIVATION_ROUNDING_BOUND, (rel(got, own), rel(own, want))
+    assert rel(got, want) <= rel(own, want) + ACTIVATION_ROUNDING_BOUND
+    assert rel(got, want) <= LOSSY_BOUND[fmt], rel(got, want)
     assert got.dtype == torch.float32
 
 

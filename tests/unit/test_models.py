@@ -204,7 +204,7 @@ def test_load_tokenizer_falls_back_when_the_class_is_not_named(store: ModelStore
 
     src = store.path("tiny-llama")
     for f in src.iterdir():
-        if f.name != "model.safetensors":
+        if f.is_file() and f.name != "model.safetensors":
             shutil.copy(f, tmp_path / f.name)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = "NoSuchTokenizer"

@@ -38,7 +38,7 @@ def test_a_lean_int8_probe_calibrates_without_changing_its_cache(store) -> None:
     probe = load_probe(key, store.path("tiny-llama"), "int8")
     assert isinstance(probe.base_cache, LeanKVCache) and probe.base_cache.seq_len == 64
     assert probe.units[1].qkv.fmt == "int8"  # the lean engine's layer, in the format
-    report = calibrate(probe, slowdown=1.0)
+    report = calibrate(probe)
     assert report.model == key and report.decode_flops_per_s > 0
     assert {u.unit for u in report.units} == {"embed", "layer0", "head"}
     probe.probe_step()
