@@ -51,7 +51,9 @@ RUN pip install --no-deps .
 # Convert the bundled models into the model store at build time, so a container
 # never downloads or converts anything at start. The store is written as root and
 # stays read-only for the service user: a compromised process cannot alter weights.
-RUN edgeorch models prepare
+# (Some files are written 0600; the service user must read them. One RUN, so the
+# weights are not stored twice in the image's layers.)
+RUN edgeorch models prepare && chmod -R a+rX /models
 
 RUN useradd --system --create-home --uid 10001 --home-dir /home/edgeorch edgeorch
 USER edgeorch

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for calibration and for readiness")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s deploy: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     token = os.environ.get("EDGEORCH_ADMIN_TOKEN", "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     nodes = [n for n in args.workers.split(",") if n]

@@ -105,9 +105,12 @@ def test_chat_through_compose_equals_the_unsplit_model(stack, expected) -> None:
 
 
 def test_cpu_limits_are_real_and_the_calibration_sees_them(stack) -> None:
-    nano = {w: int(subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.NanoCpus}}", _container(w)],
-                                  capture_output=True, text=True, check=True).stdout) for w in WORKERS}  # fmt: skip
-    assert nano == {"worker-a": 10**9, "worker-b": 5 * 10**8, "worker-c": 10**9}, nano
+    quota = {}
+    for w in WORKERS:
+        out = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.CpuQuota}}/{{.HostConfig.CpuPeriod}}",
+                              _container(w)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+        quota[w] = out.strip()
+    assert quota == {"worker-a": "2000/2000", "worker-b": "1000/2000", "worker-c": "2000/2000"}, quota
     views = httpx.get(f"{MONITOR}/v1/nodes", params={"model": MODEL}, timeout=30).json()
     flops = {v["node_id"]: v["flops_per_s"] for v in views if v["node_id"] in WORKERS}
     ratio_a, ratio_c = flops["worker-a"] / flops["worker-b"], flops["worker-c"] / flops["worker-b"]
