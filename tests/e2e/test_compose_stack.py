@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +70,19 @@ def stack():
     project = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.project"}}',
                               _container("orchestrator")], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     yield project
+    _save_logs(project)
     subprocess.run([str(REPO / "scripts" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
+
+
+def _save_logs(project: str) -> None:
+    """Every service's log into a file before the stack goes (for a failure's post-mortem)."""
+    if not _compose("ps", "-q").strip():
+        return
+    logs = Path(tempfile.gettempdir()) / f"edgeorch-compose-{project}.log"
+    with logs.open("w", encoding="utf-8") as f:
+        subprocess.run(["docker-compose", "logs", "--no-color", "--timestamps"], cwd=REPO, stdout=f,
+                       stderr=subprocess.STDOUT, timeout=120, check=False)  # fmt: skip
+    print(f"compose logs in {logs}")
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +124,18 @@ def test_cpu_limits_are_real_and_the_calibration_sees_them(stack) -> None:
                               _container(w)], capture_output=True, text=True, check=True).stdout  # fmt: skip
         quota[w] = out.strip()
     assert quota == {"worker-a": "2000/2000", "worker-b": "1000/2000", "worker-c": "2000/2000"}, quota
-    views = httpx.get(f"{MONITOR}/v1/nodes", params={"model": MODEL}, timeout=30).json()
-    flops = {v["node_id"]: v["flops_per_s"] for v in views if v["node_id"] in WORKERS}
-    ratio_a, ratio_c = flops["worker-a"] / flops["worker-b"], flops["worker-c"] / flops["worker-b"]
-    print(f"calibrated flop/s {flops}; cpus 1 / cpus 0.5: {ratio_a:.2f} (a), {ratio_c:.2f} (c)")
+    # The monitor's speed per node (live probes, rolling median), read ten times a second apart:
+    # other work on the machine moves single readings.
+    ratios = []
+    for _ in range(10):
+        views = httpx.get(f"{MONITOR}/v1/nodes", params={"model": MODEL}, timeout=30).json()
+        flops = {v["node_id"]: v["flops_per_s"] for v in views if v["node_id"] in WORKERS}
+        ratios.append((flops["worker-a"] + flops["worker-c"]) / 2 / flops["worker-b"])
+        time.sleep(1.0)
+    ratio = statistics.median(ratios)
+    print(f"flop/s {flops}; one core / half a core: median {ratio:.2f} of {[round(r, 2) for r in ratios]}")
     # Half the CPU: about 2x slower, within 30 %.
-    assert 1.4 <= statistics.mean([ratio_a, ratio_c]) <= 2.6, flops
+    assert 1.4 <= ratio <= 2.6, ratios
     units = dict.fromkeys(WORKERS, 0)
     for s in _deployment()["stages"]:
         units[s["node"]] += s["end"] - s["start"]
@@ -146,6 +165,7 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
 
 
 def test_compose_down_leaves_no_container(stack) -> None:
+    _save_logs(stack)
     subprocess.run([str(REPO / "scripts" / "container.sh"), "down"], cwd=REPO, timeout=300, check=True)
     label = f"label=com.docker.compose.project={stack}"
     left = subprocess.run(
