@@ -178,6 +178,7 @@ def _print_summary(stack, view: dict[str, Any], generated_token: bool) -> None:
     rows = [[name, where, path] for name, where, path in stack.listing()]
     _out("\nservices:")
     _out(format_table(["service", "listens on", "log"], rows))
+    _out(f"\ndashboard: {stack.orchestrator_url}/  (nodes, plans and every decision, live)")
     _out(f"\nactive plan of {view['name']} (version {view.get('version')}):")
     _out(plan_table(view))
     _out(_predicted_line(view))

@@ -135,6 +135,8 @@ async def generate(
     stats: SessionStats,
     max_recoveries: int = 3,
     on_step: Callable[[int, float], None] | None = None,
+    logprobs: int | None = None,
+    on_result: Callable[[wire.Frame], None] | None = None,
 ) -> AsyncIterator[int]:
     """Yield generated token ids one by one, carrying the session over failed stages.
 
@@ -142,7 +144,12 @@ async def generate(
     token on a session whose caches hold the rest, not a prompt's or a
     replay's prefill — so the controller sees a plan slow down while its
     requests are still running.
+
+    ``logprobs`` (the number of alternatives, 0..20) asks the last stage for
+    each sampled token's log-probabilities; ``on_result`` hears every
+    step's result frame, just before its token is yielded.
     """
+    extra = {} if logprobs is None else {"logprobs": {"top": logprobs}}
     route = await routes.route(deployment)
     tokens = list(prompt_ids)
     generated: list[int] = []
@@ -162,7 +169,7 @@ async def generate(
         t0 = time.perf_counter()
         try:
             frame = await _step(http, route, {"x": x}, session=session, position=sent, mode="generate",
-                                sampling=sampling.model_dump(), release=last)  # fmt: skip
+                                sampling=sampling.model_dump(), release=last, **extra)  # fmt: skip
         except StepFailure as failure:
             if not failure.replayable or stats.recoveries >= max_recoveries:
                 raise ChainFailure(failure.status if failure.status < 500 else 502, failure.detail) from None
@@ -180,6 +187,8 @@ async def generate(
         if on_step is not None and sent > 0:
             on_step(route.version, step_s)
         token = int(frame.meta["token"])
+        if on_result is not None:
+            on_result(frame)
         now = time.perf_counter()
         stats.max_gap_s = max(stats.max_gap_s, now - last_token_at) if generated else stats.max_gap_s
         last_token_at = now

@@ -32,6 +32,7 @@ from edgeorch.models.adapter import StageInput
 from edgeorch.models.stage import LoadedStage
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.checks import check_input
+from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
 from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import SessionStore
@@ -348,7 +349,11 @@ class StageHost:
             return wire.Frame(meta={"session": meta.session}, tensors={"logits": h})
         last_position = meta.position + inp.x.shape[1] - 1
         token = sample_token(h, meta.sampling, last_position)
-        return wire.Frame(meta={"session": meta.session, "token": token, "position": last_position + 1})
+        result = wire.Frame(meta={"session": meta.session, "token": token, "position": last_position + 1})
+        if meta.logprobs is not None:  # only the few numbers asked for travel back
+            result.meta["logprobs_format"] = LOGPROBS_FORMAT
+            result.tensors.update(logprob_tensors(h, token, meta.logprobs.top))
+        return result
 
     async def _send(self, hosted: HostedStage, url: str, payload: bytes) -> tuple[bytes, list[dict]]:
         next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"

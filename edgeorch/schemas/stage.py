@@ -74,6 +74,14 @@ class Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
 
+class LogprobRequest(BaseModel):
+    """Ask the last stage for the sampled token's log-probability and the ``top`` likeliest alternatives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top: int = Field(default=0, ge=0, le=20, description="alternatives per position (OpenAI's top_logprobs)")
+
+
 class ForwardMeta(BaseModel):
     """Metadata of a forward frame; the tensors are in the frame body."""
 
@@ -85,6 +93,9 @@ class ForwardMeta(BaseModel):
     logits: Literal["last", "all"] = "last"
     sampling: Sampling = Field(default_factory=Sampling)
     release: bool = Field(default=False, description="free this session's KV cache after this step")
+    logprobs: LogprobRequest | None = Field(
+        default=None, description="generate mode: the last stage also returns log-probabilities"
+    )
 
 
 class Emulation(BaseModel):

@@ -26,8 +26,10 @@ from edgeorch.orchestration.clients import ControlPlane
 from edgeorch.settings import ServiceSettings
 from edgeorch.storage import default_database_url, make_engine
 from services.orchestrator.controller import Controller
+from services.orchestrator.dashboard_routes import router as dashboard_router
 from services.orchestrator.deployments import DeploymentBook
 from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.openai_errors import GatewayError, gateway_error_response
 from services.orchestrator.openai_routes import router as openai_router
 from services.orchestrator.routes import router
 from services.orchestrator.store import Base, OrchestratorStore
@@ -158,8 +160,10 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.admin_token = settings.admin_token
+    app.include_router(dashboard_router)  # the page at / and its reads (its own lifespan)
     app.include_router(router)
     app.include_router(openai_router)
+    app.add_exception_handler(GatewayError, gateway_error_response)
     with contextlib.suppress(ImportError):  # the jobs API comes with Celery's app
         from services.orchestrator.jobs_routes import jobs_router
 

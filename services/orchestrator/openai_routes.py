@@ -4,113 +4,115 @@
 active chain via :mod:`edgeorch.orchestration.generation`, which carries a
 session over a stage that dies; the text comes from one
 :class:`~edgeorch.orchestration.text.TextStream`, so streamed and
-non-streamed answers are the same text.
+non-streamed answers are the same text. ``n`` choices are ``n`` independent
+sessions run at once. What the requests accept, and the 400 for every field
+the gateway does not implement, is in ``openai_schemas.py``; the answers'
+shapes in ``openai_answers.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from edgeorch import wire
 from edgeorch.orchestration.generation import ChainFailure, SessionStats, encode, generate
 from edgeorch.orchestration.text import TextStream, chat_prompt_ids, stop_token_ids
-from edgeorch.schemas.stage import Sampling
+from edgeorch.runtime.logprobs import LogprobsError, TokenLogprobs, read_logprobs
 from services.orchestrator.gateway_auth import require_api_key
+from services.orchestrator.openai_answers import (
+    ChoiceState,
+    chat_logprobs,
+    completion_logprobs,
+    embedding_value,
+    merge,
+    usage,
+)
+from services.orchestrator.openai_errors import GatewayError
+from services.orchestrator.openai_schemas import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Unsupported,
+    _Sampled,
+    refuse_unsupported_chat,
+    refuse_unsupported_completion,
+    refuse_unsupported_embedding,
+)
 from services.orchestrator.store import NotFound
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["gateway"])
-_F = {"allow_inf_nan": False}
+_BAD_REQUEST = {400: {"description": "a field the gateway does not implement, named in the detail"}}
 
 
-class _Sampled(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
-
-    model: str = Field(min_length=1, max_length=64)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2, **_F)
-    top_p: float = Field(default=1.0, gt=0, le=1, **_F)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
-
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else self.stop[:4]
-
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
-
-
-class ChatRequest(_Sampled):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class CompletionRequest(_Sampled):
-    prompt: str | list[str] = Field(description="one prompt (a list of exactly one is accepted)")
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1, max_length=64)
-    input: str | list[str] = Field(description="text or a list of texts (at most 256)")
-    encoding_format: Literal["float"] = "float"
+def _refuse(check: Callable[[object], None], body: object) -> None:
+    try:
+        check(body)
+    except Unsupported as exc:
+        raise GatewayError(400, str(exc), exc.field) from exc
 
 
 def _deployment(request: Request, name: str, kind: str) -> None:
     try:
         actual = request.app.state.book.kind(name)
     except NotFound as exc:
-        raise HTTPException(404, f"no deployment {name!r}; GET /v1/models lists them") from exc
+        raise GatewayError(404, f"no deployment {name!r}; GET /v1/models lists them", "model") from exc
     if actual != kind:
-        raise HTTPException(422, f"deployment {name!r} is an {actual}; this endpoint needs a {kind}")
+        raise GatewayError(422, f"deployment {name!r} is an {actual}; this endpoint needs a {kind}", "model")
 
 
 def _max_tokens(request: Request, value: int | None, default: int) -> int:
     limit = request.app.state.settings.max_tokens_limit
     n = value or default
     if n > limit:
-        raise HTTPException(422, f"max_tokens {n} is above this gateway's limit of {limit}")
+        raise GatewayError(422, f"max_tokens {n} is above this gateway's limit of {limit}", "max_tokens")
     return n
 
 
+def _logprob_reader(top: int | None, sink: list[TokenLogprobs]) -> Callable[[wire.Frame], None] | None:
+    if top is None:
+        return None
+
+    def read(frame: wire.Frame) -> None:
+        try:
+            sink.append(read_logprobs(frame, top))
+        except LogprobsError as exc:
+            raise ChainFailure(502, f"the last stage answered unusable log-probabilities: {exc}") from exc
+
+    return read
+
+
 async def _run(request: Request, name: str, ids: list[int], max_tokens: int, body: _Sampled,
-               stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:  # fmt: skip
-    """Yield (delta, finish_reason) pairs; finish_reason set on the last one."""
+               choice: ChoiceState, top: int | None) -> AsyncIterator[tuple[ChoiceState, str, str | None]]:  # fmt: skip
+    """Yield (choice, delta, finish_reason); finish_reason set on the last one."""
     state = request.app.state
     stop_ids = stop_token_ids(state.book.tokenizers[name])  # once, not per token
-    stats, finish, t0 = SessionStats(), "length", time.perf_counter()
+    stats, t0, got = SessionStats(), time.perf_counter(), []
+    stream = choice.stream
     try:
         async for token in generate(state.data_http, state.controller, name, ids, max_tokens,
-                                    body.sampling(), stop_ids, stats,
-                                    on_step=partial(state.controller.step_seen, name)):  # fmt: skip
+                                    body.sampling(choice.index), stop_ids, stats,
+                                    on_step=partial(state.controller.step_seen, name), logprobs=top,
+                                    on_result=_logprob_reader(top, got)):  # fmt: skip
+            lp = got.pop() if got else None
             if token in stop_ids:
-                finish = "stop"
+                choice.finish = "stop"
                 break
+            if lp is not None:
+                choice.logprobs.append(lp)
             delta = stream.push(token)
             if delta:
-                yield delta, None
+                yield choice, delta, None
             if stream.stopped:
-                finish = "stop"
+                choice.finish = "stop"
                 break
     except ChainFailure:
         state.controller.observe(name, failed=True)
@@ -118,7 +120,7 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
         raise
     state.controller.observe(name, failed=False)
     _count(state.metrics, name, stats, time.perf_counter() - t0)
-    yield stream.finish(), finish
+    yield choice, stream.finish(), choice.finish
 
 
 def _count(metrics, name: str, stats: SessionStats, wall_s: float) -> None:
@@ -137,84 +139,146 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-async def _answer(request: Request, name: str, ids: list[int], max_tokens: int, body: _Sampled, chat: bool):
-    tok = request.app.state.book.tokenizers[name]
-    cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    usage_prompt = len(ids)
-    stream = TextStream(tok, body.stops())
+class _Answer:
+    """One request's answer: its choices, and how each is written (chat or completions)."""
 
-    def choice(delta: str, finish: str | None, streaming: bool) -> dict:
-        if not chat:
-            return {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+    def __init__(self, request: Request, name: str, ids: list[int], body: _Sampled, chat: bool,
+                 top: int | None, echo: str = ""):  # fmt: skip
+        self.request, self.name, self.ids, self.body = request, name, ids, body
+        self.chat, self.top = chat, top
+        self.tok = request.app.state.book.tokenizers[name]
+        self.echo = echo
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.choices = [ChoiceState(i, TextStream(self.tok, body.stops())) for i in range(body.choices())]
+
+    def head(self, streaming: bool) -> dict:
+        obj = (
+            ("chat.completion.chunk" if streaming else "chat.completion") if self.chat else "text_completion"
+        )
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.name}
+
+    def logprobs(self, c: ChoiceState, items: list[TokenLogprobs]) -> dict | None:
+        if self.top is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tok, items)
+        out = completion_logprobs(self.tok, items, c.offset)
+        c.offset += sum(len(t) for t in out["tokens"])
+        return out
+
+    def choice(self, c: ChoiceState, text: str, finish: str | None, streaming: bool) -> dict:
+        items = c.unsent_logprobs() if streaming else c.logprobs
+        lp = self.logprobs(c, items)
+        if not self.chat:
+            return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
         if streaming:
-            return {"index": 0, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": delta}, "finish_reason": finish}
+            delta = {"content": text} if text else {}
+            return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return {"index": c.index, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": lp, "finish_reason": finish}  # fmt: skip
 
-    obj = "chat.completion" if chat else "text_completion"
-    if not body.stream:
-        parts, finish = [], "length"
+    def usage(self) -> dict:
+        return usage(len(self.ids), sum(len(c.stream.ids) for c in self.choices))
+
+    def runs(self, max_tokens: int) -> list[AsyncIterator[tuple[ChoiceState, str, str | None]]]:
+        return [
+            _run(self.request, self.name, self.ids, max_tokens, self.body, c, self.top) for c in self.choices
+        ]
+
+    async def whole(self, max_tokens: int) -> dict:
+        async def collect(run: AsyncIterator[tuple[ChoiceState, str, str | None]]) -> str:
+            return "".join([delta async for _, delta, _ in run])
+
         try:
-            async for delta, fin in _run(request, name, ids, max_tokens, body, stream):
-                parts.append(delta)
-                finish = fin or finish
-        except ChainFailure as exc:
-            raise HTTPException(exc.status, exc.detail) from exc
-        n_out = len(stream.ids)
-        return {"id": cid, "object": obj, "created": created, "model": name,
-                "choices": [choice("".join(parts), finish, False)],
-                "usage": {"prompt_tokens": usage_prompt, "completion_tokens": n_out,
-                          "total_tokens": usage_prompt + n_out}}  # fmt: skip
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(collect(run)) for run in self.runs(max_tokens)]
+        except* ChainFailure as failures:
+            exc = failures.exceptions[0]
+            raise GatewayError(exc.status, exc.detail) from None
+        choices = [
+            self.choice(c, self.echo + t.result(), c.finish, False)
+            for c, t in zip(self.choices, tasks, strict=True)
+        ]
+        return {**self.head(False), "choices": choices, "usage": self.usage()}
 
-    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-    async def events() -> AsyncIterator[str]:
-        head = {"id": cid, "object": chunk_obj, "created": created, "model": name}
-        if chat:
-            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})  # fmt: skip
+    async def events(self, max_tokens: int) -> AsyncIterator[str]:
+        head = self.head(True)
+        extra = {"usage": None} if self.body.include_usage() else {}
+        for c in self.choices:
+            if self.chat:
+                first = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}  # fmt: skip
+                yield _sse({**head, "choices": [first], **extra})
+            elif self.echo:
+                yield _sse({**head, "choices": [self.choice(c, self.echo, None, True)], **extra})
         try:
-            async for delta, fin in _run(request, name, ids, max_tokens, body, stream):
-                if delta or fin:
-                    yield _sse({**head, "choices": [choice(delta, fin, True)]})
+            async for c, delta, fin in merge(self.runs(max_tokens)):
+                if delta or fin or (self.top is not None and c.sent_logprobs < len(c.logprobs)):
+                    yield _sse({**head, "choices": [self.choice(c, delta, fin, True)], **extra})
         except ChainFailure as exc:
             yield _sse({"error": {"message": exc.detail, "code": exc.status}})
+            yield _sse("[DONE]")
+            return
+        if extra:
+            yield _sse({**head, "choices": [], "usage": self.usage()})
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+
+async def _respond(answer: _Answer, max_tokens: int):
+    if not answer.body.stream:
+        return await answer.whole(max_tokens)
+    return StreamingResponse(answer.events(max_tokens), media_type="text/event-stream")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_BAD_REQUEST)
 async def chat_completions(body: ChatRequest, request: Request):
-    """OpenAI chat completions through the deployment's split model (``stream: true`` for SSE)."""
+    """OpenAI chat completions through the deployment's split model (``stream: true`` for SSE).
+
+    Supported: messages (text content; system, developer, user, assistant), max_tokens /
+    max_completion_tokens, temperature, top_p, stop, seed, n (1..16, choice i uses seed + i), stream,
+    stream_options.include_usage, logprobs and top_logprobs (0..20), user. Other fields get a 400.
+    """
+    _refuse(refuse_unsupported_chat, body)
     _deployment(request, body.model, "decoder")
     tok = request.app.state.book.tokenizers[body.model]
-    ids = await run_in_threadpool(chat_prompt_ids, tok, [m.model_dump() for m in body.messages])
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                for i, m in enumerate(body.messages)]  # fmt: skip
+    ids = await run_in_threadpool(chat_prompt_ids, tok, messages)
     max_tokens = _max_tokens(request, body.max_completion_tokens or body.max_tokens, 128)
-    return await _answer(request, body.model, ids, max_tokens, body, chat=True)
+    return await _respond(_Answer(request, body.model, ids, body, True, body.top()), max_tokens)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_BAD_REQUEST)
 async def completions(body: CompletionRequest, request: Request):
-    """OpenAI text completions (the prompt as given, no chat template)."""
+    """OpenAI text completions (the prompt as given, no chat template).
+
+    Supported: prompt (one string), max_tokens, temperature, top_p, stop, seed, n, stream,
+    stream_options.include_usage, echo, logprobs (0..5; not with echo), user. Other fields get a 400.
+    """
+    _refuse(refuse_unsupported_completion, body)
     _deployment(request, body.model, "decoder")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1 or not prompts[0]:
-        raise HTTPException(422, "prompt must be one non-empty string (batches: POST /v1/jobs)")
+        raise GatewayError(422, "prompt must be one non-empty string (batches: POST /v1/jobs)", "prompt")
     tok = request.app.state.book.tokenizers[body.model]
     ids = list(tok(prompts[0])["input_ids"])
-    return await _answer(
-        request, body.model, ids, _max_tokens(request, body.max_tokens, 16), body, chat=False
-    )
+    answer = _Answer(request, body.model, ids, body, False, body.logprobs, prompts[0] if body.echo else "")
+    return await _respond(answer, _max_tokens(request, body.max_tokens, 16))
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", responses=_BAD_REQUEST)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    """OpenAI embeddings from an encoder deployment (pooled, normalised)."""
+    """OpenAI embeddings from an encoder deployment (pooled, normalised).
+
+    Supported: input (1 to 256 strings), encoding_format float or base64 (little-endian float32),
+    dimensions (only the model's own size), user. Other fields get a 400.
+    """
+    _refuse(refuse_unsupported_embedding, body)
     _deployment(request, body.model, "encoder")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not 1 <= len(texts) <= 256 or not all(texts):
-        raise HTTPException(422, "input must be 1 to 256 non-empty strings")
+        raise GatewayError(422, "input must be 1 to 256 non-empty strings", "input")
     tok = request.app.state.book.tokenizers[body.model]
     enc = await run_in_threadpool(lambda: tok(texts, padding=True, truncation=True, return_tensors="pt"))
     state = request.app.state
@@ -223,12 +287,20 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
                            enc["attention_mask"])  # fmt: skip
     except ChainFailure as exc:
         state.metrics.requests.labels(body.model, "embeddings", "failed").inc()
-        raise HTTPException(exc.status, exc.detail) from exc
+        raise GatewayError(exc.status, exc.detail) from exc
+    if body.dimensions is not None and body.dimensions != emb.shape[1]:
+        raise GatewayError(400, f"dimensions: {body.model!r} embeds in {emb.shape[1]} dimensions; "
+                                 "other sizes are not supported", "dimensions")  # fmt: skip
     state.metrics.requests.labels(body.model, "embeddings", "ok").inc()
     n = int(enc["attention_mask"].sum())
-    return {"object": "list", "model": body.model,
-            "data": [{"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(emb)],
-            "usage": {"prompt_tokens": n, "total_tokens": n}}  # fmt: skip
+    data = [{"object": "embedding", "index": i, "embedding": embedding_value(row, body.encoding_format)}
+            for i, row in enumerate(emb)]  # fmt: skip
+    return {
+        "object": "list",
+        "model": body.model,
+        "data": data,
+        "usage": {"prompt_tokens": n, "total_tokens": n},
+    }
 
 
 @router.get("/v1/models")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, String, Text, delete, select, text
+from sqlalchemy import BigInteger, Float, String, Text, delete, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from edgeorch.schemas.orchestrator import OrchestratorEvent, PlanRecord, PredictedView, QosPolicy, StageView
@@ -195,6 +195,11 @@ class OrchestratorStore:
             db.add(row)
             db.flush()
             return _event(row)
+
+    def last_event_id(self) -> int:
+        """The newest log entry's id (0 when the log is empty)."""
+        with self._sessions() as db:
+            return db.scalar(select(func.max(EventRow.id))) or 0
 
     def events(self, since: int, deployment: str | None, limit: int) -> list[OrchestratorEvent]:
         """Log entries after ``since``, oldest first."""

@@ -15,6 +15,7 @@ from edgeorch import wire
 from edgeorch.chain import load_chain
 from edgeorch.client import ChainClient, ChainError
 from edgeorch.launcher import LocalWorkers
+from edgeorch.runtime.logprobs import read_logprobs
 
 MODEL = "tiny-llama"  # 4 layers: units 0..5
 
@@ -80,6 +81,16 @@ def _frame(meta: dict, **tensors) -> bytes:
         (lambda: _frame({"session": "s"}, x=torch.tensor([[1], [2]])), 422, "batch 2"),
         (lambda: _frame({"session": "s"}, y=torch.tensor([[1]])), 422, "carries tensor 'x'"),
         (lambda: _frame({"session": "nope", "position": 3}, x=torch.tensor([[1]])), 404, "unknown on stage"),
+        (
+            lambda: _frame({"session": "s", "logprobs": {"top": 21}}, x=torch.tensor([[1]])),
+            422,
+            "frame metadata",
+        ),
+        (
+            lambda: _frame({"session": "s", "logprobs": {"top": 1, "k": 2}}, x=torch.tensor([[1]])),
+            422,
+            "metadata",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(workers, chain, body_fn, status, fragment) -> None:
@@ -226,3 +237,21 @@ def test_probes_metrics_and_docs(workers, chain) -> None:
     spec = httpx.get(url + "/openapi.json").json()
     assert "/v1/stages/{stage_id}/forward" in spec["paths"] and "/v1/admin/emulation" in spec["paths"]
     assert httpx.get(url + "/docs").status_code == 200
+
+
+def test_the_last_stage_returns_only_the_logprobs_asked_for(store, chain) -> None:
+    _, client = chain
+    ref = AutoModelForCausalLM.from_pretrained(str(store.path(MODEL)), dtype=torch.float32).eval()
+    prompt = [1, 50, 60, 70, 80]
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    res = client.step({"x": torch.tensor([prompt])}, session="lp-1", mode="generate", logprobs={"top": 3},
+                      release=True)  # fmt: skip
+    got = read_logprobs(res.frame, 3, ref.config.vocab_size)
+    assert got.token == int(torch.argmax(want)) and abs(got.logprob - want[got.token].item()) <= 1e-4
+    values, ids = torch.topk(want, 3)
+    assert [i for i, _ in got.top] == ids.tolist()
+    assert [v for _, v in got.top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert res.frame.nbytes() == 4 + 3 * (8 + 4)  # the numbers asked for, not the logits
+    plain = client.step({"x": torch.tensor([prompt])}, session="lp-2", mode="generate", release=True)
+    assert plain.frame.tensors == {} and "logprobs_format" not in plain.frame.meta
