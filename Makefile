@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets report compose-check clean
+.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets report compose-check compose-up compose-down image test-compose clean
 
 install: $(STAMP)
 
@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/ruff format --check edgeorch services tests bench
 
 test: install models lint
-	$(BIN)/pytest -q --timeout=600 --durations=30
+	$(BIN)/pytest -q -m "not compose" --timeout=600 --durations=30
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" --timeout=300
@@ -105,6 +105,24 @@ $(PEERS_STAMP): $(STAMP)
 compose-check:
 	EDGEORCH_ADMIN_TOKEN=check EDGEORCH_ROLLOUT_SECRET=check EDGEORCH_POSTGRES_PASSWORD=check \
 		docker-compose -f docker-compose.yml config -q
+
+# The compose stack on this machine's Docker engine (scripts/container.sh): base and
+# store images (made from Debian packages where no registry answers), edgeorch:latest,
+# secrets into .env when absent, the stack, and a ready smollm2-135m deployment on
+# 127.0.0.1:8000. compose-down removes its containers, networks and volume.
+image:
+	WHEELS=$(WHEELS) scripts/container.sh image
+
+compose-up:
+	WHEELS=$(WHEELS) scripts/container.sh up
+
+compose-down:
+	scripts/container.sh down
+
+# The compose stack end to end (tests/e2e/test_compose_stack.py): builds, starts, chats,
+# kills a worker container mid-stream, brings it down. Needs a running Docker engine.
+test-compose: install models
+	$(BIN)/pytest -q -s -m compose --timeout=2400 tests/e2e/test_compose_stack.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

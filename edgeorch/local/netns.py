@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,38 @@ def unavailable_reason() -> str | None:
     try:
         with Testbed() as tb:
             tb.add_node("probe")
+            tb.add_node("probe2")
             tb.set_uplink("probe", 10)
+            _check_traffic(tb, "probe", "probe2")
     except (NetnsError, OSError, subprocess.TimeoutExpired) as exc:
         return f"cannot make a namespace, bridge and veth pair with a tbf qdisc: {exc}"
     return None
+
+
+# One TCP exchange between two namespaces: a firewall that drops bridged traffic (Docker's
+# FORWARD policy with bridge-nf-call-iptables) lets every setup step pass and only shows here.
+_SERVE = (
+    "import socket,sys;s=socket.socket();s.bind(('0.0.0.0',0));s.listen(1);s.settimeout(5);"
+    "print(s.getsockname()[1],flush=True);c,_=s.accept();c.sendall(b'ok');c.close()"
+)
+_CONNECT = "import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3);print(c.recv(2).decode())"
+
+
+def _check_traffic(tb: Testbed, src: str, dst: str) -> None:
+    """Raise NetnsError unless ``src`` reaches a TCP listener in ``dst`` across the bridge."""
+    server = subprocess.Popen([*tb.exec_prefix(dst), sys.executable, "-c", _SERVE],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = (server.stdout.readline() if server.stdout else "").strip()
+        if not port.isdigit():
+            raise NetnsError(f"no listener in {dst}: {server.stderr.read() if server.stderr else ''}")
+        got = subprocess.run([*tb.exec_prefix(src), sys.executable, "-c", _CONNECT, tb.nodes[dst][2], port],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        if got.stdout.strip() != "ok":
+            raise NetnsError(f"no traffic from {src} to {dst} across the bridge: {got.stderr.strip()[-200:]}")
+    finally:
+        server.kill()
+        server.wait(timeout=10)
 
 
 def _missing_prerequisite() -> str | None:
@@ -104,6 +133,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _forward_rules(bridge: str, action: str) -> None:
+    """Insert (``-I``) or delete (``-D``) the FORWARD rules that let the bridge's own traffic through.
+
+    A running dockerd sets the FORWARD policy to DROP, and with bridge-nf-call-iptables
+    traffic between two ports of a bridge is filtered there too; without these rules every
+    request between two namespaces would vanish. No iptables on the machine: nothing filters.
+    """
+    if shutil.which("iptables") is None:
+        return
+    for direction in ("-i", "-o"):
+        argv = ["iptables", "-w", "5", action, "FORWARD", direction, bridge, "-j", "ACCEPT"]
+        if action == "-I":
+            _run(argv)
+        else:
+            subprocess.run(argv, capture_output=True, timeout=30)
+
+
 def remove_stale() -> list[str]:
     """Remove the testbeds of processes that are gone; returns their bridges' names."""
     removed = []
@@ -119,6 +165,7 @@ def remove_stale() -> list[str]:
         for iface in re.findall(rf"\d+: (eo{tb_id}h\d+)[:@]", _run(["ip", "-o", "link", "show"])):
             subprocess.run(["ip", "link", "del", iface], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", name.group(1)], capture_output=True, timeout=30)
+        _forward_rules(name.group(1), "-D")
         removed.append(name.group(1))
         log.info("removed the testbed %s of a process that is gone", name.group(1))
     return removed
@@ -148,6 +195,7 @@ class Testbed:
             _run(["ip", "link", "set", self.bridge, "alias", f"{OWNER}{os.getpid()}"])
             _run(["ip", "addr", "add", f"{self.host_ip}/{self.subnet.prefixlen}", "dev", self.bridge])
             _run(["ip", "link", "set", self.bridge, "up"])
+            _forward_rules(self.bridge, "-I")
         except NetnsError:
             self.close()
             raise
@@ -202,6 +250,7 @@ class Testbed:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self.nodes.clear()
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+        _forward_rules(self.bridge, "-D")
 
     def __enter__(self) -> Testbed:
         return self

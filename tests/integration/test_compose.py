@@ -1,7 +1,7 @@
 """Static checks of the container files: docker-compose.yml through `docker-compose config`, and the Dockerfile.
 
-No Docker engine runs on the development or CI machines, so nothing here builds
-or starts a container. `docker-compose config` (Debian's docker-compose package)
+Nothing here builds or starts a container (tests/e2e/test_compose_stack.py does,
+marker ``compose``). `docker-compose config` (Debian's docker-compose package)
 parses, merges and validates the compose file against its schema; the tests then
 check the merged result. Without docker-compose on PATH the compose tests skip
 locally and fail under CI (the CI environment variable), which installs it.
@@ -29,8 +29,9 @@ WORKERS = ("worker-a", "worker-b", "worker-c")
 # The edgeorch services that listen on a port, with the port.
 SERVED = {"orchestrator": 8000, "monitor": 8001, "splitter": 8002, "broadcast": 8003}
 SERVED.update(dict.fromkeys(WORKERS, 8100))
-EDGEORCH = (*SERVED, "jobs-worker")
+EDGEORCH = (*SERVED, "jobs-worker", "deploy")
 ALL_SERVICES = {"redis", "postgres", *EDGEORCH}
+LONG_RUNNING = sorted(ALL_SERVICES - {"deploy"})
 # What `docker-compose config` interpolates; no real secret ever appears in the file.
 SECRETS = {
     "EDGEORCH_ADMIN_TOKEN": "test-admin-token",
@@ -138,7 +139,7 @@ def test_the_whole_stack_is_there() -> None:
     assert "pg_isready" in _healthcheck_command(services["postgres"])
 
 
-@pytest.mark.parametrize("name", sorted(ALL_SERVICES))
+@pytest.mark.parametrize("name", LONG_RUNNING)
 def test_every_service_has_a_healthcheck(name: str) -> None:
     service = _service(name)
     assert _healthcheck_command(service).strip(), name
@@ -183,6 +184,7 @@ def test_every_dependency_waits_for_healthy() -> None:
         ("orchestrator", {"redis", "postgres", "monitor", "splitter", "broadcast"}),
         ("jobs-worker", {"redis", "orchestrator"}),
         *[(w, {"redis", "monitor", "broadcast"}) for w in WORKERS],
+        ("deploy", {"orchestrator", *WORKERS}),
     ],
 )
 def test_services_start_after_what_they_need(name: str, needs: set[str]) -> None:
@@ -234,15 +236,34 @@ def test_worker_has_its_own_identity_and_finds_the_control_plane(worker: str) ->
     assert env["EDGEORCH_BROADCAST_URL"] == "http://broadcast:8003"
 
 
-def test_workers_have_different_emulated_capacities() -> None:
-    envs = [_environment(_service(w)) for w in WORKERS]
-    slowdowns = [float(e["EDGEORCH_EMULATION_SLOWDOWN"]) for e in envs]
-    assert len(set(slowdowns)) == len(WORKERS), slowdowns
-    assert all(s >= 1.0 for s in slowdowns), slowdowns
+def test_workers_differ_by_real_cgroup_limits_not_emulation() -> None:
+    services = [_service(w) for w in WORKERS]
+    # One core, half a core, one core: CFS quota per 2 ms period (see the file's comment).
+    assert [s["cpu_quota"] / s["cpu_period"] for s in services] == [1.0, 0.5, 1.0]
+    assert {s["cpu_period"] for s in services} == {2000}
+    envs = [_environment(s) for s in services]
+    assert not [e for e in envs if "EDGEORCH_EMULATION_SLOWDOWN" in e], "speed comes from the cgroup"
+    assert {e["EDGEORCH_TORCH_THREADS"] for e in envs} == {"1"}
     memory = [int(e["EDGEORCH_MEMORY_BYTES"]) for e in envs]
+    # What a worker offers stays inside its container's memory limit, with room for the process.
+    limits = [
+        int(s["mem_limit"]) if str(s["mem_limit"]).isdigit() else _bytes(s["mem_limit"]) for s in services
+    ]
+    assert all(m + 400 * 2**20 <= lim for m, lim in zip(memory, limits, strict=True)), (memory, limits)
     assert len(set(memory)) == len(WORKERS), memory
     trusted = [e["EDGEORCH_TRUSTED"] for e in envs]
     assert set(trusted) == {"true", "false"}, trusted
+
+
+def _bytes(size: str) -> int:
+    return int(size[:-1]) * {"k": 2**10, "m": 2**20, "g": 2**30}[size[-1].lower()]
+
+
+def test_deploy_step_leaves_smollm2_ready_once_and_exits() -> None:
+    service = _service("deploy")
+    assert service["entrypoint"] == ["python", "-m", "edgeorch.local.deploy_step"]
+    assert "smollm2-135m" in service["command"] and service["restart"] == "no"
+    assert _environment(service)["EDGEORCH_ADMIN_TOKEN"] == SECRETS["EDGEORCH_ADMIN_TOKEN"]
 
 
 def test_published_ports_are_on_loopback_only() -> None:
@@ -295,8 +316,11 @@ def _runs() -> list[str]:
 
 
 def test_dockerfile_base_image_and_entrypoint() -> None:
+    """One Dockerfile for either base: the slim image by default, the local Debian one as a build arg."""
     instructions = _instructions()
-    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert instructions[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
+    build = _service("orchestrator")["build"]
+    assert build["args"] == {"BASE_IMAGE": "python:3.11-slim"}, build
     assert ("ENTRYPOINT", '["edgeorch"]') in instructions
     assert "HEALTHCHECK" not in {keyword for keyword, _ in instructions}, (
         "healthchecks live in compose, per service"
@@ -305,9 +329,11 @@ def test_dockerfile_base_image_and_entrypoint() -> None:
 
 def test_dockerfile_installs_cpu_torch_first() -> None:
     runs = _runs()
-    torch_runs = [i for i, run in enumerate(runs) if "torch==2.13.0" in run.split()]
+    torch_runs = [i for i, run in enumerate(runs) if "torch==2.13.0" in run]
     assert len(torch_runs) == 1, runs
     torch_run = runs[torch_runs[0]]
+    # The staged wheel when present: the CPU build only, named exactly.
+    assert "wheels/torch-2.13.0+cpu-" in torch_run, torch_run
     assert re.search(r"--(?:extra-)?index-url[ =]https://download\.pytorch\.org/whl/cpu\b", torch_run), (
         torch_run
     )
@@ -329,7 +355,7 @@ def test_dockerfile_prepares_models_at_build_time_and_drops_root() -> None:
     instructions = _instructions()
     env = " ".join(args for keyword, args in instructions if keyword == "ENV")
     assert re.search(r"\bEDGEORCH_MODEL_STORE=/models\b", env), env
-    assert any(run.strip() == "edgeorch models prepare" for run in _runs())
+    assert "edgeorch models prepare && chmod -R a+rX /models" in _runs()
     users = [args.strip() for keyword, args in instructions if keyword == "USER"]
     assert users and users[-1] not in {"root", "0", "0:0"}, users
 
@@ -341,13 +367,16 @@ def test_dockerfile_copies_only_what_the_image_needs_and_it_exists() -> None:
             assert keyword == "COPY", "use COPY, not ADD"
             sources.extend(args.split()[:-1])
     assert {s.rstrip("/") for s in sources} == {
+        ".container",
         "edgeorch",
         "services",
         "pyproject.toml",
         "README.md",
         "requirements.lock",
     }
-    missing = [s for s in sources if not (REPO / s).exists()]
+    # .container/ (CA bundle, pip settings, torch wheel) is staged by scripts/container.sh at build time.
+    assert "stage_context" in (REPO / "scripts" / "container.sh").read_text(encoding="utf-8")
+    missing = [s for s in sources if s != ".container/" and not (REPO / s).exists()]
     assert not missing, f"the image build would fail: {missing} not in the repository"
 
 
