@@ -145,13 +145,15 @@ class StageHost:
                     f"stage {stage_id!r} is already loaded with another spec; delete it first"
                 )
             model_dir = self.store.path(spec.model)
-            adapter = load_adapter(model_dir, spec.engine, spec.format)
-            self._check_memory(stage_id, spec, model_dir, adapter)
-            loop = asyncio.get_running_loop()
-            got = await loop.run_in_executor(
-                self._loader,
-                lambda: self.units.acquire_stage(model_dir, spec.start, spec.end, adapter=adapter),
-            )
+
+            def checked_acquire():
+                # Off the event loop: a first adapter imports seconds of model code, and
+                # /healthz must keep answering meanwhile (a rollout's probes time out at ~1 s).
+                adapter = load_adapter(model_dir, spec.engine, spec.format)
+                self._check_memory(stage_id, spec, model_dir, adapter)
+                return self.units.acquire_stage(model_dir, spec.start, spec.end, adapter=adapter)
+
+            got = await asyncio.get_running_loop().run_in_executor(self._loader, checked_acquire)
             loaded = got.stage
             kv = sum(loaded.adapter.kv_bytes_per_token(u, 4) for u in range(spec.start, spec.end))
             self.stages[stage_id] = HostedStage(stage_id, spec, loaded, kv, got.units_shared)
