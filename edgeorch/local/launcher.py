@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,11 +25,26 @@ log = logging.getLogger(__name__)
 CLI = (sys.executable, "-m", "services.cli")
 
 
+# Ports handed out lately (port -> monotonic time). A child started on one takes
+# seconds to bind it, and until then the kernel may offer the same port again: two
+# workers on one port, and a URL that reaches the wrong node.
+_HANDED_OUT: dict[int, float] = {}
+_HANDED_OUT_LOCK = threading.Lock()
+_REUSE_AFTER_S = 120.0
+
+
 def free_port() -> int:
-    """A loopback TCP port that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port that nothing listens on now and that this process has not handed out lately."""
+    with _HANDED_OUT_LOCK:
+        now = time.monotonic()
+        for _ in range(200):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if now - _HANDED_OUT.get(port, -_REUSE_AFTER_S) >= _REUSE_AFTER_S:
+                _HANDED_OUT[port] = now
+                return port
+    raise RuntimeError("no loopback port free that was not handed out in the last two minutes")
 
 
 class LocalProcess:

@@ -110,3 +110,12 @@ def test_tables() -> None:
         "1      node-b  11:32 (21 units)",
     ]
     assert format_table(["a"], []) == "a\n-"
+
+
+def test_free_port_never_hands_out_a_port_twice_while_children_may_still_be_binding() -> None:
+    from edgeorch.local.launcher import free_port
+
+    # Nothing binds these ports: without the memory of recent ports, the kernel
+    # offers the lowest free ephemeral ports again and repeats show up quickly.
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
