@@ -3,7 +3,7 @@
 # the service with `command:` and defines a healthcheck per service.
 #
 # BASE_IMAGE: the slim Python image where a registry can be reached, else a Debian
-# bookworm image made locally from Debian's packages (scripts/container.sh base);
+# bookworm image made locally from Debian's packages (deploy/container.sh base);
 # both have Python 3.11. Build through `make image` / `make compose-up`, which stage
 # .container/ (the machine's CA bundle, its pip settings, the CPU torch wheel when on disk).
 ARG BASE_IMAGE=python:3.11-slim

@@ -106,18 +106,18 @@ compose-check:
 	EDGEORCH_ADMIN_TOKEN=check EDGEORCH_ROLLOUT_SECRET=check EDGEORCH_POSTGRES_PASSWORD=check \
 		docker-compose -f docker-compose.yml config -q
 
-# The compose stack on this machine's Docker engine (scripts/container.sh): base and
+# The compose stack on this machine's Docker engine (deploy/container.sh): base and
 # store images (made from Debian packages where no registry answers), edgeorch:latest,
 # secrets into .env when absent, the stack, and a ready smollm2-135m deployment on
 # 127.0.0.1:8000. compose-down removes its containers, networks and volume.
 image:
-	WHEELS=$(WHEELS) scripts/container.sh image
+	WHEELS=$(WHEELS) deploy/container.sh image
 
 compose-up:
-	WHEELS=$(WHEELS) scripts/container.sh up
+	WHEELS=$(WHEELS) deploy/container.sh up
 
 compose-down:
-	scripts/container.sh down
+	deploy/container.sh down
 
 # The compose stack end to end (tests/e2e/test_compose_stack.py): builds, starts, chats,
 # kills a worker container mid-stream, brings it down. Needs a running Docker engine.

@@ -1,5 +1,5 @@
 # Redis from Debian's package, for machines that cannot pull redis:7-alpine.
-# Built FROM the local Debian base (scripts/container.sh); compose then uses it as
+# Built FROM the local Debian base (deploy/container.sh); compose then uses it as
 # EDGEORCH_REDIS_IMAGE. Cache only: nothing is saved to disk.
 ARG BASE_IMAGE=edgeorch-base:bookworm
 FROM ${BASE_IMAGE}

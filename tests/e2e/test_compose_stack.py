@@ -3,7 +3,7 @@
 Marker ``compose`` (``make test-compose``; ``make test`` leaves it out). Needs a
 running Docker engine and docker-compose: skipped without one, failed instead
 when EDGEORCH_COMPOSE_REQUIRED is set (.ci/run sets it once it has started
-dockerd). The stack is built and started by scripts/container.sh exactly as
+dockerd). The stack is built and started by deploy/container.sh exactly as
 `make compose-up` does; the model answers from inside the containers and is
 compared with the unsplit model computed here from the host's model store.
 """
@@ -55,7 +55,7 @@ def _container(service: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack():
-    """`scripts/container.sh up` (build, .env, up, deploy step); the project name for the final check."""
+    """`deploy/container.sh up` (build, .env, up, deploy step); the project name for the final check."""
     missing = _engine_missing()
     if missing:
         if os.environ.get("EDGEORCH_COMPOSE_REQUIRED"):
@@ -66,7 +66,7 @@ def stack():
     print(f"compose-up took {time.monotonic() - t0:.0f} s")
     if up.returncode != 0:
         subprocess.run([str(REPO / "scripts" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
-        pytest.fail(f"scripts/container.sh up exited {up.returncode}", pytrace=False)
+        pytest.fail(f"deploy/container.sh up exited {up.returncode}", pytrace=False)
     project = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.project"}}',
                               _container("orchestrator")], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     yield project
