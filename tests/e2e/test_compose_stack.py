@@ -62,16 +62,16 @@ def stack():
             pytest.fail(f"compose e2e required but {missing}", pytrace=False)
         pytest.skip(missing)
     t0 = time.monotonic()
-    up = subprocess.run([str(REPO / "scripts" / "container.sh"), "up"], cwd=REPO, timeout=1800, check=False)
+    up = subprocess.run([str(REPO / "deploy" / "container.sh"), "up"], cwd=REPO, timeout=1800, check=False)
     print(f"compose-up took {time.monotonic() - t0:.0f} s")
     if up.returncode != 0:
-        subprocess.run([str(REPO / "scripts" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
+        subprocess.run([str(REPO / "deploy" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
         pytest.fail(f"deploy/container.sh up exited {up.returncode}", pytrace=False)
     project = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.project"}}',
                               _container("orchestrator")], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     yield project
     _save_logs(project)
-    subprocess.run([str(REPO / "scripts" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
+    subprocess.run([str(REPO / "deploy" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
 
 
 def _save_logs(project: str) -> None:
@@ -166,7 +166,7 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
 
 def test_compose_down_leaves_no_container(stack) -> None:
     _save_logs(stack)
-    subprocess.run([str(REPO / "scripts" / "container.sh"), "down"], cwd=REPO, timeout=300, check=True)
+    subprocess.run([str(REPO / "deploy" / "container.sh"), "down"], cwd=REPO, timeout=300, check=True)
     label = f"label=com.docker.compose.project={stack}"
     left = subprocess.run(
         ["docker", "ps", "-aq", "--filter", label], capture_output=True, text=True, check=True

@@ -375,7 +375,7 @@ def test_dockerfile_copies_only_what_the_image_needs_and_it_exists() -> None:
         "requirements.lock",
     }
     # .container/ (CA bundle, pip settings, torch wheel) is staged by deploy/container.sh at build time.
-    assert "stage_context" in (REPO / "scripts" / "container.sh").read_text(encoding="utf-8")
+    assert "stage_context" in (REPO / "deploy" / "container.sh").read_text(encoding="utf-8")
     missing = [s for s in sources if s != ".container/" and not (REPO / s).exists()]
     assert not missing, f"the image build would fail: {missing} not in the repository"
 
