@@ -20,10 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from openai import OpenAI
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.reference import greedy_chat_answers
 from tests.support import REPO, wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
@@ -88,15 +87,7 @@ def _save_logs(project: str) -> None:
 @pytest.fixture(scope="module")
 def expected(store) -> dict[str, str]:
     """The unsplit model's greedy answers, computed here in float32 from the host's store."""
-    path = Path(store.path(MODEL))
-    tok = AutoTokenizer.from_pretrained(str(path))
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    out = {}
-    for key, messages, n in (("capital", CAPITAL, 32), ("haiku", HAIKU, 64)):
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        gen = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-        out[key] = tok.decode(gen[0, len(ids) :], skip_special_tokens=True)
-    return out
+    return greedy_chat_answers(store.path(MODEL), {"capital": (CAPITAL, 32), "haiku": (HAIKU, 64)})
 
 
 def _client() -> OpenAI:

@@ -17,10 +17,11 @@ import numpy as np
 import openai
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeorch.local.scenario import parse_scenario
 from edgeorch.local.stack import LocalStack
+from tests.reference import sentence_embeddings
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -89,13 +90,7 @@ def test_embeddings_base64_by_default_equal_the_float_path_and_the_unsplit_model
                     json={"model": "minilm", "input": TEXTS, "encoding_format": "base64"}).json()  # fmt: skip
     decoded = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in raw["data"]]
     assert np.array_equal(np.array(decoded), floats.astype(np.float32))  # the same float32 bits
-    path = str(store.path("minilm-l6"))
-    tok, ref = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    enc = tok(TEXTS, padding=True, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        h = ref(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    want = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    want = sentence_embeddings(store.path("minilm-l6"), TEXTS).numpy()
     assert np.abs(got - want).max() <= 1e-5
     print(
         f"embeddings: base64 vs float path {np.abs(got - floats).max():.2e}, vs unsplit {np.abs(got - want).max():.2e}"

@@ -17,13 +17,14 @@ import httpx
 import psycopg
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeorch.engine.stage import load_stage
 from edgeorch.local.scenario import parse_scenario
 from edgeorch.local.stack import LocalStack
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import StageInput
+from tests.reference import sentence_embeddings
 from tests.support import wait_for
 
 PG = "postgresql://root@127.0.0.1:5432"
@@ -195,13 +196,7 @@ def test_embeddings_equal_the_unsplit_encoder(stack, store) -> None:
     r = HTTP.post(f"{stack.orchestrator_url}/v1/embeddings", json={"model": "minilm", "input": texts})
     assert r.status_code == 200, r.text
     got = torch.tensor([row["embedding"] for row in r.json()["data"]])
-    path = str(store.path("minilm-l6"))
-    tok, ref = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        h = ref(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    want = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+    want = sentence_embeddings(store.path("minilm-l6"), texts)
     assert (got - want).abs().max().item() <= 1e-5
     assert d["kind"] == "encoder"
     HTTP.delete(f"{stack.orchestrator_url}/v1/deployments/minilm", headers=admin(stack))
