@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeorch.schemas.dashboard import ClusterView, LinkCell, ModelSpeed, NodeCard, NodeState
+from edgeorch.schemas.plan import PlanStage
 from edgeorch.schemas.profile import ModelProfile
 from edgeorch.schemas.stage import Emulation
 
@@ -22,7 +23,7 @@ class Placement:
 
     deployment: str
     version: int
-    stages: Sequence[tuple[str, int, int]]  # (node, start, end)
+    stages: Sequence[PlanStage]
     unit_memory_bytes: Sequence[int]
 
 
@@ -62,9 +63,9 @@ def _planned(placements: Iterable[Placement]) -> tuple[dict[str, int], dict[str,
     memory: dict[str, int] = {}
     stages: dict[str, list[str]] = {}
     for p in placements:
-        for node, start, end in p.stages:
-            memory[node] = memory.get(node, 0) + sum(p.unit_memory_bytes[start:end])
-            stages.setdefault(node, []).append(f"{p.deployment} v{p.version} {start}:{end}")
+        for s in p.stages:
+            memory[s.node] = memory.get(s.node, 0) + sum(p.unit_memory_bytes[s.start : s.end])
+            stages.setdefault(s.node, []).append(f"{p.deployment} v{p.version} {s.start}:{s.end}")
     return memory, stages
 
 

@@ -55,7 +55,7 @@ class Route:
 
     def node_of(self, stage_id: str | None) -> str | None:
         """The node that hosts ``stage_id`` in this route (None when it is not one of its stages)."""
-        return next((s.node_id for s in self.stages if s.stage_id == stage_id), None)
+        return next((s.node for s in self.stages if s.stage_id == stage_id), None)
 
 
 class RouteProvider(Protocol):

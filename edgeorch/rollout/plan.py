@@ -49,7 +49,7 @@ def place(deployment: str, version: int, plan: Plan) -> list[PlacedStage]:
         if i + 1 < len(plan.stages):
             nxt = NextHop(url=urls[i + 1], stage_id=ids[i + 1])
         placed.append(
-            PlacedStage(stage_id=ids[i], node_id=s.node_id, url=urls[i], model=plan.model,
+            PlacedStage(stage_id=ids[i], node=s.node, url=urls[i], model=plan.model,
                         start=s.start, end=s.end, next=nxt, format=plan.format)
         )  # fmt: skip
     return placed
@@ -59,7 +59,7 @@ def node_urls(plan: Plan) -> dict[str, str]:
     """Each node of a plan and the URL it was given at (the first one, if a node hosts several stages)."""
     urls: dict[str, str] = {}
     for s in plan.stages:
-        urls.setdefault(s.node_id, str(s.url).rstrip("/"))
+        urls.setdefault(s.node, str(s.url).rstrip("/"))
     return urls
 
 
@@ -112,13 +112,13 @@ def desired_for_node(node_id: str, snapshots: list[DeploymentSnapshot]) -> list[
         stages = []
         for v in keep:
             for p in place(snap.name, v, snap.plans[v]):
-                if p.node_id == node_id:
+                if p.node == node_id:
                     stages.append({"stage_id": p.stage_id, "version": v, "model": p.model, "start": p.start,
                                    "end": p.end, "next": p.next.model_dump(mode="json") if p.next else None,
                                    "format": p.format})  # fmt: skip
         prepare = None
         if snap.rollout_phase == "preparing" and snap.rollout_version is not None:
-            nodes = {s.node_id for s in snap.plans[snap.rollout_version].stages}
+            nodes = {s.node for s in snap.plans[snap.rollout_version].stages}
             if node_id in nodes:
                 prepare = {"rollout_id": snap.rollout_id, "version": snap.rollout_version}
         version, rank = newest(snap)

@@ -68,12 +68,6 @@ class DeploymentRequest(BaseModel):
     policy: QosPolicy = Field(default_factory=QosPolicy)
 
 
-class StageView(PlanStage):
-    """A plan's stage (units ``[start, end)`` on ``node``) with the URL the node was reached at."""
-
-    url: str | None = None
-
-
 class PredictedView(BaseModel):
     """What the cost model predicts for a plan under the latest measurements."""
 
@@ -99,7 +93,7 @@ class PlanRecord(BaseModel):
     version: int
     kind: DecisionKind
     reason: str
-    stages: list[StageView]
+    stages: list[PlanStage] = Field(description="each with the URL its node was reached at")
     predicted: PredictedView | None
     migration_bytes: int
     created_at: float
@@ -117,7 +111,7 @@ class DeploymentView(BaseModel):
     state: DeploymentState
     reason: str | None
     version: int | None
-    stages: list[StageView]
+    stages: list[PlanStage]
     predicted: PredictedView | None
     measured: MeasuredView
     history: list[PlanRecord]

@@ -10,9 +10,19 @@ its input.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from edgeorch.schemas.profile import ModelProfile
 
@@ -75,14 +85,37 @@ class Workload(BaseModel):
         return self
 
 
+_HTTP_URL = TypeAdapter(HttpUrl)
+
+
+def _http_url(url: str) -> str:
+    """``url`` as given, once it parses as an http(s) URL (HttpUrl itself would append a slash)."""
+    _HTTP_URL.validate_python(url)
+    return url
+
+
+StageUrl = Annotated[str, Field(max_length=2083), AfterValidator(_http_url)]
+
+
 class PlanStage(BaseModel):
-    """Units ``[start, end)`` on a node."""
+    """Units ``[start, end)`` on a node: the one stage type of every plan.
+
+    The splitter plans without URLs; a plan handed to broadcast, and the
+    orchestrator's record of it, also say where each node is reached
+    (``url``). ``node_id`` is read as ``node``: broadcast's plans used that
+    name before, and plans it stored then still do.
+    """
 
     model_config = _STRICT
 
-    node: str = Field(min_length=1, max_length=128)
+    node: str = Field(min_length=1, max_length=128, validation_alias=AliasChoices("node", "node_id"))
     start: int = Field(ge=0)
     end: int = Field(gt=0)
+    url: StageUrl | None = Field(
+        default=None,
+        exclude_if=lambda url: url is None,
+        description="where the node is reached (a rollout's plan needs it; the splitter's answer has none)",
+    )
 
     @model_validator(mode="after")
     def _non_empty(self) -> PlanStage:

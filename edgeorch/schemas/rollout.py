@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgeorch.schemas.plan import PlanStage
 from edgeorch.schemas.profile import WeightFormat
 from edgeorch.schemas.stage import ID_PATTERN, NextHop
 
@@ -16,19 +18,12 @@ DEPLOYMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Phase = Literal["preparing", "committed", "completed", "aborted"]
 
 
-class PlanStage(BaseModel):
-    """One stage of a plan: units ``[start, end)`` on node ``node_id``, reachable at ``url``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    node_id: str = Field(pattern=ID_PATTERN)
-    url: HttpUrl
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
-
-
 class Plan(BaseModel):
-    """An ordered list of stages that tiles the model's units from 0 with no gap or overlap."""
+    """An ordered list of stages that tiles the model's units from 0 with no gap or overlap.
+
+    Every stage names a node a worker can register as (:data:`ID_PATTERN`) and
+    the URL it is reached at.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +40,12 @@ class Plan(BaseModel):
             if s.start != expected or s.end <= s.start:
                 raise ValueError(
                     f"stage {i} covers [{s.start}, {s.end}) but must start at {expected} and be non-empty"
+                )
+            if not re.match(ID_PATTERN, s.node):
+                raise ValueError(f"stage {i}: node {s.node!r} is not a node id (pattern {ID_PATTERN})")
+            if s.url is None:
+                raise ValueError(
+                    f"stage {i} has no url: a rollout must know where node {s.node!r} is reached"
                 )
             expected = s.end
         return self
@@ -109,15 +110,14 @@ class RolloutView(BaseModel):
     commit_s: float | None = Field(description="every worker acked → COMMIT durable and published")
 
 
-class PlacedStage(BaseModel):
+class PlacedStage(PlanStage):
     """A plan stage with its stage id and next pointer, as the workers load it."""
 
+    model_config = ConfigDict(extra="ignore")
+
     stage_id: str
-    node_id: str
     url: str
     model: str
-    start: int
-    end: int
     next: NextHop | None
     format: str = "fp32"
 

@@ -149,7 +149,7 @@ class RolloutStore:
                     "model_mismatch",
                     f"deployment {name!r} serves model {dep.model!r}, not {req.plan.model!r}",
                 )
-            nodes = sorted({s.node_id for s in req.plan.stages})
+            nodes = sorted({s.node for s in req.plan.stages})
             db.add(PlanVersionRow(deployment=name, version=version, plan_json=req.plan.model_dump_json(),
                                   status=PREPARING, created_at=now))  # fmt: skip
             db.add(RolloutRow(id=rollout_id, deployment=name, version=version,

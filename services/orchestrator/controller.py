@@ -24,10 +24,9 @@ from edgeorch.orchestration.decide import decide, measured_slowdown
 from edgeorch.orchestration.generation import Route
 from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
 from edgeorch.rollout.plan import place
-from edgeorch.schemas.orchestrator import PredictedView, StageView
-from edgeorch.schemas.plan import PlanResponse
-from edgeorch.schemas.plan import PlanStage as Placement
-from edgeorch.schemas.rollout import Plan, PlanStage
+from edgeorch.schemas.orchestrator import PredictedView
+from edgeorch.schemas.plan import PlanResponse, PlanStage
+from edgeorch.schemas.rollout import Plan
 from edgeorch.service import bus
 from services.orchestrator.live import Live, measured
 from services.orchestrator.routing import Routes
@@ -159,9 +158,7 @@ class Controller:
     async def _evaluate(self, live: Live, trigger: str, exclude: frozenset[str] = frozenset()) -> bool:
         """Re-plan the deployment with fresh measurements; True when a new plan was committed."""
         active = await run_in_threadpool(self.store.active_plan, live.name)
-        current = (
-            [Placement(node=s.node, start=s.start, end=s.end) for s in active.stages] if active else None
-        )
+        current = list(active.stages) if active else None
         try:
             nodes, links = await asyncio.gather(self.plane.nodes(live.profile_key), self.plane.links())
             if active is None:
@@ -241,22 +238,22 @@ class Controller:
         loop.call_later(self.settings.confirm_s + 0.05, self.poke, live.name, "confirming a candidate")
         return None
 
-    async def _roll_out(self, live: Live, kind: str, reason: str, stages: list[Placement],
+    async def _roll_out(self, live: Live, kind: str, reason: str, stages: list[PlanStage],
                         urls: dict[str, str], predicted: PredictedView | None, answer: PlanResponse) -> bool:  # fmt: skip
         """Hand a plan to broadcast, wait for COMMIT, record it; True when committed."""
-        plan = Plan(model=live.model, format=live.policy.weight_format,
-                    stages=[PlanStage(node_id=s.node, url=urls[s.node], start=s.start, end=s.end) for s in stages])  # fmt: skip
+        # The splitter's stages with the URL each node was reached at: what broadcast loads and the history keeps.
+        stages = [PlanStage(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
+        plan = Plan(model=live.model, format=live.policy.weight_format, stages=stages)
         t0 = time.time()
         try:
             rollout = await self.plane.start_rollout(live.name, plan, self.settings.rollout_wait_s)
             live.pending = None
         except ServiceError as exc:
-            body = [{"node_id": s.node, "url": urls[s.node], "start": s.start, "end": s.end} for s in stages]
+            body = [s.model_dump() for s in stages]
             await self._log("rollout_refused", live.name, f"{kind} refused: {exc}", {"stages": body})
             return False
         version = rollout.version
-        views = [StageView(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
-        await run_in_threadpool(self.store.add_plan, live.name, version, kind, reason, views, predicted,
+        await run_in_threadpool(self.store.add_plan, live.name, version, kind, reason, stages, predicted,
                                 answer.migration_bytes, t0)  # fmt: skip
         log.info("%s v%d (%s): %s -> %s", live.name, version, kind, reason,
                  " | ".join(f"{s.node}[{s.start},{s.end})" for s in stages))  # fmt: skip
@@ -267,7 +264,7 @@ class Controller:
             phase, why = "unknown", str(exc)
         committed = phase in ("committed", "completed")
         await run_in_threadpool(self.store.finish_plan, live.name, version, committed, time.time(), True)
-        data = {"version": version, "stages": [v.model_dump() for v in views], "rollout_id": rollout.id,
+        data = {"version": version, "stages": [s.model_dump() for s in stages], "rollout_id": rollout.id,
                 "predicted": predicted.model_dump() if predicted else None, "took_s": time.time() - t0,
                 "migration_bytes": answer.migration_bytes, "solver": answer.solver.name}  # fmt: skip
         if not committed:

@@ -157,7 +157,7 @@ async def _placements(request: Request) -> list[Placement]:
         if active is None:
             continue
         w = live.policy.workload
-        out.append(Placement(name, active.version, [(s.node, s.start, s.end) for s in active.stages],
+        out.append(Placement(name, active.version, active.stages,
                              unit_memory_bytes(live.profile, w.context_tokens, w.max_sessions)))  # fmt: skip
     return out
 

@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Float, String, Text, delete, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from edgeorch.schemas.orchestrator import OrchestratorEvent, PlanRecord, PredictedView, QosPolicy, StageView
+from edgeorch.schemas.orchestrator import OrchestratorEvent, PlanRecord, PredictedView, QosPolicy
+from edgeorch.schemas.plan import PlanStage
 
 
 class Base(DeclarativeBase):
@@ -145,7 +146,7 @@ class OrchestratorStore:
 
     # ----- plans -------------------------------------------------------------
 
-    def add_plan(self, name: str, version: int, kind: str, reason: str, stages: list[StageView],
+    def add_plan(self, name: str, version: int, kind: str, reason: str, stages: list[PlanStage],
                  predicted: PredictedView | None, migration_bytes: int, now: float) -> None:  # fmt: skip
         """Record a plan version being rolled out."""
         with self._sessions.begin() as db:
@@ -213,7 +214,7 @@ class OrchestratorStore:
 def _record(r: PlanRow) -> PlanRecord:
     return PlanRecord(
         version=r.version, kind=r.kind, reason=r.reason,
-        stages=[StageView(**s) for s in json.loads(r.stages_json)],
+        stages=[PlanStage.model_validate(s) for s in json.loads(r.stages_json)],
         predicted=PredictedView.model_validate_json(r.predicted_json) if r.predicted_json else None,
         migration_bytes=r.migration_bytes, created_at=r.created_at, committed_at=r.committed_at,
         outcome=r.outcome,

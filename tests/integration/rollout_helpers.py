@@ -83,7 +83,7 @@ class Rig:
         return next(w for w in self.workers.workers if w.name == name)
 
     def rollout(self, deployment: str, model: str, stages: list[tuple[LocalService, int, int]]) -> dict:
-        plan = {"model": model, "stages": [{"node_id": w.name, "url": w.url, "start": a, "end": b}
+        plan = {"model": model, "stages": [{"node": w.name, "url": w.url, "start": a, "end": b}
                                            for w, a, b in stages]}  # fmt: skip
         resp = httpx.post(
             f"{self.url}/v1/rollouts", json={"deployment": deployment, "plan": plan}, timeout=30
@@ -109,7 +109,7 @@ class Rig:
         """Every live worker holds exactly its stages of ``version`` of ``deployment``, nothing older."""
         want = {}
         for s in self.deployment(deployment)["stages"]:
-            want.setdefault(s["node_id"], set()).add(s["stage_id"])
+            want.setdefault(s["node"], set()).add(s["stage_id"])
         if self.deployment(deployment)["active_version"] != version:
             return False
         for w in self.workers.workers:

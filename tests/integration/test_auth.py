@@ -119,8 +119,8 @@ def test_starting_a_rollout_needs_the_token_and_the_workers_follow_without_it(gu
     bc, workers, secret = guarded
     a, b = workers.workers
     name = unique("auth")
-    plan = {"model": TINY, "stages": [{"node_id": a.name, "url": a.url, "start": 0, "end": 3},
-                                      {"node_id": b.name, "url": b.url, "start": 3, "end": 6}]}  # fmt: skip
+    plan = {"model": TINY, "stages": [{"node": a.name, "url": a.url, "start": 0, "end": 3},
+                                      {"node": b.name, "url": b.url, "start": 3, "end": 6}]}  # fmt: skip
     body = {"deployment": name, "plan": plan}
     assert _refused(httpx.post(f"{bc.url}/v1/rollouts", json=body, timeout=30))
     assert _refused(httpx.post(f"{bc.url}/v1/rollouts", json=body, headers=WRONG, timeout=30))

@@ -140,7 +140,7 @@ def test_moving_one_unit_reads_only_that_unit(store, smol) -> None:
     wait_for(lambda: rig.converged(name, dep["active_version"]), 30, "no older version still loaded")
     stages = dep["stages"]
     moved = stages[1]["start"]  # the first unit of stage 1 moves to stage 0's node
-    plan = [(rig.node(s["node_id"]), s["start"], s["end"]) for s in stages]
+    plan = [(rig.node(s["node"]), s["start"], s["end"]) for s in stages]
     plan[0] = (plan[0][0], 0, moved + 1)
     plan[1] = (plan[1][0], moved + 1, plan[1][2])
     done = rig.wait_phase(rig.rollout(name, SMOL, plan)["id"])
@@ -149,7 +149,7 @@ def test_moving_one_unit_reads_only_that_unit(store, smol) -> None:
     read = {x["node_id"]: x["bytes_read"] for x in done["acks"]}
     expected = _unit_bytes(store.path(SMOL), moved)
     full_load = sum(x["bytes_read"] for x in first["acks"])
-    assert read[stages[0]["node_id"]] == expected  # exactly the moved unit's tensors
+    assert read[stages[0]["node"]] == expected  # exactly the moved unit's tensors
     assert sum(read.values()) == expected  # every other unit was shared, not reloaded
     assert full_load > 20 * expected
     print(f"\nmoved unit {moved}: {sum(read.values())} bytes read vs {full_load} for the full load")
@@ -195,7 +195,7 @@ def test_a_worker_killed_during_prepare_aborts_and_the_old_version_keeps_answeri
     wait_for(lambda: len(rig.get(rollout["id"])["acks"]) >= 2 or rig.get(rollout["id"])["phase"] != "preparing",
              10, "the two live workers acking")  # fmt: skip
     # A second rollout is refused with a kind the orchestrator's client reads (it waits on this one only).
-    plan = {"model": TINY, "stages": [{"node_id": a.name, "url": a.url, "start": 0, "end": 6}]}
+    plan = {"model": TINY, "stages": [{"node": a.name, "url": a.url, "start": 0, "end": 6}]}
     busy = httpx.post(f"{rig.url}/v1/rollouts", json={"deployment": name, "plan": plan}, timeout=30)
     assert busy.status_code == 409 and busy.json()["kind"] == "rollout_in_flight", busy.text
     assert generate(rig.deployment(name)["entry"], [1, 50, 60, 70], 12) == expected  # v1 serves meanwhile

@@ -12,6 +12,7 @@ from edgeorch.dashboard.cluster import Placement, cluster_view, node_state, unit
 from edgeorch.dashboard.feed import Pulse, event_stream, sse_frame
 from edgeorch.dashboard.series import Counters, SeriesRecorder, read_counters
 from edgeorch.schemas.orchestrator import OrchestratorEvent
+from edgeorch.schemas.plan import PlanStage
 from edgeorch.schemas.profile import ModelProfile, UnitProfile
 from edgeorch.schemas.stage import Emulation
 from services.orchestrator.metrics import OrchestratorMetrics
@@ -22,6 +23,10 @@ def _node(node_id: str, state: str = "alive", last_seen: float | None = 100.0, *
             "memory_bytes": 1000, "trusted": node_id == "a", "watts": 7.5, "capacity": {"cores": 2},
             "live": {"cpu_percent": 12.0, "memory_free_bytes": 5, "queue_depth": 1, "sessions": 0},
             "speeds": {}, "profiles": {}, **extra}  # fmt: skip
+
+
+def _stages(*spec: tuple[str, int, int]) -> list[PlanStage]:
+    return [PlanStage(node=n, start=a, end=b) for n, a, b in spec]
 
 
 @pytest.mark.parametrize(
@@ -54,8 +59,8 @@ def test_cluster_view_sums_plans_per_node_and_reports_speed_against_calibration(
     b = _node("b", speeds={"m": {"decode_flops_per_s": 2e9, "samples": 5}},
               profiles={"m": {"decode_flops_per_s": 8e9}, "n": {"decode_flops_per_s": 1e9}})  # fmt: skip
     nodes = [b, _node("a"), _node("c", state="lost", last_seen=90.0)]
-    placements = [Placement("x", 3, [("a", 0, 2), ("b", 2, 4), ("a", 4, 5)], [10, 20, 30, 40, 50]),
-                  Placement("y", 1, [("b", 0, 1)], [7])]  # fmt: skip
+    placements = [Placement("x", 3, _stages(("a", 0, 2), ("b", 2, 4), ("a", 4, 5)), [10, 20, 30, 40, 50]),
+                  Placement("y", 1, _stages(("b", 0, 1)), [7])]  # fmt: skip
     links = [{"src": "b", "dst": "a", "bandwidth_bytes_per_s": 1e6, "rtt_s": 0.002, "samples": 3},
              {"src": "a", "dst": "b", "bandwidth_bytes_per_s": None, "rtt_s": None}]  # fmt: skip
     view = cluster_view(nodes, links, now=101.0, suspects=["b"], placements=placements,

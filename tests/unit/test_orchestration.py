@@ -153,7 +153,7 @@ def test_measured_slowdown_compares_a_versions_last_steps_with_its_earlier_ones(
 
 
 def test_failures_are_read_from_their_fields_not_their_message() -> None:
-    stages = tuple(PlacedStage(stage_id=f"d.v1.s{i}", node_id=n, url=f"http://127.0.0.1:810{i}", model="m",
+    stages = tuple(PlacedStage(stage_id=f"d.v1.s{i}", node=n, url=f"http://127.0.0.1:810{i}", model="m",
                                start=i, end=i + 1, next=None) for i, n in enumerate("abc"))  # fmt: skip
     route = Route("d", 1, stages)
     assert (route.entry_url, route.entry_stage) == ("http://127.0.0.1:8100", "d.v1.s0")

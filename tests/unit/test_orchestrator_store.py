@@ -8,7 +8,8 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
-from edgeorch.schemas.orchestrator import PredictedView, QosPolicy, StageView
+from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
+from edgeorch.schemas.plan import PlanStage
 from edgeorch.service.storage import make_engine
 from services.orchestrator.gateway_auth import require_api_key
 from services.orchestrator.store import Base, Conflict, NotFound, OrchestratorStore
@@ -21,8 +22,8 @@ def store(tmp_path) -> OrchestratorStore:
     engine.dispose()
 
 
-def _stages() -> list[StageView]:
-    return [StageView(node="a", start=0, end=10, url="http://a"), StageView(node="b", start=10, end=32)]
+def _stages() -> list[PlanStage]:
+    return [PlanStage(node="a", start=0, end=10, url="http://a"), PlanStage(node="b", start=10, end=32)]
 
 
 def test_deployment_plan_history_and_events_survive_a_new_store(store, tmp_path) -> None:

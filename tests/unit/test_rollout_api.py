@@ -14,7 +14,7 @@ from services.broadcast.app import BroadcastSettings, create_app
 SECRET = "api-test-secret"
 PLAN = {
     "model": "tiny-llama",
-    "stages": [{"node_id": "a", "url": "http://127.0.0.1:9", "start": 0, "end": 6}],
+    "stages": [{"node": "a", "url": "http://127.0.0.1:9", "start": 0, "end": 6}],
 }
 
 
@@ -41,6 +41,16 @@ def _ack(client, rollout_id: str, body: dict, secret: str = SECRET):
             {"deployment": "d", "plan": {**PLAN, "stages": [{**PLAN["stages"][0], "start": 1}]}},
             "must start at 0",
         ),
+        (
+            {"deployment": "d", "plan": {**PLAN, "stages": [{"node": "a", "start": 0, "end": 6}]}},
+            "has no url",
+        ),
+        (
+            {"deployment": "d", "plan": {**PLAN, "stages": [{**PLAN["stages"][0], "node": "a b"}]}},
+            "is not a node id",
+        ),
+        ({"deployment": "d", "plan": {**PLAN, "stages": [{**PLAN["stages"][0], "url": "ftp://x"}]}}, "url"),
+        ({"deployment": "d", "plan": {**PLAN, "stages": [{**PLAN["stages"][0], "node_id": "a"}]}}, "node_id"),
         ({"deployment": "d", "version": 0, "plan": PLAN}, "version"),
         ({"deployment": "d", "plan": PLAN, "extra": 1}, "extra"),
     ],
@@ -76,6 +86,14 @@ def test_rollout_lifecycle_errors_and_signed_desired_state(client) -> None:
     assert _ack(client, rid, good).status_code == 200
     listed = client.get("/v1/rollouts", params={"deployment": "d"}).json()
     assert [x["id"] for x in listed] == [rid] and listed[0]["acks"][0]["bytes_read"] == 5
+
+
+def test_a_plan_in_the_old_format_is_still_accepted(client) -> None:
+    # Broadcast's plans named a stage's node "node_id" before the one stage type; callers may still.
+    old = {**PLAN, "stages": [{"node_id": "a", "url": "http://127.0.0.1:9", "start": 0, "end": 6}]}
+    r = client.post("/v1/rollouts", json={"deployment": "d", "plan": old})
+    assert r.status_code == 201, r.text
+    assert r.json()["nodes"] == ["a"]
 
 
 def test_probes_and_metrics(client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text as sql_text
 
 from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.state import IllegalTransition
@@ -12,8 +13,8 @@ from services.broadcast.store import Base, Conflict, NotFound, RolloutStore
 
 
 def _req(version=None, model="tiny-llama", nodes=("a", "b"), supersede_drain=False) -> RolloutRequest:
-    stages = [{"node_id": nodes[0], "url": "http://a:1", "start": 0, "end": 3},
-              {"node_id": nodes[1], "url": "http://b:1", "start": 3, "end": 6}]  # fmt: skip
+    stages = [{"node": nodes[0], "url": "http://a:1", "start": 0, "end": 3},
+              {"node": nodes[1], "url": "http://b:1", "start": 3, "end": 6}]  # fmt: skip
     return RolloutRequest.model_validate({"deployment": "d", "version": version, "supersede_drain": supersede_drain,
                                           "plan": {"model": model, "stages": stages}})  # fmt: skip
 
@@ -139,3 +140,30 @@ def test_a_rollout_may_supersede_a_drain_and_releases_the_old_version(store) -> 
     # A rollout still preparing is never superseded: two PREPAREs would race.
     with pytest.raises(Conflict, match="still preparing"):
         store.create_rollout(_req(supersede_drain=True), "r4", now=7, prepare_timeout_s=30)
+
+
+# A plan as broadcast stored it before stages had one type: the node under "node_id", HttpUrl's slash.
+OLD_PLAN_JSON = (
+    '{"model":"tiny-llama","stages":[{"node_id":"a","url":"http://a:1/","start":0,"end":3},'
+    '{"node_id":"b","url":"http://b:1/","start":3,"end":6}],"format":"fp32"}'
+)
+
+
+def test_plans_stored_in_the_old_format_are_still_read(tmp_path) -> None:
+    engine, sessions = make_engine(f"sqlite:///{tmp_path / 'old.db'}", Base)
+    try:
+        store = RolloutStore(sessions)
+        store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+        for n in ("a", "b"):
+            store.add_ack(_ack("r1", n), now=1)
+        store.commit("r1", now=1)
+        with engine.begin() as conn:  # the row as the old code wrote it
+            conn.execute(sql_text("UPDATE broadcast_plan_versions SET plan_json = :p"), {"p": OLD_PLAN_JSON})
+        dep = store.deployment("d")
+        assert [(s.node, s.url, s.start, s.end) for s in dep.stages] == [("a", "http://a:1", 0, 3),
+                                                                        ("b", "http://b:1", 3, 6)]  # fmt: skip
+        assert dep.entry.stage_id == "d.v1.s0" and str(dep.entry.url) == "http://a:1/"
+        [entry] = desired_for_node("b", store.snapshots())
+        assert [s["stage_id"] for s in entry["stages"]] == ["d.v1.s1"]
+    finally:
+        engine.dispose()
