@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         print(f"--- {n} simulated nodes", flush=True)
         rows.append(asyncio.run(run_size(n, args, root, profiles)))
-        print(json.dumps(rows[-1], default=str)[:2000], flush=True)
+        print(json.dumps(rows[-1], default=str), flush=True)
     text = markdown(rows, args)
     print(text)
     if not args.quick:
