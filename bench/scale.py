@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -240,7 +241,8 @@ async def run_size(n: int, args: argparse.Namespace, root: Path, profiles: dict)
         fleet = SimFleet(FleetConfig(sim, stack.redis_url))
         await fleet.start()
         headers = {"authorization": f"Bearer {stack.admin_token}"}
-        async with httpx.AsyncClient(headers=headers, timeout=30) as client:
+        # Long: under load, creating a deployment (it profiles the model) took over 30 s.
+        async with httpx.AsyncClient(headers=headers, timeout=180) as client:
             run = Run(stack, fleet, client)
             run.profiles = profiles
             try:
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="20 and 50 nodes, 20 s windows, write nothing")
     args = parser.parse_args(argv)
+    # A TERM (timeout, CI) unwinds like Ctrl-C, so every process the stack started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sizes = [int(s) for s in (args.sizes or ("20,50" if args.quick else "100,300,1000")).split(",")]
     args.window_s = args.window_s or (20.0 if args.quick else 60.0)

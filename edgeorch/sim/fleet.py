@@ -97,10 +97,13 @@ class SimFleet:
         """Stop every node, the subscription and the server."""
         await asyncio.gather(*(n.stop() for n in self.nodes.values()))
         if self._server is not None:
-            self._server.should_exit = True
+            # Forced: the control plane's clients hold keep-alive connections the server would wait on.
+            self._server.should_exit = self._server.force_exit = True
         for t in self._tasks[1:]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+        for t in pending:
+            t.cancel()
 
     async def add(self, spec: SimNodeSpec) -> SimNode:
         """Start a node (a join, or a return under a known id)."""
