@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from pathlib import Path
 
 PERIOD_S = 1.0
 COMMIT_TARGET_S = 10.0
+TITLE = "Control plane at scale: simulated nodes (bench/scale.py)"
 MEMORY_TARGET_BYTES = 1 << 30
 CONTROL_PLANE = ("monitor", "splitter", "broadcast", "orchestrator", "redis")
 
@@ -95,10 +97,18 @@ def _detail_tables(rows: list[dict]) -> list[str]:
     return out
 
 
-def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+def markdown(
+    rows: list[dict], args: argparse.Namespace, title: str = TITLE, image: str | None = "scale.svg"
+) -> str:
     """The tables: one row per size, then per process, planner and rollouts; the knee in words."""
     knee = next((r["nodes"] for r in rows if saturated(r)), None)
-    head = [f"Simulated fleet, heartbeat every {PERIOD_S:g} s, churn 1 %/min leave+join, 5 % of nodes 2x slower, "
+    load = ", ".join(f"{r['nodes']} nodes: {r['load_avg'][0]:.0f}" for r in rows)
+    head = [f"# {title}", "",
+            f"Machine: {os.cpu_count()} cores shared with other jobs; 1-minute load average at the end of each "
+            f"window ({load}). CPU % is of one core, so under that load a process at a few % may be starved, "
+            "not idle: the CPU per heartbeat is the figure that does not depend on the load.", "",
+            *([f"![control plane against fleet size]({image})", ""] if image else []),
+            f"Simulated fleet, heartbeat every {PERIOD_S:g} s, churn 1 %/min leave+join, 5 % of nodes 2x slower, "
             f"{args.window_s:g} s window per size; changes are losses and 4x slowdowns of plan nodes "
             f"(d32 and d80 in turn). Knee: "
             + (f"first saturation at {knee} nodes." if knee else "nothing saturated at the sizes run."), ""]  # fmt: skip
