@@ -47,6 +47,7 @@ DEPLOYMENTS = {"d32": "sim-llama-32", "d80": "sim-llama-80"}
 FORMAT = "int8"
 CHANGE_TIMEOUT_S = 60.0
 JOIN_BATCH = 25
+MEASURE_TIMEOUT_S = 900.0
 
 
 class Run:
@@ -246,7 +247,8 @@ async def run_size(n: int, args: argparse.Namespace, root: Path, profiles: dict)
             run = Run(stack, fleet, client)
             run.profiles = profiles
             try:
-                return await measure(run, n, args)
+                # Bounded: a size that wedges (seen once, before the fixes) must not stall the rest.
+                return await asyncio.wait_for(measure(run, n, args), MEASURE_TIMEOUT_S)
             finally:
                 await fleet.stop()
     finally:

@@ -81,7 +81,7 @@ class RedisCounters:
     """PUBLISH calls and all commands, read from Redis's own counters."""
 
     def __init__(self, url: str):
-        self.client = aioredis.from_url(url)
+        self.client = aioredis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
         self.t0 = 0.0
         self.base = (0, 0)
 
