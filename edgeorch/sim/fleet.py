@@ -11,12 +11,10 @@ subscription would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -178,23 +176,4 @@ class SimFleet:
         return True
 
     async def _follow_rollouts(self) -> None:
-        backoff = 0.5
-        while True:
-            client = aioredis.from_url(self.cfg.redis_url, socket_connect_timeout=2.0)
-            try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(bus.ROLLOUTS)
-                    backoff = 0.5
-                    while True:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            self.on_message(msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: the periodic pulls still converge
-                log.warning("rollout subscription failed (%r); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+        await bus.follow(self.cfg.redis_url, bus.ROLLOUTS, self.on_message)
