@@ -255,6 +255,18 @@ async def run_size(n: int, args: argparse.Namespace, root: Path, profiles: dict)
         await asyncio.to_thread(stack.stop)
 
 
+def _measure_sizes(sizes: list[int], args: argparse.Namespace) -> list[dict]:
+    root = Path(tempfile.mkdtemp(prefix="scale-store-"))
+    write_sim_models(root, STORE / "smollm2-135m")
+    profiles = _profiles(root)
+    rows = []
+    for n in sizes:
+        print(f"--- {n} simulated nodes", flush=True)
+        rows.append(asyncio.run(run_size(n, args, root, profiles)))
+        print(json.dumps(rows[-1], default=str), flush=True)  # one line per size: --from-log reads these
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure every size, print the table; write results unless --quick."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=4, help="plan-node losses/slowdowns timed per size")
     parser.add_argument("--plan-limit-s", type=float, default=2.0, help="planner time limit per objective")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="write the results from the per-size lines an interrupted run printed")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="20 and 50 nodes, 20 s windows, write nothing")
     args = parser.parse_args(argv)
     # A TERM (timeout, CI) unwinds like Ctrl-C, so every process the stack started is stopped.
@@ -270,14 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sizes = [int(s) for s in (args.sizes or ("20,50" if args.quick else "100,300,1000")).split(",")]
     args.window_s = args.window_s or (20.0 if args.quick else 60.0)
-    root = Path(tempfile.mkdtemp(prefix="scale-store-"))
-    write_sim_models(root, STORE / "smollm2-135m")
-    profiles = _profiles(root)
-    rows = []
-    for n in sizes:
-        print(f"--- {n} simulated nodes", flush=True)
-        rows.append(asyncio.run(run_size(n, args, root, profiles)))
-        print(json.dumps(rows[-1], default=str), flush=True)
+    if args.from_log:
+        rows = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
+    else:
+        rows = _measure_sizes(sizes, args)
     text = markdown(rows, args)
     print(text)
     if not args.quick:
