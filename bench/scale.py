@@ -87,7 +87,10 @@ async def wait_committed(run: Run, name: str, after_version: int | None, gone: s
 async def change_to_commit(run: Run, name: str, kind: str, rng: random.Random) -> dict:
     """Lose (or slow 4x) a node of the deployment's plan; time until a committed plan without it."""
     view = await run.deployment(name)
-    node = rng.choice(sorted({s["node"] for s in view["stages"]}))
+    running = sorted({s["node"] for s in view["stages"]} & set(run.fleet.nodes))  # churn may have taken one
+    if not running:
+        return {"deployment": name, "change": kind, "node": None, "to_commit_s": None, "stages_before": 0}
+    node = rng.choice(running)
     t0 = time.monotonic()
     if kind == "loss":
         await run.fleet.remove(node)

@@ -14,8 +14,11 @@ from edgeorch.sim.node import BeatRecord
 
 
 def _tree(pid: int) -> list[psutil.Process]:
-    proc = psutil.Process(pid)
-    return [proc, *proc.children(recursive=True)]
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:  # a child that exited between two looks
+        return []
 
 
 @dataclass
