@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets report compose-check compose-up compose-down image test-compose clean
+.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets bench-scale report compose-check compose-up compose-down image test-compose clean
 
 install: $(STAMP)
 
@@ -73,6 +73,14 @@ bench-adapt: install models
 # rounds 2-3 adaptive and static again; the target also judged on the median), ~20 min each.
 bench-adapt-targets: install models
 	$(BIN)/python -m bench.adapt --scenarios node_slowdown,link_degradation,link_degradation_int8 --repeats 3 $(ADAPT_ARGS)
+
+# The real control plane (monitor, splitter, broadcast, orchestrator, a private Redis)
+# over 100, 300 and 1,000 simulated nodes with churn (bench/scale.py, edgeorch/sim/):
+# where it saturates first. ~15 minutes on 2 shared cores; not part of `make test`.
+# SCALE_ARGS="--quick" runs 20 and 50 nodes and writes nothing.
+SCALE_ARGS ?=
+bench-scale: install models
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 # Every table and plot under bench/results/ in one page: docs/results.md.
 report: install

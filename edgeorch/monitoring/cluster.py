@@ -7,6 +7,8 @@ service persists and publishes them. That keeps the detection rules (what is
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,14 +82,17 @@ class ClusterState:
         self.t = thresholds or Thresholds()
         self.nodes: dict[str, NodeRecord] = {}
         self.links: dict[tuple[str, str], LinkRecord] = {}
+        self._ring: list[tuple[bytes, str]] | None = None  # live nodes by hash; None: rebuild
 
     def restore(self, reg: Registration, registered_at: float, now: float) -> None:
         """Re-add a node from durable storage after a restart; it must heartbeat to stay alive."""
         self.nodes[reg.node_id] = NodeRecord(reg.node_id, reg.url, reg.capacity, registered_at, last_seen=now)
+        self._ring = None
 
     def register(self, reg: Registration, now: float) -> list[EventDraft]:
         """A node announces itself: joined (new), returned (was lost), or a refresh."""
         rec = self.nodes.get(reg.node_id)
+        self._ring = None
         if rec is None:
             self.nodes[reg.node_id] = NodeRecord(reg.node_id, reg.url, reg.capacity, now, last_seen=now)
             return [EventDraft("node_joined", reg.node_id, {"url": reg.url, **reg.capacity.model_dump()})]
@@ -103,6 +108,7 @@ class ClusterState:
         events: list[EventDraft] = []
         if rec.state == "lost":
             rec.state = "alive"
+            self._ring = None
             events.append(EventDraft("node_returned", node_id, {"url": rec.url}))
         rec.last_seen = now
         rec.live = hb.model_dump(
@@ -179,14 +185,43 @@ class ClusterState:
                 and now - rec.last_seen > self.t.lost_after_s
             ):
                 rec.state = "lost"
+                self._ring = None
                 events.append(EventDraft("node_lost", rec.node_id, {"silent_s": now - rec.last_seen}))
         return events
 
-    def peers_of(self, node_id: str) -> list[tuple[str, str]]:
-        """(id, url) of every other live node."""
-        return [
-            (r.node_id, r.url) for r in self.nodes.values() if r.node_id != node_id and r.state == "alive"
-        ]
+    def peers_of(self, node_id: str, limit: int | None = None) -> list[tuple[str, str]]:
+        """(id, url) of the other live nodes a node should probe: all of them, or ``limit`` at most.
+
+        Every worker probes every peer it is given, so unbounded this is N²
+        probes and N² link records (at 1,000 nodes a million, and every
+        heartbeat reply lists 999 peers). Past ``limit`` a node gets its
+        ``limit`` successors on a hash ring of the live nodes instead: each
+        node still has measured links, the set only changes for the nodes
+        next to one that joins or leaves (so link estimates are kept), and
+        the monitor's work per heartbeat no longer grows with the fleet.
+        """
+        if limit is None:
+            return [
+                (r.node_id, r.url) for r in self.nodes.values() if r.node_id != node_id and r.state == "alive"
+            ]
+        ring = self._live_ring()
+        if len(ring) - 1 <= limit:
+            return [(n, self.nodes[n].url) for _, n in ring if n != node_id]
+        at = bisect.bisect_right(ring, (_ring_key(node_id), node_id))
+        out: list[tuple[str, str]] = []
+        for i in range(len(ring)):
+            peer = ring[(at + i) % len(ring)][1]
+            if peer != node_id:
+                out.append((peer, self.nodes[peer].url))
+            if len(out) == limit:
+                break
+        return out
+
+    def _live_ring(self) -> list[tuple[bytes, str]]:
+        if self._ring is None:
+            self._ring = sorted((_ring_key(r.node_id), r.node_id) for r in self.nodes.values()
+                                if r.state == "alive")  # fmt: skip
+        return self._ring
 
     def node_view(self, rec: NodeRecord, model: str | None = None) -> NodeView:
         """A node in the shape GET /v1/nodes returns."""
@@ -217,3 +252,8 @@ class ClusterState:
                 resolvable_bytes_per_s=s.resolvable_bytes_per_s, samples=s.samples, updated_at=rec.updated_at,
             ))  # fmt: skip
         return out
+
+
+def _ring_key(node_id: str) -> bytes:
+    """A node's place on the peer ring: a hash, so neighbours are unrelated to names or join order."""
+    return hashlib.blake2b(node_id.encode(), digest_size=8).digest()

@@ -15,7 +15,7 @@ from edgeorch.planning.cost import evaluate
 from edgeorch.planning.problem import Stage
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
-from edgeorch.schemas.plan import LinkSpec, NodeSpec, PlanRequest, PlanStage, Workload
+from edgeorch.schemas.plan import DefaultLink, LinkSpec, NodeSpec, PlanRequest, PlanStage, Workload
 from edgeorch.schemas.profile import ModelProfile
 
 # A link the monitor has not measured yet (a node that joined a second ago)
@@ -35,6 +35,12 @@ UNMEASURED_RTT_S = 0.002
 # plane does not pay (the answer rides the previous hop's response), which
 # makes a slow node look slightly worse as the last stage than it is.
 RTT_CHARGE_FACTOR = 2.0
+# The unmeasured links go to the splitter as one default, not one LinkSpec per
+# pair: at 1,000 nodes the full mesh is a million links (a ~100 MB request),
+# while the monitor measures each node's links to a few ring peers only.
+UNMEASURED_LINK = DefaultLink(
+    bandwidth_bytes_per_s=UNMEASURED_BANDWIDTH_BYTES_PER_S, rtt_s=RTT_CHARGE_FACTOR * UNMEASURED_RTT_S
+)
 
 
 class NoNodesError(RuntimeError):
@@ -63,7 +69,8 @@ def trusted_units(policy: QosPolicy, num_units: int) -> list[int]:
 def cluster_from_monitor(
     nodes: list[NodeView], links: list[LinkView], allowed: list[str] | None, exclude: set[str]
 ) -> Cluster:
-    """Nodes that are alive, calibrated and allowed, and every link between two of them."""
+    """Nodes that are alive, calibrated and allowed, and the measured links between two of them
+    (every other pair is :data:`UNMEASURED_LINK`, the request's default)."""
     specs, urls = [], {}
     for n in nodes:
         nid = n.node_id
@@ -77,19 +84,14 @@ def cluster_from_monitor(
     if not specs:
         raise NoNodesError("no live node calibrated on this model" + (f" (excluded {sorted(exclude)})"
                                                                        if exclude else ""))  # fmt: skip
-    measured = {(lk.src, lk.dst): lk for lk in links}
+    ids = set(urls)
     specs_links = []
-    for a in specs:
-        for b in specs:
-            if a.id == b.id:
-                continue
-            lk = measured.get((a.id, b.id))
-            bandwidth = lk.bandwidth_bytes_per_s if lk is not None else None
-            rtt = lk.rtt_s if lk is not None else None
-            specs_links.append(LinkSpec(
-                src=a.id, dst=b.id, bandwidth_bytes_per_s=bandwidth or UNMEASURED_BANDWIDTH_BYTES_PER_S,
-                rtt_s=RTT_CHARGE_FACTOR * (rtt if rtt is not None else UNMEASURED_RTT_S),
-            ))  # fmt: skip
+    for lk in links:
+        if lk.src == lk.dst or lk.src not in ids or lk.dst not in ids:
+            continue
+        bandwidth = lk.bandwidth_bytes_per_s or UNMEASURED_BANDWIDTH_BYTES_PER_S
+        rtt = RTT_CHARGE_FACTOR * (lk.rtt_s if lk.rtt_s is not None else UNMEASURED_RTT_S)
+        specs_links.append(LinkSpec(src=lk.src, dst=lk.dst, bandwidth_bytes_per_s=bandwidth, rtt_s=rtt))
     return Cluster(specs, specs_links, urls)
 
 
@@ -114,6 +116,7 @@ def plan_request(
         profile=profile,
         nodes=cluster.nodes,
         links=cluster.links,
+        default_link=UNMEASURED_LINK,
         source=choose_source(cluster, policy),
         objective=policy.objective,
         strategy=policy.strategy,

@@ -32,6 +32,9 @@ def problem_from_request(req: PlanRequest) -> Problem:
         trusted=[n.trusted for n in req.nodes],
         watts=[n.watts for n in req.nodes],
         links=[(link.src, link.dst, link.bandwidth_bytes_per_s, link.rtt_s) for link in req.links],
+        default_link=(req.default_link.bandwidth_bytes_per_s, req.default_link.rtt_s)
+        if req.default_link
+        else None,
         source=req.source,
         input_bytes_per_token=prof.input_bytes_per_token,
         result_bytes_per_token=prof.result_bytes_per_token,

@@ -147,14 +147,17 @@ def build_problem(
     migration_weight: float = 0.0,
     max_migration_bytes: int | None = None,
     time_limit_s: float = 1.0,
+    default_link: tuple[float, float] | None = None,
 ) -> Problem:
     """A :class:`Problem` from plain sequences; ``links`` are (src, dst, bandwidth, rtt).
+
+    ``default_link`` (bandwidth, rtt), when given, is every other ordered pair of distinct nodes.
 
     Inputs are assumed validated (the pydantic request does that at the edge).
     """
     ids = tuple(node_ids)
     index = {nid: i for i, nid in enumerate(ids)}
-    has_link, bandwidth, rtt = _link_arrays(index, links)
+    has_link, bandwidth, rtt = _link_arrays(index, links, default_link)
     mask = np.zeros(len(unit_names), dtype=bool)
     mask[list(trusted_units)] = True
     return Problem(
@@ -184,12 +187,18 @@ def build_problem(
     )
 
 
-def _link_arrays(index: dict[str, int], links) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(has_link, bandwidth, rtt) matrices from (src, dst, bandwidth, rtt) tuples."""
+def _link_arrays(
+    index: dict[str, int], links, default: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(has_link, bandwidth, rtt) matrices from (src, dst, bandwidth, rtt) tuples over a default."""
     n = len(index)
     has_link = np.zeros((n, n), dtype=bool)
     bandwidth = np.zeros((n, n), dtype=np.float64)
     rtt = np.zeros((n, n), dtype=np.float64)
+    if default is not None:
+        off_diagonal = ~np.eye(n, dtype=bool)
+        has_link[off_diagonal] = True
+        bandwidth[off_diagonal], rtt[off_diagonal] = default
     for src, dst, bw, r in links:
         i, j = index[src], index[dst]
         has_link[i, j] = True

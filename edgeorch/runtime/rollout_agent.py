@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
 from edgeorch.rollout.plan import parse_stage_id
@@ -121,29 +120,9 @@ class RolloutAgent:
         return True
 
     async def _subscribe_loop(self) -> None:
-        backoff = 0.5
-        while True:
-            client = aioredis.from_url(self.cfg.redis_url, socket_connect_timeout=2.0)
-            try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(bus.ROLLOUTS)
-                    log.info("subscribed to %s at %s", bus.ROLLOUTS, self.cfg.redis_url)
-                    backoff = 0.5
-                    self._wake.set()  # anything published while we were not listening is in the pull
-                    while True:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            self.on_message(msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("rollout subscription to %s failed (%r); retrying in %.1fs",
-                            self.cfg.redis_url, exc, backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+        # Anything published while we were not listening is in the pull: reconcile on (re)subscribing.
+        await bus.follow(self.cfg.redis_url, bus.ROLLOUTS, self.on_message, on_subscribed=self._wake.set,
+                         max_backoff_s=MAX_BACKOFF_S)  # fmt: skip
 
     # ----- reconcile -------------------------------------------------------
 

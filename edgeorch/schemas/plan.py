@@ -124,6 +124,15 @@ class PlanStage(BaseModel):
         return self
 
 
+class DefaultLink(BaseModel):
+    """What every ordered pair of distinct nodes that ``links`` does not list is assumed to have."""
+
+    model_config = _STRICT
+
+    bandwidth_bytes_per_s: float = Field(ge=1.0, le=1e15)
+    rtt_s: float = Field(ge=0, le=3600)
+
+
 class PlanRequest(BaseModel):
     """Everything the planner needs; see DESIGN.md §4 for the shape."""
 
@@ -132,6 +141,11 @@ class PlanRequest(BaseModel):
     profile: ModelProfile
     nodes: list[NodeSpec] = Field(min_length=1, max_length=MAX_NODES)
     links: list[LinkSpec] = Field(default_factory=list)
+    default_link: DefaultLink | None = Field(
+        default=None,
+        description="assumed for pairs `links` does not list (a large fleet sends measured links only); "
+        "null: such pairs have no link",
+    )
     source: str = Field(
         min_length=1, max_length=128, description="node where requests enter and results return"
     )

@@ -8,9 +8,11 @@ is away is caught up by the subscriber pulling state over REST.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -93,3 +95,43 @@ class ResilientPublisher:
             await asyncio.wait_for(self._redis.aclose(), timeout_s)
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("closing redis at %s did not finish (%r); leaving it", self.url, exc)
+
+
+async def follow(
+    url: str,
+    channel: str,
+    handle: Callable[[Any], object],
+    on_subscribed: Callable[[], object] | None = None,
+    max_backoff_s: float = 30.0,
+) -> None:
+    """Hand every message published on ``channel`` to ``handle``, until cancelled.
+
+    While Redis is away it retries with capped exponential backoff;
+    ``on_subscribed`` runs after every (re)subscription, for a subscriber
+    that must catch up on what was published while it was not listening.
+    """
+    backoff = 0.5
+    while True:
+        client = aioredis.from_url(url, socket_connect_timeout=2.0)
+        try:
+            async with client.pubsub() as pubsub:
+                await pubsub.subscribe(channel)
+                log.info("subscribed to %s at %s", channel, url)
+                backoff = 0.5
+                if on_subscribed is not None:
+                    on_subscribed()
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        handle(msg["data"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis away: log, back off, subscribe again
+            log.warning("subscription to %s at %s failed (%r); retrying in %.1fs", channel, url, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+        finally:
+            # Bounded, as in ResilientPublisher.close: a cancelled command can leave a connection
+            # that never finishes closing.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 2.0)

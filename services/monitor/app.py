@@ -34,6 +34,9 @@ class MonitorSettings(ServiceSettings):
     bandwidth_change: float = Field(default=0.3, gt=0, description="relative bandwidth change worth an event")
     rtt_change: float = Field(default=0.5, gt=0, description="relative RTT change worth an event")
     live_ttl_s: int = Field(default=5, ge=1, description="expiry of live state in Redis")
+    max_peers: int = Field(
+        default=16, ge=1, description="peers each node probes at most (its successors on a hash ring)"
+    )
 
 
 class Monitor:
@@ -91,7 +94,9 @@ class Monitor:
         await self._write_live(node_id)
         rec = self.cluster.nodes[node_id]
         return HeartbeatReply(
-            peers=[Peer(node_id=n, url=u) for n, u in self.cluster.peers_of(node_id)],
+            peers=[
+                Peer(node_id=n, url=u) for n, u in self.cluster.peers_of(node_id, self.settings.max_peers)
+            ],
             profile_models=self.profile_models,
             profiled_models=sorted(rec.profiles),
         )

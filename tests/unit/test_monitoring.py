@@ -134,3 +134,30 @@ def test_paired_probes_cancel_shared_overhead() -> None:
         est.add_pair((64, 0.008), (50_064, 0.028))
     assert est.bandwidth.value() == pytest.approx(2.5e6)
     assert est.rtt.value() == pytest.approx(0.008)
+
+
+def test_peers_past_the_limit_are_ring_successors_stable_under_churn() -> None:
+    c = ClusterState()
+    ids = [f"n{i:03d}" for i in range(200)]
+    for n in ids:
+        c.register(Registration(node_id=n, url=f"http://{n}", capacity=CAP), now=0)
+    assert len(c.peers_of("n000")) == 199  # no limit: everyone, as before
+    assert sorted(p for p, _ in c.peers_of("n000", limit=199)) == ids[1:]  # a limit above the fleet: all
+    peers = {n: [p for p, _ in c.peers_of(n, limit=8)] for n in ids}
+    assert all(len(set(v)) == 8 and n not in v for n, v in peers.items())
+    # Every node is probed by about as many nodes as it probes (the ring spreads the load).
+    probed_by = {n: 0 for n in ids}
+    for v in peers.values():
+        for p in v:
+            probed_by[p] += 1
+    assert set(probed_by.values()) == {8}
+    # One node lost: only the nodes that had it as a peer get a different set.
+    c.nodes["n100"].last_seen = 0
+    for n in ids:
+        if n != "n100":
+            c.nodes[n].last_seen = 10
+    c.sweep(now=10.5)
+    after = {n: [p for p, _ in c.peers_of(n, limit=8)] for n in ids if n != "n100"}
+    changed = [n for n, v in after.items() if v != peers[n]]
+    assert sorted(changed) == sorted(n for n, v in peers.items() if "n100" in v)
+    assert all("n100" not in v for v in after.values())

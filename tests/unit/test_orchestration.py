@@ -17,6 +17,7 @@ from edgeorch.orchestration.snapshot import (
     trusted_units,
 )
 from edgeorch.orchestration.text import TextStream
+from edgeorch.planning.api import problem_from_request
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
 from edgeorch.schemas.plan import PlanStage
@@ -65,7 +66,13 @@ def test_cluster_keeps_live_calibrated_allowed_nodes_and_fills_unmeasured_links(
     by_pair = {(lk.src, lk.dst): lk for lk in cl.links}
     # The planner is given the round trip a step pays on each hop (request and response).
     assert by_pair["a", "b"].bandwidth_bytes_per_s == 5e6 and by_pair["a", "b"].rtt_s == 0.008
-    assert by_pair["b", "a"].bandwidth_bytes_per_s == UNMEASURED_BANDWIDTH_BYTES_PER_S
+    # Unmeasured pairs are not listed one by one: the request's default stands for them.
+    assert ("b", "a") not in by_pair
+    req = plan_request(_profile(), cl, QosPolicy(), None)
+    problem = problem_from_request(req)
+    b, a = problem.node_ids.index("b"), problem.node_ids.index("a")
+    assert problem.has_link[b, a] and problem.bandwidth_bytes_per_s[b, a] == UNMEASURED_BANDWIDTH_BYTES_PER_S
+    assert problem.rtt_s[a, b] == 0.008 and not problem.has_link[a, a]
     assert set(cl.urls) == {"a", "b"}
     assert [n.id for n in cluster_from_monitor(nodes, links, ["b"], set()).nodes] == ["b"]
     with pytest.raises(NoNodesError, match="excluded"):
