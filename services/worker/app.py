@@ -13,6 +13,7 @@ import psutil
 from fastapi import FastAPI
 from pydantic import Field
 
+from edgeorch.engine import import_engine
 from edgeorch.models.store import ModelStore
 from edgeorch.rollout.signing import resolve_secret
 from edgeorch.runtime.agent import AgentConfig, MonitorAgent
@@ -96,7 +97,8 @@ async def _sweep_sessions(host: StageHost, every_s: float) -> None:
 
 
 def create_app(settings: WorkerSettings) -> FastAPI:
-    """Build a worker app; nothing is loaded until a stage is PUT."""
+    """Build a worker app; nothing is loaded until a stage is PUT (the engine's code is imported now)."""
+    import_engine()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
