@@ -60,9 +60,10 @@ def import_engine() -> None:
     the models. A worker calls this at startup: a deployed worker pays the
     same anyway before its first stage, when it calibrates its deployment's
     model (the probe builds that family's adapter), and a worker that never
-    calibrates pays it with its first stage. Paid up front, it is part of the
-    bare process rather than of whichever stage happens to load first, and
-    the first load no longer stalls on seconds of imports.
+    calibrates pays it with its first stage. Paid up front (on a thread, so
+    the worker answers meanwhile), it is part of the bare process rather than
+    of whichever stage happens to load first, and a first load that comes
+    later no longer stalls on seconds of imports.
     """
     import importlib
 
