@@ -110,7 +110,8 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
     profile = adapter.profile(model, weight_format=fmt).units  # the planner's memory model
     token = CommonSettings().admin_token
     env = {"EDGEORCH_ADMIN_TOKEN": token, **({"EDGEORCH_MEMORY": str(memory)} if memory else {})}
-    with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env=env) as ws:
+    # A generous start: on a shared, loaded machine a worker's imports alone took over 60 s.
+    with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env=env, start_timeout_s=600) as ws:
         _wait_engine_imported(ws)
         bare = [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
         ready = _ready_rss(ws, warmup, token)
