@@ -6,11 +6,16 @@ reads from /proc per worker:
 
 - ``planned``: the stage's ``param_bytes`` plus its KV for one session of
   ``--context`` tokens (what the worker's memory check counts);
+- ``planner/held``: the planner's memory model for the stage (the unit
+  profile's param bytes + KV bytes per token x ``--context``) over what the
+  worker holds (``planned``);
 - ``peak``: ``VmHWM`` (peak RSS, anonymous and file pages), and
   ``(peak - bare) / planned``, the figure issue 16 targets at <= 1.15;
+- ``bare``: RSS of the fresh worker, which has imported the engine's code
+  at startup (:func:`edgeorch.engine.import_engine`);
 - ``ready``: RSS after the worker loaded, ran and dropped a one-unit stage
-  of a small model of the family (code imported, not data), and
-  ``(peak - ready) / planned``;
+  of a small model of the family (first-use state of the kernels, not
+  data), and ``(peak - ready) / planned``;
 - ``read/share``: the bytes the worker's load read (unit files mapped, or
   checkpoint tensors read), over its ``param_bytes``; ``mapped/share``: the
   model-store file bytes resident in its mappings (``/proc/PID/smaps``);
@@ -69,6 +74,17 @@ def split_even(num_units: int, n: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(n)]
 
 
+def _wait_engine_imported(ws: LocalWorkers, timeout_s: float = 600.0) -> None:
+    """Wait until every worker has imported the engine's code (it does at startup, on a thread)."""
+    deadline = time.monotonic() + timeout_s
+    for w in ws.workers:
+        while not httpx.get(f"{w.url}/v1/memory", timeout=30).json().get("engine_imported"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{w.url} has not imported the engine after {timeout_s:.0f} s")
+            time.sleep(0.5)
+    time.sleep(1.0)
+
+
 def _ready_rss(ws: LocalWorkers, warmup: str, token: str) -> list[int]:
     """RSS of each worker after it loaded, ran and dropped a one-unit stage of ``warmup``.
 
@@ -91,10 +107,12 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
     """One chain of ``n_stages`` workers for ``model`` in ``fmt``; one row per worker."""
     adapter = adapter_for(load_config(store.path(model)))
     ranges = split_even(adapter.num_units, n_stages)
+    profile = adapter.profile(model, weight_format=fmt).units  # the planner's memory model
     token = CommonSettings().admin_token
     env = {"EDGEORCH_ADMIN_TOKEN": token, **({"EDGEORCH_MEMORY": str(memory)} if memory else {})}
-    with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env=env) as ws:
-        time.sleep(1.0)
+    # A generous start: on a shared, loaded machine a worker's imports alone took over 60 s.
+    with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env=env, start_timeout_s=600) as ws:
+        _wait_engine_imported(ws)
         bare = [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
         ready = _ready_rss(ws, warmup, token)
         opts = {"engine": "lean", "format": fmt, "kv_sessions": 1, "kv_context": context}
@@ -111,9 +129,12 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
             kv = int(info.get("kv_bytes") or 0)
             planned = info["param_bytes"] + kv
             share = info["param_bytes"]
+            units = profile[ranges[i][0] : ranges[i][1]]
+            model_bytes = sum(u.param_bytes + u.kv_bytes_per_token * context for u in units)
             rows.append({
                 "model": model, "format": fmt, "stage": f"{ranges[i][0]}:{ranges[i][1]}",
-                "param_bytes": share, "kv_bytes": kv, "planned": planned, "bare_rss": bare[i],
+                "param_bytes": share, "kv_bytes": kv, "planned": planned, "planner_over_held": model_bytes / planned,
+                "bare_rss": bare[i],
                 "ready_rss": ready[i], "peak_rss": st["VmHWM"], "rss_anon": st["RssAnon"], "rss_file": st["RssFile"],
                 "ratio": (st["VmHWM"] - bare[i]) / planned, "ratio_ready": (st["VmHWM"] - ready[i]) / planned,
                 "read_over_share": int(info.get("bytes_read") or 0) / share,
@@ -127,13 +148,13 @@ def table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     mib = 1 << 20
     head = ("| model | fmt | stage | planned MiB | bare MiB | ready MiB | peak MiB | (peak-bare)/planned "
-            "| (peak-ready)/planned | read/share | mapped/share | load s | decode tok/s |")  # fmt: skip
-    lines = [head, "|" + "---|" * 13]
+            "| (peak-ready)/planned | planner/held | read/share | mapped/share | load s | decode tok/s |")  # fmt: skip
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['format']} | {r['stage']} | {r['planned'] / mib:.1f} | {r['bare_rss'] / mib:.0f} "
             f"| {r['ready_rss'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | {r['ratio']:.2f} | {r['ratio_ready']:.2f} "
-            f"| {r['read_over_share']:.2f} | {r['resident_over_share']:.2f} | {r['load_s']:.2f} "
+            f"| {r['planner_over_held']:.3f} | {r['read_over_share']:.2f} | {r['resident_over_share']:.2f} | {r['load_s']:.2f} "
             f"| {r['decode_tok_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -207,7 +207,9 @@ def _add_models(sub) -> None:
     p.set_defaults(func=_models_import)
     p = msub.add_parser("synth", help="write a random-weight model of a real shape, unit by unit")
     p.add_argument("name")
-    p.add_argument("--shape", required=True, help="tinyllama-1.1b or llama-7b")
+    p.add_argument(
+        "--shape", required=True, help="tinyllama-1.1b, llama-7b, or test-tiny (a few MB, for tests)"
+    )
     p.add_argument("--format", required=True, help="fp32, bf16, int8 or int4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store")

@@ -20,7 +20,7 @@ from edgeorch.schemas.profile import WeightFormat
 Engine = Literal["hf", "lean"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 
-__all__ = ["ENGINES", "FORMATS", "Engine", "WeightFormat", "load_adapter", "stage_adapter"]
+__all__ = ["ENGINES", "FORMATS", "Engine", "WeightFormat", "import_engine", "load_adapter", "stage_adapter"]
 
 
 def stage_adapter(config: PretrainedConfig, engine: str = "hf", weight_format: str = "fp32"):
@@ -50,3 +50,30 @@ def stage_adapter(config: PretrainedConfig, engine: str = "hf", weight_format: s
 def load_adapter(model_dir: Path, engine: str = "hf", weight_format: str = "fp32"):
     """:func:`stage_adapter` for a checkpoint directory (reads its config only)."""
     return stage_adapter(load_config(model_dir), engine, weight_format)
+
+
+def import_engine() -> None:
+    """Import the engine's code for every model family now: ours and transformers' modelling modules.
+
+    About 87 MB resident, nearly all of it ``transformers.modeling_utils``
+    (what the families' modules build on), paid once per process whatever
+    the models. A worker calls this at startup: a deployed worker pays the
+    same anyway before its first stage, when it calibrates its deployment's
+    model (the probe builds that family's adapter), and a worker that never
+    calibrates pays it with its first stage. Paid up front (on a thread, so
+    the worker answers meanwhile), it is part of the bare process rather than
+    of whichever stage happens to load first, and a first load that comes
+    later no longer stalls on seconds of imports.
+    """
+    import importlib
+
+    from edgeorch.models.llama import _ARCH
+
+    modules = [m for m, *_ in _ARCH.values()]
+    for name in (
+        *modules,
+        "edgeorch.engine.lean_llama",
+        "edgeorch.engine.lean_gpt2",
+        "edgeorch.engine.lean_bert",
+    ):
+        importlib.import_module(name)

@@ -187,8 +187,10 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype)
+        # int4 takes its activation in its scales' dtype: bf16, or float32 for a GGUF's own blocks.
+        dtype = self.scales.dtype if self.fmt == "int4" else self.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if self.fmt == "fp32":
             return F.linear(x, self.weight, self.bias)
         if self.fmt == "bf16":
@@ -208,7 +210,7 @@ class PackedLinear(nn.Module):
         if self.fmt == "int8":
             return dequantize_int8(self.weight, self.scales)
         if self.fmt == "int4":
-            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+            eye = torch.eye(self.in_features, dtype=self.scales.dtype)
             # The packed layout is the kernel's own: read it back by multiplying the identity.
             return (
                 torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, INT4_GROUP, self.scales)

@@ -10,10 +10,14 @@ GGUF files are checked before anything is written: the architecture must be
 one the Llama adapter runs (llama, qwen2, mistral), and every tensor's data
 must lie inside the file (a truncated download is refused, not half read).
 Their weights are then dequantised to fp32 by transformers (as `models
-prepare` does for SmolLM2) and packed from there: int4 packing re-quantises
-Q4_0/Q4_1 groups of 32, which recovers llama.cpp's 16-level grid up to the
-bf16 rounding of each group's scale and zero; Q8_0 blocks are not taken
-as they are (the int8 format has one scale per row, Q8_0 one per 32 values).
+prepare` does for SmolLM2) into the entry's checkpoint. int4 takes the
+layers' Q4_0/Q4_1 blocks as they are (:mod:`edgeorch.engine.gguf_blocks`:
+llama.cpp's weights, bit for bit, with float32 scales and zeros) when every
+layer matrix is Q4_0/Q4_1 and maps exactly; otherwise, and for every other
+format, the units are packed from the checkpoint (int4 then re-quantises,
+recovering a 4-bit grid up to the bf16 rounding of each group's scale and
+zero). Q8_0 blocks are never taken as they are: the int8 format has one
+scale per row, Q8_0 one per 32 values (see gguf_blocks for why).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from edgeorch.engine.gguf_blocks import NotExact, pack_gguf_int4
 from edgeorch.engine.synth import pack_store
 from edgeorch.models import adapter_for, load_config
+from edgeorch.models.formats import INT4_SCALES_KEY
 from edgeorch.models.store import MARKER, ModelStore, ModelStoreError, checkpoint_from_gguf
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,29 @@ def _copy_hf(src: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
+def _set_config(model_dir: Path, **values) -> None:
+    """Set (a value None: remove) keys of ``model_dir``'s config.json."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for key, value in values.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _gguf_int4(gguf: Path, model_dir: Path) -> str:
+    """Pack int4 from the GGUF's own Q4 blocks when they map exactly; returns how int4 was made."""
+    _set_config(model_dir, **{INT4_SCALES_KEY: "float32"})  # before packing: the profile counts fp32 scales
+    try:
+        pack_gguf_int4(gguf, model_dir)
+    except NotExact as exc:
+        _set_config(model_dir, **{INT4_SCALES_KEY: None})
+        log.warning("%s: its blocks are not taken as int4 (%s); int4 is re-quantised from fp32", gguf, exc)
+        return f"re-quantised from the dequantised checkpoint ({exc})"
+    return "the GGUF's Q4_0/Q4_1 blocks, taken as they are (float32 scales and zeros)"
+
+
 def import_model(store: ModelStore, path: Path, name: str, formats: list[str]) -> Path:
     """Import ``path`` (a .gguf file or an HF checkpoint directory) as ``name``, packed in ``formats``."""
     path = Path(path).expanduser()
@@ -83,17 +112,17 @@ def import_model(store: ModelStore, path: Path, name: str, formats: list[str]) -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        record = {"name": name, "source": f"imported from {path}"}
         if is_gguf:
             checkpoint_from_gguf(path, tmp)
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg["architectures"] = [GGUF_ARCHS[arch]]
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            _set_config(tmp, architectures=[GGUF_ARCHS[arch]])
+            if "int4" in formats:
+                record["int4"] = _gguf_int4(path, tmp)
         else:
             _copy_hf(path, tmp)
-        kind = "decoder" if adapter_for(load_config(tmp)).is_decoder else "encoder"
-        family = adapter_for(load_config(tmp)).family
+        adapter = adapter_for(load_config(tmp))
+        record |= {"family": adapter.family, "kind": "decoder" if adapter.is_decoder else "encoder"}
         pack_store(store, [str(tmp)], formats)  # a directory path: the store takes it as it is
-        record = {"name": name, "family": family, "kind": kind, "source": f"imported from {path}"}
         (tmp / MARKER).write_text(json.dumps(record, indent=2))
         tmp.rename(store.root / name)
     except BaseException:

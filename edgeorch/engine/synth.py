@@ -10,7 +10,9 @@ Shapes (the published configs; the vocabulary is SmolLM2's 49152 tokens, so
 the store's one tokenizer serves them and every token id is in range):
 
 - ``tinyllama-1.1b``: 22 layers, hidden 2048, MLP 5632, 32 heads, GQA with 4 KV heads;
-- ``llama-7b``: Llama 2 7B: 32 layers, hidden 4096, MLP 11008, 32 heads, MHA (32 KV heads).
+- ``llama-7b``: Llama 2 7B: 32 layers, hidden 4096, MLP 11008, 32 heads, MHA (32 KV heads);
+- ``test-tiny``: not a real model: 2 layers, hidden 64, GQA 4/2 heads (~3 MB in int8), so tests
+  of the synthesise-and-serve path run in seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from edgeorch.engine.pack import pack_model, synth_units
 from edgeorch.models.formats import check_format
 from edgeorch.models.store import MARKER, ModelStore, ModelStoreError
-from edgeorch.models.unitfile import PackedUnits
+from edgeorch.models.unitfile import PackedUnits, has_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ SHAPES: dict[str, dict] = {
         "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
     },
+    "test-tiny": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+    },
 }  # fmt: skip
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -57,10 +63,7 @@ def pack_store(store: ModelStore, names: list[str], formats: list[str], force: b
     done = []
     for name in names:
         model_dir = store.path(name)
-        if (
-            not (model_dir / "model.safetensors").exists()
-            and not (model_dir / "model.safetensors.index.json").exists()
-        ):
+        if not has_checkpoint(model_dir):
             continue  # synthesised: packed only, nothing to pack from
         for fmt in formats:
             if PackedUnits(model_dir, fmt).complete() and not force:

@@ -216,6 +216,7 @@ class LocalWorkers:
         threads: int = 0,
         log_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
+        start_timeout_s: float = 60.0,
     ):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="edgeorch-workers-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ class LocalWorkers:
             for i in range(n):
                 self.add_worker(f"worker-{i}", env)
             for w in self.workers:
-                w.wait_healthy()
+                w.wait_healthy(start_timeout_s)
         except BaseException:
             self.stop()
             raise

@@ -10,7 +10,9 @@ A scenario is a YAML file with a ``workers`` list (see ``scenarios/demo.yaml``):
         watts: 15
 
 Each worker becomes one ``edgeorch worker`` process whose EDGEORCH_* settings
-carry the capacity it reports to the monitor.
+carry the capacity it reports to the monitor. Optional ``model`` and
+``policy`` (a deployment's QoS policy: weight format, workload ...) say what
+`edgeorch up` deploys on them; its ``--model`` and ``--format`` override.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgeorch.schemas.orchestrator import QosPolicy
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "demo.yaml"
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # also a log file name, so no dots or slashes
@@ -97,6 +101,8 @@ class Scenario(BaseModel):
 
     description: str = ""
     workers: list[WorkerSpec] = Field(min_length=1)
+    model: str | None = Field(default=None, description="what `edgeorch up` deploys (default smollm2-135m)")
+    policy: QosPolicy | None = Field(default=None, description="the QoS policy `edgeorch up` deploys under")
 
     @field_validator("workers")
     @classmethod

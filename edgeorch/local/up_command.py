@@ -18,8 +18,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
+from edgeorch.schemas.orchestrator import QosPolicy
+from edgeorch.schemas.profile import WeightFormat
+
+if TYPE_CHECKING:
+    from edgeorch.local.scenario import Scenario
+
+DEFAULT_MODEL = "smollm2-135m"
 SAMPLE_PROMPT = "What is the capital of France?"
 SAMPLE_MAX_TOKENS = 32
 
@@ -32,7 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `edgeorch up`."""
     p.add_argument("--workers", type=int, help="number of workers (default: as many as the scenario lists)")
     p.add_argument("--scenario", type=Path, help="scenario YAML (default: scenarios/demo.yaml)")
-    p.add_argument("--model", default="smollm2-135m", help="model to deploy (default: smollm2-135m)")
+    p.add_argument(
+        "--model", default=None,
+        help="model to deploy: a store name (prepared, imported or synthesised); default: the scenario's, "
+        "else smollm2-135m",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=get_args(WeightFormat), default=None,
+        help="weight format of every stage; default: the scenario policy's, else fp32, or the format a "
+        "packed-only model was written in",
+    )  # fmt: skip
     p.add_argument(
         "--once", action="store_true", help="start, deploy, answer the sample, then stop and exit (CI)"
     )
@@ -76,9 +92,11 @@ def _detail(resp) -> str:
         return resp.text[:500]
 
 
-def create_deployment(client, url: str, token: str, name: str, model: str) -> None:
+def create_deployment(
+    client, url: str, token: str, name: str, model: str, policy: dict | None = None
+) -> None:
     """POST /v1/deployments; an existing deployment of the same name is taken as is."""
-    body = {"name": name, "model": model, "policy": {"objective": "latency"}}
+    body = {"name": name, "model": model, "policy": policy or {"objective": "latency"}}
     resp = client.post(f"{url}/v1/deployments", json=body, headers=_headers(token))
     if resp.status_code == 409:
         _progress(f"deployment {name} exists already")
@@ -156,6 +174,15 @@ def _predicted_line(view: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
+def _measured_line(view: dict[str, Any]) -> str:
+    """The gateway's own measure of the decode steps so far (the sample's)."""
+    m = view.get("measured") or {}
+    if not m.get("step_s"):
+        return "measured: (no decode steps yet)"
+    return (f"measured: {1000 * m['step_s']:.1f} ms per decode step (median of {m['steps']}), "
+            f"{1 / m['step_s']:.2f} decode tokens/s")  # fmt: skip
+
+
 def sample_answer(client, url: str, key: str, view: dict[str, Any]) -> str:
     """A chat completion (decoders) or an embedding (encoders) through the gateway."""
     name = view["name"]
@@ -212,43 +239,69 @@ def _already_stopping(_signum, _frame) -> None:
     print("stopping already; every process gets up to 10 s", file=sys.stderr, flush=True)
 
 
-def _serve(args: argparse.Namespace, store_root: Path, token: str, generated: bool) -> int:
+def _serve(args: argparse.Namespace, scenario: Scenario, policy: QosPolicy, store_root: Path, token: str,
+           generated: bool) -> int:  # fmt: skip
     import httpx
 
     from edgeorch.local.stack import LocalStack
+    from edgeorch.schemas.profile import profile_key
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="edgeorch-up-"))
     api_keys = [k.strip() for k in os.environ.get("EDGEORCH_API_KEYS", "").split(",") if k.strip()]
     _out(f"starting the stack; logs in {log_dir}")
     stack = LocalStack(
-        args.scenario, workers=args.workers, model_store=store_root, log_dir=log_dir,
+        scenario, workers=args.workers, model_store=store_root, log_dir=log_dir,
         state_dir=log_dir / "state", database_url=args.database_url, admin_token=token,
         api_keys=api_keys, torch_threads=args.threads, private_redis=args.private_redis,
         default_ports=True, report=_progress,
     )  # fmt: skip
     with stack, httpx.Client(timeout=600.0) as client:
         url = stack.orchestrator_url
-        _out(f"calibrating {args.model} on {len(stack.workers)} workers ...")
-        calibrate(client, stack.monitor_url, token, args.model, [w.name for w in stack.workers], 120.0)
-        _out(f"creating deployment {args.model} ...")
-        create_deployment(client, url, token, args.model, args.model)
+        key = profile_key(args.model, policy.weight_format)
+        _out(f"calibrating {key} on {len(stack.workers)} workers ...")
+        calibrate(client, stack.monitor_url, token, key, [w.name for w in stack.workers], 120.0)
+        _out(f"creating deployment {args.model} ({policy.weight_format}) ...")
+        create_deployment(client, url, token, args.model, args.model, policy.model_dump(mode="json"))
         view = wait_ready(client, url, args.model, args.timeout, log_dir)
         _print_summary(stack, view, generated)
         _out(f"\nsample: {SAMPLE_PROMPT}")
         t0 = time.monotonic()
         answer = sample_answer(client, url, api_keys[0] if api_keys else "", view)
         _out(f"answer ({time.monotonic() - t0:.1f} s): {answer}")
+        _out(_measured_line(client.get(f"{url}/v1/deployments/{args.model}").json()))
         if not args.once:
             _wait_for_stop()
         _out("stopping ...")
     return 0
 
 
+def choose_format(store, model: str, asked: str | None) -> str:
+    """The weight format to deploy ``model`` in (``asked``, None: a default), preparing it first if it is
+    one of the store's recipes.
+
+    Only the model deployed is prepared: an imported or synthesised model
+    needs no other. Default: fp32, or for a packed-only (synthesised) model
+    the first format it was written in. ModelStoreError if ``model`` is not
+    in the store or cannot be served in ``asked``.
+    """
+    from edgeorch.models.store import RECIPES, ModelStoreError
+    from edgeorch.models.unitfile import servable_formats
+
+    if model in RECIPES:
+        store.prepare([model], progress=False)
+    formats = servable_formats(store.path(model))
+    if asked is None:
+        asked = "fp32" if "fp32" in formats else (formats or ["fp32"])[0]
+    if asked not in formats:
+        raise ModelStoreError(f"model {model!r} can be served in {formats or 'no format'}, not {asked!r}")
+    return asked
+
+
 def run_up(args: argparse.Namespace) -> int:
     """`edgeorch up`; returns the exit code."""
     import httpx
 
-    from edgeorch.local.scenario import ScenarioError
+    from edgeorch.local.scenario import ScenarioError, load_scenario
     from edgeorch.local.stack import StackError
     from edgeorch.models.store import ModelStore, ModelStoreError
     from edgeorch.service.settings import CommonSettings
@@ -259,14 +312,18 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_interrupt)
     store = ModelStore(Path(args.store) if args.store else CommonSettings().model_store)
     try:
-        store.prepare(progress=False)
+        scenario = load_scenario(args.scenario)
+        args.model = args.model or scenario.model or DEFAULT_MODEL
+        policy = scenario.policy or QosPolicy()
+        asked = args.format or (policy.weight_format if "weight_format" in policy.model_fields_set else None)
+        policy = policy.model_copy(update={"weight_format": choose_format(store, args.model, asked)})
         _out(f"model store {store.root}: {', '.join(store.prepared())}")
         token = os.environ.get("EDGEORCH_ADMIN_TOKEN", "")
         generated = not token
         if generated:
             token = secrets.token_urlsafe(24)
             _out(f"admin token for this run: {token}")
-        return _serve(args, store.root, token, generated)
+        return _serve(args, scenario, policy, store.root, token, generated)
     except (UpError, StackError, ScenarioError, ModelStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

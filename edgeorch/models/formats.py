@@ -21,6 +21,14 @@ FORMATS: tuple[str, ...] = get_args(WeightFormat)
 # int8 scales and int4 scales/zeros are bf16: the kernels take them so.
 _SCALE_BYTES = 2
 INT4_GROUP = 32
+# A config key: "float32" when the model's int4 units hold float32 scales and zeros (a GGUF's
+# Q4 blocks taken as they are: edgeorch.engine.gguf_blocks), whose matmuls then run in float32.
+INT4_SCALES_KEY = "edgeorch_int4_scales"
+
+
+def int4_scale_bytes(config) -> int:
+    """Bytes of each int4 scale and zero of a model: 4 for GGUF-block int4, else 2 (bf16)."""
+    return 4 if getattr(config, INT4_SCALES_KEY, None) == "float32" else _SCALE_BYTES
 
 
 def act_dtype(fmt: str) -> torch.dtype:
@@ -46,12 +54,15 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"unknown weight format {fmt!r}; known: {list(FORMATS)}")
 
 
-def matrix_bytes(out_features: int, in_features: int, fmt: str) -> int:
-    """Bytes of an [out, in] weight matrix (or an embedding table, one row per token) in ``fmt``."""
+def matrix_bytes(out_features: int, in_features: int, fmt: str, int4_scale: int = _SCALE_BYTES) -> int:
+    """Bytes of an [out, in] weight matrix (or an embedding table, one row per token) in ``fmt``.
+
+    ``int4_scale``: bytes of each int4 scale and zero (:func:`int4_scale_bytes`).
+    """
     check_format(fmt)
     n = out_features * in_features
     if fmt == "int4":
-        return n // 2 + (in_features // INT4_GROUP) * out_features * 2 * _SCALE_BYTES
+        return n // 2 + (in_features // INT4_GROUP) * out_features * 2 * int4_scale
     if fmt == "int8":
         return n + out_features * _SCALE_BYTES
     return n * (4 if fmt == "fp32" else 2)
@@ -62,7 +73,7 @@ def vector_bytes(n: int, fmt: str) -> int:
     return n * act_dtype(fmt).itemsize
 
 
-def unit_weight_bytes(module: nn.Module, fmt: str) -> int:
+def unit_weight_bytes(module: nn.Module, fmt: str, int4_scale: int = _SCALE_BYTES) -> int:
     """Bytes the lean engine holds for a unit, computed from its Hugging Face module (may be on meta).
 
     Every 2-D parameter is a matrix (a linear weight or an embedding table),
@@ -78,7 +89,7 @@ def unit_weight_bytes(module: nn.Module, fmt: str) -> int:
         for p in sub.parameters(recurse=False):
             if p.ndim == 2:
                 out = p.shape[1] if isinstance(sub, Conv1D) else p.shape[0]
-                total += matrix_bytes(out, p.numel() // out, table_format(fmt) if table else fmt)
+                total += matrix_bytes(out, p.numel() // out, table_format(fmt) if table else fmt, int4_scale)
             else:
                 total += vector_bytes(p.numel(), fmt)
     return total

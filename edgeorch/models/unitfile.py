@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from edgeorch.models.formats import FORMATS
+
 PACKED_DIR = "packed"
 INDEX = "index.json"
 _ALIGN = 64
@@ -174,3 +176,21 @@ class PackedUnits:
         (tmp / INDEX).write_text(json.dumps({"format": self.fmt, **record}, indent=2))
         shutil.rmtree(self.dir, ignore_errors=True)
         tmp.rename(self.dir)
+
+
+def has_checkpoint(model_dir: Path) -> bool:
+    """True when ``model_dir`` holds a safetensors checkpoint (any format can be built from it)."""
+    d = Path(model_dir)
+    return (d / "model.safetensors").exists() or (d / "model.safetensors.index.json").exists()
+
+
+def servable_formats(model_dir: Path) -> list[str]:
+    """The weight formats a worker can load ``model_dir`` in.
+
+    Every format for a model with a checkpoint (a missing packed format is
+    built at load time from it); only its complete packed formats for a
+    packed-only model (synthesised: there is nothing to build from).
+    """
+    if has_checkpoint(model_dir):
+        return list(FORMATS)
+    return [f for f in FORMATS if PackedUnits(model_dir, f).complete()]

@@ -19,9 +19,9 @@ import torch
 
 from edgeorch.engine import load_adapter
 from edgeorch.engine.kv import LeanKVCache
+from edgeorch.engine.stage import unit_loader
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import FamilyAdapter, StageInput
-from edgeorch.models.checkpoint import CheckpointReader
 from edgeorch.models.kv import StageKVCache
 from edgeorch.schemas.monitor import ProfileReport, UnitProfileTiming
 
@@ -99,9 +99,10 @@ def load_probe(model: str, model_dir, weight_format: str | None = None) -> Model
         adapter = adapter_for(load_config(model_dir))
     else:
         adapter = load_adapter(model_dir, "lean", weight_format)
-    reader = CheckpointReader(model_dir)
+    # Packed unit files when the format has them (a synthesised model has nothing else).
+    load, _ = unit_loader(model_dir, adapter)
     last = adapter.num_units - 1
-    units = {u: adapter.load_unit(u, reader, torch.float32) for u in (0, 1, last)}
+    units = {u: load(u) for u in (0, 1, last)}
     profile = adapter.profile(model, context_tokens=DECODE_CONTEXT)
     base = None
     if adapter.is_decoder:

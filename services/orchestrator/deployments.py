@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore, ModelStoreError
 from edgeorch.models.tokenizer import load_tokenizer
+from edgeorch.models.unitfile import servable_formats
 from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, QosPolicy
 from edgeorch.schemas.profile import ModelProfile
 from services.orchestrator.controller import Controller
@@ -58,6 +59,9 @@ class DeploymentBook:
     def _load_model(self, model: str, policy: QosPolicy):
         """Profile, family kind and tokenizer of a store model (blocking)."""
         path = self._path(model)
+        formats = servable_formats(path)
+        if policy.weight_format not in formats:  # a synthesised model has only the formats it was written in
+            raise ValueError(f"model {model!r} can be served in {formats}, not {policy.weight_format!r}")
         adapter = adapter_for(load_config(path))
         profile = adapter.profile(
             model, context_tokens=policy.workload.context_tokens, weight_format=policy.weight_format

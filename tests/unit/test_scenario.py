@@ -135,3 +135,25 @@ def test_with_workers_keeps_the_first_or_adds_full_speed_nodes() -> None:
 def test_with_workers_skips_names_the_file_uses() -> None:
     scenario = parse_scenario({"workers": [{"id": "node-b"}]})
     assert [w.node_id for w in scenario.with_workers(3).workers] == ["node-b", "node-a", "node-c"]
+
+
+def test_the_llama_7b_scenario_fits_four_nodes_none_of_which_holds_half() -> None:
+    """scenarios/llama-7b.yaml: its model and policy, and memory that forces a four-way split."""
+    from transformers import LlamaConfig
+
+    from edgeorch.engine.synth import _COMMON, SHAPES
+    from edgeorch.models.llama import LlamaAdapter
+
+    scenario = load_scenario(DEFAULT_SCENARIO.parent / "llama-7b.yaml")
+    assert scenario.model == "llama-7b" and scenario.policy is not None
+    assert scenario.policy.weight_format == "int4"
+    cfg = LlamaConfig(**{k: v for k, v in {**_COMMON, **SHAPES["llama-7b"]}.items() if k != "model_type"})
+    profile = LlamaAdapter(cfg).profile("llama-7b", weight_format="int4").units
+    weights = sum(u.param_bytes for u in profile)
+    w = scenario.policy.workload
+    kv = sum(u.kv_bytes_per_token for u in profile) * w.max_sessions * w.context_tokens
+    offered = [spec.memory_bytes for spec in scenario.workers]
+    assert len(offered) == 4 and max(offered) <= 1.3e9 < weights / 2
+    assert sum(offered) > weights + kv
+    # Each worker also enforces what it offers (a load past it is refused).
+    assert all(int(spec.env["EDGEORCH_MEMORY"]) == spec.memory_bytes for spec in scenario.workers)
