@@ -44,6 +44,9 @@ BLOCKS = 3  # timed blocks per unit and phase: their median
 # about (2k - 1) / k times slower on half a core (1.9 for 10), and the kernel
 # notices an overrun only at its next tick (4 ms at 250 Hz), which k must dwarf.
 BURST_PERIODS = 10
+# ...but no burst longer than this: with a 100 ms period (Docker's `cpus:`, Kubernetes'
+# CPU limits) 5 periods, still ~1.8x on half a core, and a calibration of ~10 s.
+MAX_BURST_S = 0.5
 MAX_PROBE_REPEATS = 2000
 # Periodic probes as long as a limit's bursts run less often: at most this share of the CPU.
 PROBE_DUTY = 0.05
@@ -92,7 +95,7 @@ class ModelProbe:
 
 def sustained_burst_s(limit: CpuLimit | None) -> float:
     """How long a timed burst must run for ``limit`` to show in it (0 without a limit)."""
-    return 0.0 if limit is None else BURST_PERIODS * limit.period_s
+    return 0.0 if limit is None else min(MAX_BURST_S, BURST_PERIODS * limit.period_s)
 
 
 def probe_interval_s(base_s: float, probes: list[ModelProbe]) -> float:

@@ -10,6 +10,7 @@ import pytest
 from edgeorch.runtime.cpulimit import CpuLimit, cpu_limit
 from edgeorch.runtime.probes import (
     BURST_PERIODS,
+    MAX_BURST_S,
     REPEATS,
     _time_unit,
     load_probe,
@@ -55,6 +56,7 @@ def test_half_a_core() -> None:
 def test_bursts_span_periods_under_a_limit_only() -> None:
     assert sustained_burst_s(None) == 0.0
     assert sustained_burst_s(CpuLimit(0.001, 0.002)) == pytest.approx(BURST_PERIODS * 0.002)
+    assert sustained_burst_s(CpuLimit(0.05, 0.1)) == MAX_BURST_S  # Kubernetes' 100 ms period: 5 periods
 
 
 def test_long_probes_run_less_often(store) -> None:
