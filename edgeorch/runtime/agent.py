@@ -20,7 +20,7 @@ import psutil
 from edgeorch.monitoring.estimators import LinkEstimator, RollingMedian, rtt_jumped
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.memory import proc_memory
-from edgeorch.runtime.probes import ModelProbe, calibrate, load_probe
+from edgeorch.runtime.probes import ModelProbe, calibrate, load_probe, probe_interval_s
 from edgeorch.schemas.monitor import (
     Heartbeat,
     HeartbeatReply,
@@ -244,7 +244,7 @@ class MonitorAgent:
 
     async def _speed_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.speed_probe_interval_s)
+            await asyncio.sleep(probe_interval_s(self.cfg.speed_probe_interval_s, list(self.probes.values())))
             for model, probe in list(self.probes.items()):
                 try:
                     flops, seconds = await self.host.run_compute(probe.probe_step)

@@ -5,6 +5,11 @@ layer of a family has the same shape, so one stands for all — and times real
 prefill and decode steps on them through the worker's compute thread, so the
 figures include whatever slows that thread down (other work, the emulated
 slowdown). The same layer then serves as a cheap periodic speed probe.
+
+Under a CPU bandwidth limit (a container's ``cpus:``, runtime/cpulimit.py)
+every timed block runs back to back for at least :data:`BURST_PERIODS` of
+the limit's periods: a shorter burst fits in one period's quota and runs at
+full speed, so half a core would measure as a whole one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from edgeorch.engine.stage import unit_loader
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.adapter import FamilyAdapter, StageInput
 from edgeorch.models.kv import StageKVCache
+from edgeorch.runtime.cpulimit import CpuLimit, cpu_limit
 from edgeorch.schemas.monitor import ProfileReport, UnitProfileTiming
 
 # hold(t0): wait as the node's emulated slowdown says, return the seconds since t0 (runtime/emulation.py)
@@ -31,8 +37,19 @@ Hold = Callable[[float], float]
 PREFILL_TOKENS = 64
 DECODE_CONTEXT = 64
 PROBE_TARGET_S = 0.002  # long enough to rise above timer and scheduler noise
-REPEATS = 3  # steps per timed block
+REPEATS = 3  # steps per timed block (at least)
 BLOCKS = 3  # timed blocks per unit and phase: their median
+# A timed burst under a CPU limit spans this many of its periods: the first
+# period may start with a whole quota unused, so a burst of k periods measures
+# about (2k - 1) / k times slower on half a core (1.9 for 10), and the kernel
+# notices an overrun only at its next tick (4 ms at 250 Hz), which k must dwarf.
+BURST_PERIODS = 10
+# ...but no burst longer than this: with a 100 ms period (Docker's `cpus:`, Kubernetes'
+# CPU limits) 5 periods, still ~1.8x on half a core, and a calibration of ~10 s.
+MAX_BURST_S = 0.5
+MAX_PROBE_REPEATS = 2000
+# Periodic probes as long as a limit's bursts run less often: at most this share of the CPU.
+PROBE_DUTY = 0.05
 
 
 @dataclass
@@ -45,6 +62,8 @@ class ModelProbe:
     layer_flops_decode: float
     repeats: int
     base_cache: StageKVCache | None
+    # shortest timed burst: BURST_PERIODS of the CPU limit's period, 0 without a limit
+    burst_s: float = 0.0
     # (prefill seconds for PREFILL_TOKENS, decode seconds) per probed unit, from calibration
     timings: dict[int, tuple[float, float]] | None = None
 
@@ -72,6 +91,17 @@ class ModelProbe:
                     [(layer, self.units[layer])], StageInput(x=x, position=DECODE_CONTEXT), cache
                 )
         return self.layer_flops_decode * self.repeats
+
+
+def sustained_burst_s(limit: CpuLimit | None) -> float:
+    """How long a timed burst must run for ``limit`` to show in it (0 without a limit)."""
+    return 0.0 if limit is None else min(MAX_BURST_S, BURST_PERIODS * limit.period_s)
+
+
+def probe_interval_s(base_s: float, probes: list[ModelProbe]) -> float:
+    """Seconds between periodic probes: ``base_s``, or longer so that long bursts stay under PROBE_DUTY."""
+    longest = max((p.burst_s for p in probes), default=0.0)
+    return max(base_s, longest / PROBE_DUTY)
 
 
 def _fork(cache):
@@ -111,12 +141,14 @@ def load_probe(model: str, model_dir, weight_format: str | None = None) -> Model
             x = torch.zeros(1, DECODE_CONTEXT, adapter.hidden_size)
             adapter.run([(1, units[1])], StageInput(x=x), base)
         base.advance(DECODE_CONTEXT)
-    return ModelProbe(model, adapter, units, profile.units[1].flops_per_token, 1, base)
+    burst_s = sustained_burst_s(cpu_limit())
+    return ModelProbe(model, adapter, units, profile.units[1].flops_per_token, 1, base, burst_s)
 
 
 def _time_unit(probe: ModelProbe, u: int, tokens: int, decode: bool, hold: Hold) -> tuple[float, float]:
-    """A warm-up step, then ``REPEATS`` steps of unit ``u`` back to back, then the node's hold.
+    """A warm-up step, then steps of unit ``u`` back to back, then the node's hold.
 
+    At least ``REPEATS`` steps, and for at least the probe's sustained burst.
     Returns seconds per step as the clock read after the hold, and seconds
     per step of compute alone. One hold per block, not per step, and a
     warm-up first: a step that follows a sleep runs on cold caches (a 0.3 ms
@@ -129,14 +161,15 @@ def _time_unit(probe: ModelProbe, u: int, tokens: int, decode: bool, hold: Hold)
     else:
         x = torch.zeros(1, tokens, adapter.hidden_size)
     position = DECODE_CONTEXT if decode and adapter.is_decoder else 0
-    t0 = 0.0
+    t0, steps = 0.0, -1  # the warm-up step is not counted
     with torch.inference_mode():
-        for i in range(REPEATS + 1):
-            t0 = time.perf_counter() if i == 1 else t0
+        while steps < REPEATS or time.perf_counter() - t0 < probe.burst_s:
             cache = _fork(probe.base_cache) if decode and 1 <= u <= adapter.num_layers else None
             adapter.run([(u, probe.units[u])], StageInput(x=x, position=position), cache)
+            steps += 1
+            t0 = time.perf_counter() if steps == 0 else t0
     computed = time.perf_counter() - t0
-    return hold(t0) / REPEATS, computed / REPEATS
+    return hold(t0) / steps, computed / steps
 
 
 def _no_hold(t0: float) -> float:
@@ -161,7 +194,8 @@ def calibrate(probe: ModelProbe, hold: Hold = _no_hold) -> ProfileReport:
             decode_compute_s = statistics.median(d[1] for d in decode)
     probe.timings = timings
     # Sized on the compute alone: a slowed node's probe does the same work and waits longer.
-    probe.repeats = max(1, min(50, math.ceil(PROBE_TARGET_S / max(decode_compute_s, 1e-6))))
+    target_s = max(PROBE_TARGET_S, probe.burst_s)
+    probe.repeats = max(1, min(MAX_PROBE_REPEATS, math.ceil(target_s / max(decode_compute_s, 1e-6))))
     n_layers, last = adapter.num_layers, adapter.num_units - 1
     decode_s = timings[0][1] + n_layers * timings[1][1] + timings[last][1]
     # Speeds are quoted on one layer, the unit the periodic probe and the

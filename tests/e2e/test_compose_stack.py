@@ -6,6 +6,10 @@ when EDGEORCH_COMPOSE_REQUIRED is set (.ci/run sets it once it has started
 dockerd). The stack is built and started by deploy/container.sh exactly as
 `make compose-up` does; the model answers from inside the containers and is
 compared with the unsplit model computed here from the host's model store.
+
+The published ports are free ones, chosen here (EDGEORCH_GATEWAY_PORT and
+friends, which `make compose-up` leaves at 8000-8003): a stack of `edgeorch up`
+may hold those on the same machine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,13 +27,15 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from edgeorch.local.launcher import free_port
 from tests.reference import greedy_chat_answers
 from tests.support import REPO, wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
 MODEL = "smollm2-135m"
-GATEWAY = "http://127.0.0.1:8000"
-MONITOR = "http://127.0.0.1:8001"
+PORTS = {name: free_port() for name in ("GATEWAY", "MONITOR", "SPLITTER", "BROADCAST")}
+GATEWAY = f"http://127.0.0.1:{PORTS['GATEWAY']}"
+MONITOR = f"http://127.0.0.1:{PORTS['MONITOR']}"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
 WORKERS = ("worker-a", "worker-b", "worker-c")
@@ -42,10 +49,21 @@ def _engine_missing() -> str | None:
     return None if info.returncode == 0 else f"no Docker engine answers: {info.stderr.strip()[-200:]}"
 
 
+def _env() -> dict[str, str]:
+    """This process's environment with the stack's published ports."""
+    return {**os.environ, **{f"EDGEORCH_{name}_PORT": str(port) for name, port in PORTS.items()}}
+
+
 def _compose(*args: str, timeout: float = 120) -> str:
     out = subprocess.run(["docker-compose", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=timeout, check=True)  # fmt: skip
+                         timeout=timeout, check=True, env=_env())  # fmt: skip
     return out.stdout
+
+
+def _container_sh(command: str, check: bool, timeout: float = 300) -> subprocess.CompletedProcess:
+    """deploy/container.sh up|down, as `make compose-up` / `make compose-down` run it."""
+    return subprocess.run([str(REPO / "deploy" / "container.sh"), command], cwd=REPO, timeout=timeout,
+                          check=check, env=_env())  # fmt: skip
 
 
 def _container(service: str) -> str:
@@ -61,16 +79,17 @@ def stack():
             pytest.fail(f"compose e2e required but {missing}", pytrace=False)
         pytest.skip(missing)
     t0 = time.monotonic()
-    up = subprocess.run([str(REPO / "deploy" / "container.sh"), "up"], cwd=REPO, timeout=1800, check=False)
+    up = _container_sh("up", timeout=1800, check=False)
     print(f"compose-up took {time.monotonic() - t0:.0f} s")
     if up.returncode != 0:
-        subprocess.run([str(REPO / "deploy" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
+        _save_logs("failed-up")
+        _container_sh("down", check=False)
         pytest.fail(f"deploy/container.sh up exited {up.returncode}", pytrace=False)
     project = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.project"}}',
                               _container("orchestrator")], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     yield project
     _save_logs(project)
-    subprocess.run([str(REPO / "deploy" / "container.sh"), "down"], cwd=REPO, timeout=300, check=False)
+    _container_sh("down", check=False)
 
 
 def _save_logs(project: str) -> None:
@@ -80,7 +99,7 @@ def _save_logs(project: str) -> None:
     logs = Path(tempfile.gettempdir()) / f"edgeorch-compose-{project}.log"
     with logs.open("w", encoding="utf-8") as f:
         subprocess.run(["docker-compose", "logs", "--no-color", "--timestamps"], cwd=REPO, stdout=f,
-                       stderr=subprocess.STDOUT, timeout=120, check=False)  # fmt: skip
+                       stderr=subprocess.STDOUT, timeout=120, check=False, env=_env())  # fmt: skip
     print(f"compose logs in {logs}")
 
 
@@ -139,6 +158,12 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
     victim = d["stages"][1]["node"] if len(d["stages"]) > 1 else d["stages"][0]["node"]
     stream = _client().chat.completions.create(model=MODEL, messages=HAIKU, temperature=0, max_tokens=64,
                                                stream=True)  # fmt: skip
+    # `docker kill` runs beside the stream, not in its loop: the command itself takes
+    # seconds on a busy machine, and the stream's tokens would wait for it unread.
+    killer = threading.Thread(
+        target=subprocess.run, args=(["docker", "kill", _container(victim)],),
+        kwargs={"check": True, "capture_output": True, "timeout": 60},
+    )  # fmt: skip
     text, stamps = "", []
     for chunk in stream:
         delta = chunk.choices[0].delta.content if chunk.choices else None
@@ -146,9 +171,12 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
             text += delta
             stamps.append(time.monotonic())
             if len(stamps) == 10:
-                subprocess.run(["docker", "kill", _container(victim)], check=True, capture_output=True)
+                killer.start()
+    killer.join()
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     print(f"killed {victim}'s container; longest gap {max(gaps):.2f}s, median {statistics.median(gaps):.3f}s")
+    assert subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", _container(victim)],
+                          capture_output=True, text=True, check=True).stdout.strip() == "false"  # fmt: skip
     assert text == expected["haiku"]
     assert max(gaps) <= 2.0
     after = wait_for(lambda: (v := _deployment())["state"] == "ready" and v, 60, "ready again")
@@ -157,7 +185,7 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
 
 def test_compose_down_leaves_no_container(stack) -> None:
     _save_logs(stack)
-    subprocess.run([str(REPO / "deploy" / "container.sh"), "down"], cwd=REPO, timeout=300, check=True)
+    _container_sh("down", check=True)
     label = f"label=com.docker.compose.project={stack}"
     left = subprocess.run(
         ["docker", "ps", "-aq", "--filter", label], capture_output=True, text=True, check=True

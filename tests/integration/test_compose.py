@@ -272,10 +272,8 @@ def test_published_ports_are_on_loopback_only() -> None:
         for spec in _published(service):
             assert spec.startswith("127.0.0.1:"), f"{name} publishes {spec!r} beyond loopback"
             published[name] = spec.split(":")[1]
-    assert published == {
-        "orchestrator": "8000", "monitor": "8001", "splitter": "8002", "broadcast": "8003",
-        "worker-a": "8100", "worker-b": "8101", "worker-c": "8102",
-    }  # fmt: skip
+    # Workers talk to each other on the stack's network only: nothing to publish.
+    assert published == {"orchestrator": "8000", "monitor": "8001", "splitter": "8002", "broadcast": "8003"}
 
 
 def test_compose_file_uses_an_anchor_for_the_workers() -> None:
@@ -355,7 +353,12 @@ def test_dockerfile_prepares_models_at_build_time_and_drops_root() -> None:
     instructions = _instructions()
     env = " ".join(args for keyword, args in instructions if keyword == "ENV")
     assert re.search(r"\bEDGEORCH_MODEL_STORE=/models\b", env), env
-    assert "edgeorch models prepare && chmod -R a+rX /models" in _runs()
+    prepare = [run for run in _runs() if ".prepare()" in run]
+    assert len(prepare) == 1 and "ModelStore(Path('/models'))" in prepare[0], prepare
+    assert "chmod -R a+rX /models" in prepare[0], prepare
+    # Before the code is copied: an edit outside the converter keeps the store's layer.
+    runs_and_copies = [args for keyword, args in instructions if keyword in {"RUN", "COPY"}]
+    assert runs_and_copies.index(prepare[0]) < runs_and_copies.index("services/ services/")
     users = [args.strip() for keyword, args in instructions if keyword == "USER"]
     assert users and users[-1] not in {"root", "0", "0:0"}, users
 
@@ -369,6 +372,9 @@ def test_dockerfile_copies_only_what_the_image_needs_and_it_exists() -> None:
     assert {s.rstrip("/") for s in sources} == {
         ".container",
         "edgeorch",
+        "edgeorch/__init__.py",  # the converter alone, for the model store's layer
+        "edgeorch/models",
+        "edgeorch/schemas",
         "services",
         "pyproject.toml",
         "README.md",
