@@ -18,10 +18,6 @@ MAX_SQL_INT = 2**63 - 1
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
-class _BodyTooLarge(Exception):
-    """Raised from ``receive`` when the streamed body passes the limit."""
-
-
 class BodyLimit:
     """ASGI middleware: 413 for a request body over ``max_bytes``."""
 
@@ -37,29 +33,29 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send, f"request body of {declared[:40].decode('latin-1')} bytes")
             return
-        received = 0
-        started = False
+        received, started, refused = 0, False, False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
+                if received > self.max_bytes and not started:
+                    # Answer now, and tell the app the client left: whatever it
+                    # makes of that (FastAPI: a 400) is dropped by guarded_send.
+                    refused = True
+                    await self._refuse(send, f"request body of more than {received} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracked_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if started:  # too late for a status: the connection is closed by the server
-                raise
-            await self._refuse(send, f"request body of more than {received} bytes")
+        await self.app(scope, counted_receive, guarded_send)
 
     async def _refuse(self, send: Send, what: str) -> None:
         body = json.dumps({"detail": f"{what} exceeds this service's limit of {self.max_bytes} bytes"})
