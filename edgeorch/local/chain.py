@@ -16,6 +16,7 @@ import httpx
 
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models.formats import check_format
+from edgeorch.security.credentials import new_credential
 from edgeorch.service.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.transport.client import ChainClient, Generation
 
@@ -78,12 +79,14 @@ def load_chain(
     prefix: str = "chain",
     options: dict | list[dict] | None = None,
     token: str = "",
+    credential: str | None = None,
 ) -> list[str]:
     """PUT one stage per worker, each pointing at the next; returns the stage ids.
 
     ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``),
     or, as a list, one dict per stage (a format per node); ``token`` is the
-    workers' admin token, if they have one.
+    workers' admin token, if they have one. ``credential``: every stage's
+    data-plane credential (one chain, one credential); None leaves them open.
     """
     if len(workers.workers) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
@@ -94,10 +97,17 @@ def load_chain(
     for i, (a, b) in reversed(list(enumerate(ranges))):
         nxt = None
         if i + 1 < len(ranges):
-            nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1]}
+            nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1], "credential": credential}
         resp = httpx.put(
             f"{workers.workers[i].url}/v1/stages/{ids[i]}",
-            json={"model": model, "start": a, "end": b, "next": nxt, **per_stage[i]},
+            json={
+                "model": model,
+                "start": a,
+                "end": b,
+                "next": nxt,
+                "credential": credential,
+                **per_stage[i],
+            },
             headers=admin_headers(token),
             timeout=300,
         )
@@ -119,18 +129,22 @@ def start_chain(
     """Start len(ranges) workers, load the stages (spec ``options`` on each), return a ready chain.
 
     The workers require ``token`` on admin calls (none when empty: they listen
-    on loopback), whatever EDGEORCH_ADMIN_TOKEN this process inherited.
+    on loopback), whatever EDGEORCH_ADMIN_TOKEN this process inherited. The
+    chain needs no control plane, so it makes its own data-plane credential.
     """
+    env = {ADMIN_TOKEN_ENV: token}
+    if Path(model).is_absolute():  # a checkpoint directory the operator named: its workers may load it
+        env["EDGEORCH_MODEL_DIRS"] = model
     workers = LocalWorkers(
-        len(ranges), model_store=model_store, threads=threads, log_dir=log_dir,
-        extra_env={ADMIN_TOKEN_ENV: token},
-    )  # fmt: skip
+        len(ranges), model_store=model_store, threads=threads, log_dir=log_dir, extra_env=env
+    )
+    credential = new_credential()
     try:
-        ids = load_chain(workers, model, ranges, options=options, token=token)
+        ids = load_chain(workers, model, ranges, options=options, token=token, credential=credential)
     except BaseException:
         workers.stop()
         raise
-    return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0]))
+    return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0], credential=credential))
 
 
 def parse_formats(text: str | None, n_stages: int) -> list[dict] | None:

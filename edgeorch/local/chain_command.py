@@ -26,8 +26,10 @@ def run_chain_command(args: argparse.Namespace, store: ModelStore) -> int:
         return 2
     tokenizer = load_tokenizer(model_dir)
     print(f"starting {len(ranges)} workers for {args.model} stages {args.stages} ...", file=sys.stderr)
+    # A checkpoint directory travels to the workers as its absolute path (they allow-list it).
+    model = args.model if model_dir.parent == store.root else str(model_dir)
     chain = start_chain(
-        args.model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir, options=options,
+        model, ranges, model_store=store.root, threads=args.threads, log_dir=args.log_dir, options=options,
         token=CommonSettings().admin_token,  # the temporary workers guard their admin calls like any other
     )  # fmt: skip
     try:

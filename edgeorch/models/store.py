@@ -17,15 +17,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MARKER = "edgeorch.json"
+# A store name is one plain path component: no separator, no leading dot, short
+# enough for any filesystem, so a name from the network never leaves the store.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+MAX_DIR_CHARS = 1024
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -127,6 +133,15 @@ def _build_tiny_gpt2(out: Path) -> dict:
     return _build_random(out, cfg)
 
 
+def model_context(model_dir: Path) -> int | None:
+    """The positions a checkpoint's model can attend over (its config.json), None when unstated."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    return None
+
+
 @dataclass(frozen=True)
 class ModelRecipe:
     """How to make one store entry."""
@@ -150,27 +165,55 @@ RECIPES: dict[str, ModelRecipe] = {
 
 
 class ModelStore:
-    """A directory of prepared checkpoints, one subdirectory per model name."""
+    """A directory of prepared checkpoints, one subdirectory per model name.
 
-    def __init__(self, root: Path):
+    ``allowed_dirs``: checkpoint directories outside the store that a model
+    name may point at (the operator's allow-list, ``EDGEORCH_MODEL_DIRS``);
+    by default none, so a name from an API call resolves to the store only.
+    """
+
+    def __init__(self, root: Path, allowed_dirs: Iterable[Path | str] = ()):
         self.root = Path(root).expanduser()
+        self.allowed_dirs = tuple(Path(d).expanduser().resolve() for d in allowed_dirs)
 
     def path(self, name: str) -> Path:
-        """The checkpoint directory of ``name``; raises if it is not prepared.
+        """The checkpoint directory of ``name``; raises ModelStoreError if it is not prepared.
 
-        A name that is itself a directory with a config.json is accepted as is,
-        so any Hugging Face checkpoint a user points at works too.
+        A store name must match :data:`MODEL_NAME_PATTERN` before any path is
+        built from it. A checkpoint directory (with a config.json) is accepted
+        only inside an allow-listed directory.
         """
-        candidate = Path(name).expanduser()
-        if candidate.is_dir() and (candidate / "config.json").exists():
-            return candidate
-        if "/" in name or name.startswith("."):
-            raise ModelStoreError(f"model {name!r} is neither a store name nor a checkpoint directory")
+        if not _MODEL_NAME.match(name):
+            return self._allowed_dir(name)
         path = self.root / name
         if not (path / MARKER).exists():
             hint = "`edgeorch models prepare`" if name in RECIPES else f"one of {sorted(RECIPES)}"
             raise ModelStoreError(f"model {name!r} is not in the store at {self.root}; run {hint}")
         return path
+
+    def _allowed_dir(self, name: str) -> Path:
+        shown = name[:80] + ("..." if len(name) > 80 else "")
+        if not self.allowed_dirs:
+            raise ModelStoreError(
+                f"model {shown!r} is not a store name (one that matches {MODEL_NAME_PATTERN}); checkpoint "
+                "directories are loaded only from those the operator allow-lists in EDGEORCH_MODEL_DIRS"
+            )
+        if len(name) > MAX_DIR_CHARS or "\x00" in name:
+            raise ModelStoreError(f"model {shown!r} is neither a store name nor a usable directory path")
+        try:
+            candidate = Path(name).expanduser().resolve(strict=True)
+            usable = candidate.is_dir() and (candidate / "config.json").is_file()
+        except (OSError, RuntimeError) as exc:  # missing, too long, a symlink loop
+            raise ModelStoreError(
+                f"model {shown!r} is neither a store name nor a checkpoint directory"
+            ) from exc
+        if not any(candidate.is_relative_to(d) for d in self.allowed_dirs):
+            raise ModelStoreError(
+                f"model directory {shown!r} is outside the allow-listed EDGEORCH_MODEL_DIRS"
+            )
+        if not usable:
+            raise ModelStoreError(f"model directory {shown!r} holds no config.json")
+        return candidate
 
     def info(self, name: str) -> dict:
         """The store's record of a prepared model."""

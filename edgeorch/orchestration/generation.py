@@ -26,6 +26,7 @@ import torch
 
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import Sampling
+from edgeorch.security.credentials import credential_headers, stage_credential
 from edgeorch.transport import protocol, wire
 from edgeorch.transport.hopclient import HopClient, HopError
 from edgeorch.transport.protocol import HopFailure
@@ -42,6 +43,13 @@ class Route:
     deployment: str
     version: int
     stages: tuple[PlacedStage, ...]
+    # The rollout secret the stages' credentials derive from (edgeorch.security); "": open stages.
+    secret: str = field(default="", repr=False, compare=False)
+
+    def headers(self, stage_id: str, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` plus the data-plane credential of ``stage_id`` (one of this route's stages)."""
+        credential = stage_credential(self.secret, stage_id) if self.secret else None
+        return {**(base or {}), **credential_headers(credential)}
 
     @property
     def entry_url(self) -> str:
@@ -114,7 +122,9 @@ async def _step(http: HopClient, route: Route, tensors: dict[str, torch.Tensor],
     url = protocol.forward_url(route.entry_url, route.entry_stage)
     try:
         resp = await http.post(
-            url, content=protocol.step_body(tensors, **meta), headers=protocol.FRAME_HEADERS
+            url,
+            content=protocol.step_body(tensors, **meta),
+            headers=route.headers(route.entry_stage, protocol.FRAME_HEADERS),
         )
         frame, _ = protocol.read_answer(resp, route.entry_stage)
     except HopError as exc:
@@ -208,7 +218,10 @@ async def generate(
 async def release(http: HopClient, route: Route, session: str) -> None:
     """Free a session's caches along the chain (best effort)."""
     try:
-        await http.delete(protocol.session_url(route.entry_url, route.entry_stage, session))
+        await http.delete(
+            protocol.session_url(route.entry_url, route.entry_stage, session),
+            headers=route.headers(route.entry_stage),
+        )
     except HopError:
         pass
 
@@ -223,7 +236,8 @@ async def release_everywhere(http: HopClient, route: Route, session: str) -> Non
     """Free a session on every stage of a broken chain (a release at the entry stops at the gap)."""
     for stage in route.stages:
         try:
-            await http.delete(protocol.session_url(stage.url, stage.stage_id, session), timeout_s=2.0)
+            await http.delete(protocol.session_url(stage.url, stage.stage_id, session), timeout_s=2.0,
+                              headers=route.headers(stage.stage_id))  # fmt: skip
         except HopError:
             pass  # that node is the dead one, or its caches expire on their own
 

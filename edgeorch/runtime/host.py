@@ -39,6 +39,7 @@ from edgeorch.runtime.sessions import SessionStore
 from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
+from edgeorch.security.credentials import credential_headers
 from edgeorch.transport import protocol, wire
 from edgeorch.transport.hopclient import HopClient, HopError, HopResponse
 
@@ -62,6 +63,11 @@ class HostedStage:
     loaded: LoadedStage
     kv_bytes_per_token: float
     units_shared: int = 0  # units this stage found already loaded by another stage
+
+    def next_headers(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` plus the next stage's data-plane credential, when it has one."""
+        nxt = self.spec.next
+        return {**(base or {}), **credential_headers(nxt.credential if nxt else None)}
 
     def forward_url(self) -> str | None:
         """Where this stage's output goes, or None for the last stage."""
@@ -371,7 +377,7 @@ class StageHost:
         """Post the output to the next stage; a failure keeps the failing stage's fields."""
         next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"
         try:
-            resp = await self.paced_post(url, payload, headers=protocol.FRAME_HEADERS)
+            resp = await self.paced_post(url, payload, headers=hosted.next_headers(protocol.FRAME_HEADERS))
         except HopError as exc:
             raise protocol.unreachable(exc, "next hop", next_id, url) from exc
         try:
@@ -386,7 +392,9 @@ class StageHost:
         nxt = hosted.spec.next
         if nxt is not None and self.client is not None:
             try:
-                resp = await self.client.delete(protocol.session_url(str(nxt.url), nxt.stage_id, session))
+                resp = await self.client.delete(
+                    protocol.session_url(str(nxt.url), nxt.stage_id, session), headers=hosted.next_headers()
+                )
                 if resp.status_code == 200:
                     released += resp.json().get("released", [])
             except HopError as exc:

@@ -29,6 +29,7 @@ from edgeorch.rollout.plan import parse_stage_id
 from edgeorch.rollout.signing import SIGNATURE_HEADER, MessageVerifier, sign_bytes
 from edgeorch.runtime.host import StageHost
 from edgeorch.schemas.stage import StageSpec
+from edgeorch.security.credentials import stage_credential
 from edgeorch.service import bus
 
 log = logging.getLogger(__name__)
@@ -194,13 +195,19 @@ class RolloutAgent:
             prepared = self._prepared.setdefault(key, _Prepared())
             t0 = time.perf_counter()
             try:
+                # Credentials derive from the rollout secret and the stage ids (edgeorch.security).
+                nxt = s["next"] and {
+                    **s["next"],
+                    "credential": stage_credential(self.cfg.secret, s["next"]["stage_id"]),
+                }
                 spec = StageSpec(
                     model=s["model"],
                     start=s["start"],
                     end=s["end"],
-                    next=s["next"],
-                    format=s.get("format", "fp32"),
-                )  # absent: a broadcast from before formats
+                    next=nxt,
+                    format=s.get("format", "fp32"),  # absent: a broadcast from before formats
+                    credential=stage_credential(self.cfg.secret, sid),
+                )
                 info, _ = await self.host.load(sid, spec)
                 await self.host.warm(sid)
             except Exception as exc:  # a stage that cannot load fails the prepare, not the worker

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from edgeorch.schemas.profile import WeightFormat
+from edgeorch.security.credentials import CREDENTIAL_PATTERN
 
 # Stage and session ids travel in URLs and metric labels: keep them plain.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -19,6 +20,11 @@ class NextHop(BaseModel):
 
     url: HttpUrl
     stage_id: str = Field(pattern=ID_PATTERN)
+    # Never shown: a stage's info lists its next hop, and anyone may read that.
+    credential: str | None = Field(
+        default=None, pattern=CREDENTIAL_PATTERN, exclude=True, repr=False,
+        description="the next stage's data-plane credential, sent on every step (write-only)",
+    )  # fmt: skip
 
 
 class StageSpec(BaseModel):
@@ -40,6 +46,11 @@ class StageSpec(BaseModel):
     )
     kv_sessions: int = Field(default=1, ge=0, le=4096, description="sessions the plan gives this stage")
     kv_context: int = Field(default=256, ge=0, le=1 << 20, description="context tokens per planned session")
+    credential: str | None = Field(
+        default=None, pattern=CREDENTIAL_PATTERN, exclude=True, repr=False,
+        description="forward and session calls must carry it (x-edgeorch-stage-credential); null: an open "
+        "stage. Write-only: never shown",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _engine_has_format(self) -> StageSpec:

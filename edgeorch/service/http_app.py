@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from edgeorch.service.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
+
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
@@ -30,17 +32,20 @@ def base_app(
     description: str,
     ready_check: ReadyCheck = _always_ready,
     lifespan=None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> tuple[FastAPI, CollectorRegistry]:
-    """A FastAPI app with `/healthz`, `/readyz`, `/metrics` and JSON errors.
+    """A FastAPI app with `/healthz`, `/readyz`, `/metrics`, JSON errors and a body size limit.
 
     ``ready_check`` returns a mapping of dependency name to a problem string;
-    an empty mapping means ready. It must not raise.
+    an empty mapping means ready. It must not raise. A request body over
+    ``max_body_bytes`` is answered 413 before the app reads it.
     """
     from edgeorch import __version__
 
     app = FastAPI(
         title=f"edgeorch {service}", version=__version__, description=description, lifespan=lifespan
     )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
 

@@ -7,6 +7,8 @@ import logging
 import uvicorn
 from fastapi import FastAPI
 
+from edgeorch.security.certs import TlsSettings
+
 
 def setup_logging(level: str = "INFO") -> None:
     """One log format for every edgeorch process."""
@@ -20,7 +22,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` until interrupted. Access logs are off: they cost per-hop time."""
+    """Serve ``app`` until interrupted. Access logs are off: they cost per-hop time.
+
+    With ``EDGEORCH_TLS_CERT``/``_KEY``/``_CA`` set, HTTPS that requires a
+    client certificate of that CA (edgeorch.security.certs).
+    """
+    tls = TlsSettings().server_kwargs()
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level.lower(), access_log=False, timeout_keep_alive=60
+        app, host=host, port=port, log_level=log_level.lower(), access_log=False, timeout_keep_alive=60, **tls
     )

@@ -33,6 +33,15 @@ class CommonSettings(BaseSettings):
     api_keys: str = Field(
         default="", description="comma-separated API keys the orchestrator's gateway requires; empty: none"
     )
+    model_dirs: str = Field(
+        default="",
+        description="checkpoint directories outside the store that a model name may point at "
+        "(comma-separated); empty: model names resolve to the store only",
+    )
+
+    def allowed_model_dirs(self) -> list[Path]:
+        """The operator's allow-list of checkpoint directories (``EDGEORCH_MODEL_DIRS``)."""
+        return [Path(d.strip()) for d in self.model_dirs.split(",") if d.strip()]
 
 
 def default_state_dir() -> Path:

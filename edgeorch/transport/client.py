@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeorch.schemas.stage import Sampling
+from edgeorch.security.credentials import credential_headers
 from edgeorch.transport import protocol, wire
 from edgeorch.transport.hopclient import HopError, SyncHopClient
 
@@ -51,11 +52,16 @@ class Generation:
 class ChainClient:
     """Sends frames to the first stage of a chain and reads the answers."""
 
-    def __init__(self, entry_url: str, entry_stage: str, timeout_s: float = 300.0):
+    def __init__(
+        self, entry_url: str, entry_stage: str, timeout_s: float = 300.0, credential: str | None = None
+    ):
         self.entry_url = entry_url
         self.entry_stage = entry_stage
         self.url = protocol.forward_url(entry_url, entry_stage)
         self.http = SyncHopClient(timeout_s=timeout_s)
+        # The entry stage's data-plane credential (edgeorch.security), sent on every call; None: an open stage.
+        self.headers = credential_headers(credential)
+        self.frame_headers = {**protocol.FRAME_HEADERS, **self.headers}
 
     def close(self) -> None:
         """Close the keep-alive connection."""
@@ -72,7 +78,7 @@ class ChainClient:
         body = protocol.step_body(tensors, **meta)
         t0 = time.perf_counter()
         try:
-            resp = self.http.post(self.url, content=body, headers=protocol.FRAME_HEADERS)
+            resp = self.http.post(self.url, content=body, headers=self.frame_headers)
         except HopError as exc:
             raise protocol.unreachable(exc, "entry stage", self.entry_stage, self.url) from exc
         wall = time.perf_counter() - t0
@@ -112,7 +118,9 @@ class ChainClient:
     def release(self, session: str) -> None:
         """Free a session's caches along the chain (best effort)."""
         try:
-            self.http.delete(protocol.session_url(self.entry_url, self.entry_stage, session))
+            self.http.delete(
+                protocol.session_url(self.entry_url, self.entry_stage, session), headers=self.headers
+            )
         except HopError:
             pass
 

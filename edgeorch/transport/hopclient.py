@@ -125,9 +125,11 @@ class HopClient:
         """POST ``content`` to ``url`` and return the whole answer."""
         return await self.request("POST", url, content, headers, timeout_s)
 
-    async def delete(self, url: str, timeout_s: float | None = None) -> HopResponse:
+    async def delete(
+        self, url: str, timeout_s: float | None = None, headers: dict[str, str] | None = None
+    ) -> HopResponse:
         """DELETE ``url``."""
-        return await self.request("DELETE", url, b"", None, timeout_s)
+        return await self.request("DELETE", url, b"", headers, timeout_s)
 
     async def request(
         self,
@@ -315,9 +317,9 @@ class SyncHopClient:
         """POST ``content`` to ``url`` and return the whole answer."""
         return self.request("POST", url, content, headers)
 
-    def delete(self, url: str) -> HopResponse:
+    def delete(self, url: str, headers: dict[str, str] | None = None) -> HopResponse:
         """DELETE ``url``."""
-        return self.request("DELETE", url)
+        return self.request("DELETE", url, headers=headers)
 
     def request(
         self, method: str, url: str, content: bytes = b"", headers: dict[str, str] | None = None

@@ -37,6 +37,7 @@ FailureKind = Literal[
     "bad_meta",  # the frame's metadata does not validate
     "bad_input",  # its tensors do not fit the stage
     "bad_request",  # the request itself (the stage id in the URL) is invalid
+    "unauthorized",  # no or a wrong stage credential (edgeorch.security.credentials)
     "error",  # an answer without the protocol's fields (not a stage's)
 ]
 FAILURE_KINDS: frozenset[str] = frozenset(get_args(FailureKind))

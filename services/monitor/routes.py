@@ -12,6 +12,7 @@ from edgeorch.monitoring.cluster import UnknownNode
 from edgeorch.schemas.monitor import Heartbeat, HeartbeatReply, LinkView, MonitorEvent, NodeView, Registration
 from edgeorch.schemas.stage import ID_PATTERN
 from edgeorch.service.auth import AdminAuth
+from edgeorch.service.limits import MAX_SQL_INT
 
 router = APIRouter()
 
@@ -45,7 +46,9 @@ async def heartbeat(node_id: NodeId, hb: Heartbeat, monitor: Mon) -> HeartbeatRe
 @router.get("/v1/nodes", response_model=list[NodeView], tags=["nodes"])
 async def list_nodes(
     monitor: Mon,
-    model: Annotated[str | None, Query(description="report flops_per_s for this model")] = None,
+    model: Annotated[
+        str | None, Query(max_length=256, description="report flops_per_s for this model")
+    ] = None,
     state: Literal["alive", "lost"] | None = None,
 ) -> list[NodeView]:
     """Every known node: static capacity, calibrated speed per model, live load, state."""
@@ -71,7 +74,7 @@ async def list_links(monitor: Mon, include_lost: bool = False) -> list[LinkView]
 @router.get("/v1/events", response_model=list[MonitorEvent], tags=["events"])
 async def list_events(
     monitor: Mon,
-    since: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+    since: Annotated[int, Query(ge=0, le=MAX_SQL_INT, description="only events with a larger id")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[MonitorEvent]:
     """Detected changes, oldest first."""

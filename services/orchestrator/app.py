@@ -28,6 +28,7 @@ from edgeorch.transport.hopclient import HopClient
 from services.orchestrator.controller import Controller
 from services.orchestrator.dashboard_routes import router as dashboard_router
 from services.orchestrator.deployments import DeploymentBook
+from services.orchestrator.gateway_auth import rate_limiter
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.openai_errors import GatewayError, gateway_error_response
 from services.orchestrator.openai_routes import router as openai_router
@@ -72,6 +73,15 @@ class OrchestratorSettings(ServiceSettings):
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="one chain step at most")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens accepted")
+    rate_limit_per_s: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False,
+        description="gateway requests per second per API key, after a burst; 0: no limit",
+    )  # fmt: skip
+    rate_limit_burst: int = Field(default=20, ge=1, description="requests an idle API key may send at once")
+    rollout_secret: str = Field(
+        default="", description="the broadcast service's shared secret: the stages' data-plane credentials "
+        "derive from it (empty: the loopback development secret, as on the workers)",
+    )  # fmt: skip
 
 
 async def _follow_monitor(settings: OrchestratorSettings, controller: Controller) -> None:
@@ -118,7 +128,9 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
         plane = ControlPlane(settings.monitor_url, settings.splitter_url, settings.broadcast_url,
                              settings.admin_token)  # fmt: skip
         controller = Controller(store, plane, settings, metrics, publisher)
-        book = DeploymentBook(store, controller, ModelStore(settings.model_store))
+        book = DeploymentBook(
+            store, controller, ModelStore(settings.model_store, settings.allowed_model_dirs())
+        )
         app.state.store, app.state.controller, app.state.book = store, controller, book
         app.state.routes = controller.routes  # the gateway's route provider
         # The data plane's own client: the entry hop is paid on every token (docs/design.md, the hop transport).
@@ -161,6 +173,7 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.admin_token = settings.admin_token
+    app.state.rate_limiter = rate_limiter(settings)
     app.include_router(dashboard_router)  # the page at / and its reads (its own lifespan)
     app.include_router(router)
     app.include_router(openai_router)

@@ -24,6 +24,7 @@ from edgeorch.orchestration.decide import decide, measured_slowdown
 from edgeorch.orchestration.generation import Route
 from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
 from edgeorch.rollout.plan import place
+from edgeorch.rollout.signing import resolve_secret
 from edgeorch.schemas.orchestrator import PredictedView
 from edgeorch.schemas.plan import PlanResponse, PlanStage
 from edgeorch.schemas.rollout import Plan
@@ -49,7 +50,8 @@ class Controller:
         self.settings = settings
         self.metrics = metrics
         self.live: dict[str, Live] = {}
-        self.routes = Routes(self.live, store, plane, self._evaluate, metrics)
+        self.routes = Routes(self.live, store, plane, self._evaluate, metrics,
+                             secret=resolve_secret(getattr(settings, "rollout_secret", "")))  # fmt: skip
 
     # ----- lifecycle -----------------------------------------------------------
 
@@ -272,7 +274,7 @@ class Controller:
             return False
         self.metrics.replans.labels(kind).inc()
         await self._log(kind, live.name, f"v{version} committed: {reason}", data)
-        live.route = Route(live.name, version, tuple(place(live.name, version, plan)))
+        live.route = Route(live.name, version, tuple(place(live.name, version, plan)), self.routes.secret)
         live.predicted = predicted
         await self._set_state(live, "ready", None)
         return True

@@ -36,6 +36,7 @@ from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
 from edgeorch.schemas.stage import ID_PATTERN, Emulation
 from edgeorch.service import bus
 from edgeorch.service.auth import AdminAuth, admin_headers
+from edgeorch.service.limits import MAX_SQL_INT
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,14 @@ async def series(request: Request, last_s: Annotated[float, Query(gt=0, le=KEEP_
 @router.get("/v1/events/stream", tags=["events"], response_class=StreamingResponse)
 async def stream_events(
     request: Request,
-    since: Annotated[int | None, Query(ge=0, description="events after this id")] = None,
+    since: Annotated[int | None, Query(ge=0, le=MAX_SQL_INT, description="events after this id")] = None,
     tail: Annotated[int, Query(ge=0, le=10_000, description="without since: the last N events first")] = 0,
     deployment: Annotated[str | None, Query(pattern=DEPLOYMENT_PATTERN)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """The decision log as Server-Sent Events, live; a reconnecting EventSource resumes where it was."""
     store = request.app.state.store
-    if last_event_id and last_event_id.isdigit():
+    if last_event_id and last_event_id.isdigit() and len(last_event_id) <= 18:  # fits a 64-bit id
         start = int(last_event_id)
     elif since is not None:
         start = since

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.models import adapter_for, load_config
-from edgeorch.models.store import ModelStore, ModelStoreError
+from edgeorch.models.store import ModelStore, ModelStoreError, model_context
 from edgeorch.models.tokenizer import load_tokenizer
 from edgeorch.models.unitfile import servable_formats
 from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, QosPolicy
@@ -49,6 +49,7 @@ class DeploymentBook:
         self.controller = controller
         self.models = models
         self.tokenizers: dict[str, Any] = {}
+        self._contexts: dict[str, int | None] = {}
 
     def _path(self, model: str) -> Path:
         try:
@@ -122,6 +123,7 @@ class DeploymentBook:
         await self.controller.stop(name)
         await run_in_threadpool(self.store.delete, name)
         self.tokenizers.pop(name, None)
+        self._contexts.pop(name, None)
 
     async def view(self, name: str) -> DeploymentView:
         """What GET /v1/deployments/{name} shows (raises NotFound)."""
@@ -136,6 +138,15 @@ class DeploymentBook:
             predicted=(live.predicted if live and live.predicted else (active.predicted if active else None)),
             measured=measured(live), history=history, created_at=row.created_at,
         )  # fmt: skip
+
+    def context_tokens(self, name: str) -> int | None:
+        """The deployment's model context window (config.json), None when its config does not say."""
+        if name not in self._contexts:
+            live = self.controller.live.get(name)
+            if live is None:
+                raise NotFound(f"no deployment {name!r}")
+            self._contexts[name] = model_context(self._path(live.model))
+        return self._contexts[name]
 
     def kind(self, name: str) -> str:
         """decoder or encoder (raises NotFound): decoders are the models with a KV cache."""

@@ -69,11 +69,21 @@ def _deployment(request: Request, name: str, kind: str) -> None:
         raise GatewayError(422, f"deployment {name!r} is an {actual}; this endpoint needs a {kind}", "model")
 
 
-def _max_tokens(request: Request, value: int | None, default: int) -> int:
+def _max_tokens(request: Request, name: str, prompt_tokens: int, value: int | None, default: int) -> int:
+    """The tokens to generate: within the gateway's limit, and prompt + generation within the context."""
     limit = request.app.state.settings.max_tokens_limit
     n = value or default
     if n > limit:
         raise GatewayError(422, f"max_tokens {n} is above this gateway's limit of {limit}", "max_tokens")
+    context = request.app.state.book.context_tokens(name)
+    if context is not None and prompt_tokens >= context:
+        raise GatewayError(422, f"the prompt is {prompt_tokens} tokens; {name!r} reads at most {context}",
+                           "messages" if "chat" in request.url.path else "prompt")  # fmt: skip
+    if context is not None and prompt_tokens + n > context:
+        if value is not None:  # asked for explicitly: say so rather than cut the answer short
+            raise GatewayError(422, f"prompt ({prompt_tokens} tokens) + max_tokens ({n}) passes the "
+                                    f"{context}-token context of {name!r}", "max_tokens")  # fmt: skip
+        n = context - prompt_tokens  # the default: as many as fit
     return n
 
 
@@ -245,7 +255,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                 for i, m in enumerate(body.messages)]  # fmt: skip
     ids = await run_in_threadpool(chat_prompt_ids, tok, messages)
-    max_tokens = _max_tokens(request, body.max_completion_tokens or body.max_tokens, 128)
+    max_tokens = _max_tokens(
+        request, body.model, len(ids), body.max_completion_tokens or body.max_tokens, 128
+    )
     return await _respond(_Answer(request, body.model, ids, body, True, body.top()), max_tokens)
 
 
@@ -264,7 +276,7 @@ async def completions(body: CompletionRequest, request: Request):
     tok = request.app.state.book.tokenizers[body.model]
     ids = list(tok(prompts[0])["input_ids"])
     answer = _Answer(request, body.model, ids, body, False, body.logprobs, prompts[0] if body.echo else "")
-    return await _respond(answer, _max_tokens(request, body.max_tokens, 16))
+    return await _respond(answer, _max_tokens(request, body.model, len(ids), body.max_tokens, 16))
 
 
 @router.post("/v1/embeddings", responses=_BAD_REQUEST)

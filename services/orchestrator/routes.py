@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from edgeorch.schemas.orchestrator import DeploymentRequest, DeploymentView, OrchestratorEvent
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
 from edgeorch.service.auth import AdminAuth
+from edgeorch.service.limits import MAX_SQL_INT
 from services.orchestrator.deployments import UnknownModel
 from services.orchestrator.store import Conflict, NotFound
 
@@ -59,7 +60,7 @@ async def delete_deployment(name: Name, request: Request) -> None:
 @router.get("/v1/events", response_model=list[OrchestratorEvent], tags=["events"])
 async def list_events(
     request: Request,
-    since: Annotated[int, Query(ge=0)] = 0,
+    since: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
     deployment: Annotated[str | None, Query(pattern=DEPLOYMENT_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> list[OrchestratorEvent]:

@@ -34,8 +34,9 @@ class Routes:
     """The RouteProvider of :mod:`edgeorch.orchestration.generation`, plus what the gateway reports back."""
 
     def __init__(self, live: dict[str, Live], store: OrchestratorStore, plane: ControlPlane, replan: Replan,
-                 metrics=None):  # fmt: skip
+                 metrics=None, secret: str = ""):  # fmt: skip
         self.live = live
+        self.secret = secret  # the rollout secret: the stages' data-plane credentials derive from it
         self.store = store
         self.plane = plane
         self.replan = replan
@@ -71,7 +72,7 @@ class Routes:
             return None
         if view is None:
             return None
-        return Route(live.name, view.active_version, tuple(view.stages))
+        return Route(live.name, view.active_version, tuple(view.stages), self.secret)
 
     def newer(self, route: Route) -> Route | None:
         """The committed route when it is newer than the session's (RouteProvider)."""

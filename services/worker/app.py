@@ -132,9 +132,11 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         "worker",
         description="Runs contiguous unit ranges of a model and forwards activations to the next stage.",
         lifespan=lifespan,
+        # The forward route refuses a frame over max_frame_bytes itself, with the protocol's fields.
+        max_body_bytes=settings.max_frame_bytes + (1 << 20),
     )
     host = StageHost(
-        store=ModelStore(settings.model_store),
+        store=ModelStore(settings.model_store, settings.allowed_model_dirs()),
         sessions=SessionStore(settings.kv_cache_max_bytes, settings.session_ttl_s),
         metrics=WorkerMetrics(registry),
         node_id=settings.node_id,

@@ -1,7 +1,8 @@
 """Worker HTTP routes: stage admin, the forward data path, emulation.
 
 Loading, unloading and emulation changes need the admin token (edgeorch.service.auth);
-reads, forward steps and session releases are the data path and stay open.
+forward steps and session releases need the stage's data-plane credential
+(edgeorch.security.credentials); reads are open.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edgeorch.runtime.host import StageConflict, StageHost, StageNotFound
 from edgeorch.runtime.memory import OverMemory, proc_memory
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
 from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec
+from edgeorch.security.credentials import CREDENTIAL_HEADER, credential_ok
 from edgeorch.service.auth import AdminAuth
 from edgeorch.transport import wire
 from edgeorch.transport.protocol import HOPS_HEADER, HopFailure
@@ -130,6 +132,7 @@ async def _forward(host: StageHost, stage_id: str, request: Request) -> Response
 
 async def _step(host: StageHost, stage_id: str, request: Request) -> tuple[bytes, list[dict]]:
     """Run the step; every refusal becomes a HopFailure naming this stage and node."""
+    _check_credential(host, stage_id, request)
     limit = request.app.state.settings.max_frame_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -157,15 +160,30 @@ async def _step(host: StageHost, stage_id: str, request: Request) -> tuple[bytes
         raise _own(host, stage_id, 503, "cache_full", exc) from exc
 
 
+def _check_credential(host: StageHost, stage_id: str, request: Request) -> None:
+    """A 401 HopFailure unless the call carries the stage's credential: before the body is read or any compute."""
+    hosted = host.stages.get(stage_id)
+    if hosted is not None and not credential_ok(
+        hosted.spec.credential, request.headers.get(CREDENTIAL_HEADER)
+    ):
+        raise _own(host, stage_id, 401, "unauthorized",
+                   f"stage {stage_id!r} needs its data-plane credential in {CREDENTIAL_HEADER}")  # fmt: skip
+
+
 def _own(host: StageHost, stage_id: str, status: int, kind: str, detail: object) -> HopFailure:
     return HopFailure(status, str(detail), kind, stage_id, host.node_id)
 
 
-@router.delete("/v1/stages/{stage_id}/sessions/{session}", tags=["data plane"])
+@router.delete("/v1/stages/{stage_id}/sessions/{session}", tags=["data plane"], response_model=None)
 async def release_session(
-    stage_id: StageId, session: Annotated[str, Path(pattern=ID_PATTERN)], host: Host
-) -> dict:
-    """Free a session's KV cache on this stage and every later one."""
+    stage_id: StageId, session: Annotated[str, Path(pattern=ID_PATTERN)], host: Host, request: Request
+) -> JSONResponse | dict:
+    """Free a session's KV cache on this stage and every later one (needs the stage credential)."""
+    try:
+        _check_credential(host, stage_id, request)
+    except HopFailure as failure:
+        host.metrics.errors.labels(failure.kind).inc()
+        return JSONResponse(failure.body(), failure.status)
     try:
         return {"released": await host.release(stage_id, session)}
     except StageNotFound as exc:

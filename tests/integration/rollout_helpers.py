@@ -17,6 +17,7 @@ import torch
 from edgeorch.local.launcher import LocalService, LocalWorkers
 from edgeorch.rollout.plan import parse_stage_id
 from edgeorch.schemas.stage import Sampling
+from edgeorch.security.credentials import stage_credential
 from edgeorch.transport.client import ChainClient
 from tests.support import ServiceProcess, free_port
 
@@ -101,9 +102,10 @@ class Rig:
         )  # fmt: skip
 
     def deployment(self, name: str) -> dict:
+        """Broadcast's view of a deployment, its entry with the data-plane credential added."""
         resp = httpx.get(f"{self.url}/v1/deployments/{name}", timeout=30)
         assert resp.status_code == 200, resp.text
-        return resp.json()
+        return with_credential(resp.json(), self.secret)
 
     def converged(self, deployment: str, version: int) -> bool:
         """Every live worker holds exactly its stages of ``version`` of ``deployment``, nothing older."""
@@ -172,9 +174,20 @@ def metric(worker: LocalService, name: str, **labels: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def with_credential(deployment: dict, secret: str) -> dict:
+    """A broadcast deployment view whose entry carries its stage credential, as the gateway derives it."""
+    entry = deployment["entry"]
+    return {**deployment, "entry": {**entry, "credential": stage_credential(secret, entry["stage_id"])}}
+
+
+def entry_client(entry: dict) -> ChainClient:
+    """A client of the chain entered at ``entry`` ({url, stage_id, credential if the stage has one})."""
+    return ChainClient(entry["url"], entry["stage_id"], credential=entry.get("credential"))
+
+
 def generate(entry: dict, prompt_ids: list[int], n_tokens: int) -> list[int]:
-    """Greedy tokens from a chain entered at ``entry`` ({url, stage_id})."""
-    with ChainClient(entry["url"], entry["stage_id"]) as client:
+    """Greedy tokens from a chain entered at ``entry`` ({url, stage_id[, credential]})."""
+    with entry_client(entry) as client:
         return client.generate(prompt_ids, n_tokens).token_ids
 
 
@@ -197,6 +210,7 @@ class SessionLoop:
     deployment: str
     prompts: list[list[int]]
     n_tokens: int
+    secret: str = ""  # the rollout secret the entry's credential derives from
     runs: list[Run] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -225,6 +239,7 @@ class SessionLoop:
                 started = time.time()
                 try:
                     dep = http.get(f"{self.broadcast_url}/v1/deployments/{self.deployment}").json()
+                    dep = with_credential(dep, self.secret)
                     tokens, times = _timed_generate(dep["entry"], self.prompts[i], self.n_tokens)
                 except Exception as exc:  # every failure is a test failure; keep counting
                     with self._lock:
@@ -239,7 +254,7 @@ def _timed_generate(entry: dict, prompt_ids: list[int], n_tokens: int) -> tuple[
     session = uuid.uuid4().hex
     x = torch.tensor([prompt_ids], dtype=torch.int64)
     tokens, times, position = [], [], 0
-    with ChainClient(entry["url"], entry["stage_id"]) as client:
+    with entry_client(entry) as client:
         for i in range(n_tokens):
             res = client.step({"x": x}, session=session, position=position, mode="generate",
                               sampling=Sampling().model_dump(), release=i == n_tokens - 1)  # fmt: skip

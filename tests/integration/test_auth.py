@@ -2,8 +2,9 @@
 
 Calls that change the system answer 401 without the token or with a wrong one,
 and change nothing; with it they work. The data path (forward steps, session
-releases), worker registration and heartbeats, signed acks and desired states
-stay open, so a rollout still goes through end to end. Without a token the
+releases) needs a stage's credential instead (test_stage_credentials.py); worker
+registration and heartbeats, signed acks and desired states stay open, so a
+rollout still goes through end to end. Without a token the
 services refuse to listen beyond loopback.
 """
 
@@ -30,6 +31,7 @@ from tests.integration.rollout_helpers import (
     held,
     unique,
     wait_for,
+    with_credential,
     worker_env,
 )
 from tests.support import ServiceProcess
@@ -90,7 +92,7 @@ def test_worker_stage_calls_need_the_token(guarded) -> None:
     assert _refused(httpx.put(url, json={"model": "garbage"}, timeout=30))  # refused before it is read
     assert "auth.s0" not in _stage_ids(w)
     assert httpx.put(url, json=SPEC, headers=RIGHT, timeout=300).status_code == 201
-    # Reads and the data path stay open: a whole generation and its release run without the token.
+    # Reads stay open, and so does the data path of a stage loaded without a credential.
     assert httpx.get(url, timeout=30).json()["param_bytes"] > 0
     assert len(generate({"url": w.url, "stage_id": "auth.s0"}, [1, 50, 60], 4)) == 4
 
@@ -138,7 +140,7 @@ def test_starting_a_rollout_needs_the_token_and_the_workers_follow_without_it(gu
     )  # fmt: skip
     assert done["phase"] == "completed", done
     assert held(a, name) == {f"{name}.v1.s0"} and held(b, name) == {f"{name}.v1.s1"}
-    entry = httpx.get(f"{bc.url}/v1/deployments/{name}", timeout=30).json()["entry"]
+    entry = with_credential(httpx.get(f"{bc.url}/v1/deployments/{name}", timeout=30).json(), secret)["entry"]
     assert len(generate(entry, [1, 50, 60], 4)) == 4
     assert httpx.get(f"{bc.url}/v1/nodes/{a.name}/desired", timeout=30).status_code == 200
 

@@ -85,7 +85,7 @@ def test_cutover_under_load_fails_nothing_and_changes_no_text(smol, tmp_path) ->
     rig, name, prompts, reference, _ = smol
     a, b, _, d = rig.workers.workers
     start_version = rig.deployment(name)["active_version"]
-    loop = SessionLoop(rig.url, name, prompts, NEW_TOKENS)
+    loop = SessionLoop(rig.url, name, prompts, NEW_TOKENS, secret=rig.secret)
     loop.start()
     try:
         wait_for(
