@@ -62,7 +62,10 @@ def test_no_server_error_and_every_refusal_has_a_detail(stack, service: str, tmp
         "--no-color", "--report", "junit", "--report-dir", str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.checks", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
+    # Run in tmp_path: schemathesis keeps a cache folder (.schemathesis/) in its working directory.
+    result = subprocess.run(
+        argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400, check=False
+    )
     summary = result.stdout[-6000:]
     assert result.returncode == 0, (
         f"schemathesis found failures on {service}:\n{summary}\n{result.stderr[-2000:]}"
