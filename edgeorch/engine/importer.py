@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from edgeorch.engine.gguf_blocks import NotExact, pack_gguf_int4
-from edgeorch.engine.synth import pack_store
+from edgeorch.engine.synth import pack_dir
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.formats import INT4_SCALES_KEY
 from edgeorch.models.store import MARKER, ModelStore, ModelStoreError, checkpoint_from_gguf
@@ -122,7 +122,7 @@ def import_model(store: ModelStore, path: Path, name: str, formats: list[str]) -
             _copy_hf(path, tmp)
         adapter = adapter_for(load_config(tmp))
         record |= {"family": adapter.family, "kind": "decoder" if adapter.is_decoder else "encoder"}
-        pack_store(store, [str(tmp)], formats)  # a directory path: the store takes it as it is
+        pack_dir(tmp, formats)
         (tmp / MARKER).write_text(json.dumps(record, indent=2))
         tmp.rename(store.root / name)
     except BaseException:

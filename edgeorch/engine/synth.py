@@ -58,18 +58,24 @@ _TOKENIZER_FILES = (
 
 def pack_store(store: ModelStore, names: list[str], formats: list[str], force: bool = False) -> list[str]:
     """Pack each named model (with a checkpoint) in each format it lacks; returns ``name:format`` packed now."""
-    for fmt in formats:
-        check_format(fmt)
     done = []
     for name in names:
-        model_dir = store.path(name)
-        if not has_checkpoint(model_dir):
-            continue  # synthesised: packed only, nothing to pack from
-        for fmt in formats:
-            if PackedUnits(model_dir, fmt).complete() and not force:
-                continue
-            pack_model(model_dir, fmt)
-            done.append(f"{name}:{fmt}")
+        done += [f"{name}:{fmt}" for fmt in pack_dir(store.path(name), formats, force)]
+    return done
+
+
+def pack_dir(model_dir: Path, formats: list[str], force: bool = False) -> list[str]:
+    """Pack the checkpoint in ``model_dir`` in each format it lacks; returns the formats packed now."""
+    for fmt in formats:
+        check_format(fmt)
+    if not has_checkpoint(model_dir):
+        return []  # synthesised: packed only, nothing to pack from
+    done = []
+    for fmt in formats:
+        if PackedUnits(model_dir, fmt).complete() and not force:
+            continue
+        pack_model(model_dir, fmt)
+        done.append(fmt)
     return done
 
 
