@@ -85,8 +85,20 @@ def load_chain(
     or, as a list, one dict per stage (a format per node); ``token`` is the
     workers' admin token, if they have one.
     """
-    if len(workers.workers) < len(ranges):
-        raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
+    return load_stages([w.url for w in workers.workers], model, ranges, prefix, options, token)
+
+
+def load_stages(
+    urls: list[str],
+    model: str,
+    ranges: list[tuple[int, int]],
+    prefix: str = "chain",
+    options: dict | list[dict] | None = None,
+    token: str = "",
+) -> list[str]:
+    """:func:`load_chain` on the workers at ``urls`` (stage i on ``urls[i]``; one worker may repeat)."""
+    if len(urls) < len(ranges):
+        raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(urls)}")
     per_stage = options if isinstance(options, list) else [options or {}] * len(ranges)
     if len(per_stage) != len(ranges):
         raise ChainSpecError(f"{len(per_stage)} stage options for {len(ranges)} stages")
@@ -94,16 +106,16 @@ def load_chain(
     for i, (a, b) in reversed(list(enumerate(ranges))):
         nxt = None
         if i + 1 < len(ranges):
-            nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1]}
+            nxt = {"url": urls[i + 1], "stage_id": ids[i + 1]}
         resp = httpx.put(
-            f"{workers.workers[i].url}/v1/stages/{ids[i]}",
+            f"{urls[i]}/v1/stages/{ids[i]}",
             json={"model": model, "start": a, "end": b, "next": nxt, **per_stage[i]},
             headers=admin_headers(token),
             timeout=300,
         )
         if resp.status_code not in (200, 201):
             raise RuntimeError(f"loading stage {ids[i]} [{a}, {b}) failed: {resp.status_code} {resp.text}")
-        log.info("stage %s [%d, %d) on %s", ids[i], a, b, workers.workers[i].url)
+        log.info("stage %s [%d, %d) on %s", ids[i], a, b, urls[i])
     return ids
 
 

@@ -70,7 +70,7 @@ class HostedStage:
         return protocol.forward_url(str(self.spec.next.url), self.spec.next.stage_id)
 
 
-def _planned_cache(hosted: HostedStage):
+def planned_cache(hosted: HostedStage):
     """A new session's cache; a lean one reserves the spec's whole planned context on its first step."""
     cache = hosted.loaded.new_cache()
     if hasattr(cache, "chunk_tokens") and hosted.spec.kv_context > cache.chunk_tokens:
@@ -337,7 +337,7 @@ class StageHost:
         if loaded.adapter.is_decoder and loaded.has_layers:
             new_bytes = int(hosted.kv_bytes_per_token * q_len * inp.x.shape[0])
             cache = self.sessions.acquire(
-                hosted.stage_id, meta.session, meta.position, new_bytes, lambda: _planned_cache(hosted)
+                hosted.stage_id, meta.session, meta.position, new_bytes, lambda: planned_cache(hosted)
             )
         h = loaded.run(inp, cache)
         if cache is not None:
