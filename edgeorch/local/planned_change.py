@@ -46,6 +46,7 @@ class ScriptedRoutes:
     second: Route
     switch_after: int | None = None  # None: never switch
     on_switch: Callable[[], None] | None = None
+    ready: Callable[[], bool] | None = None  # also wait for this (e.g. every session past its prefill)
     steps: int = 0
     switched: bool = field(default=False, init=False)
 
@@ -63,6 +64,8 @@ class ScriptedRoutes:
         """The second route once the switch point has passed (called once per step)."""
         self.steps += 1
         if self.switch_after is None or self.steps <= self.switch_after:
+            return None
+        if not self.switched and self.ready is not None and not self.ready():
             return None
         if not self.switched:
             self.switched = True

@@ -39,7 +39,7 @@ from edgeorch.runtime.sessions import SessionStore
 from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
-from edgeorch.transport import protocol, wire
+from edgeorch.transport import compression, protocol, wire
 from edgeorch.transport.hopclient import HopClient, HopError, HopResponse
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ class StageHost:
         t_start = time.perf_counter()
         hosted = self._get(stage_id)
         frame = wire.decode_frame(body, max_frame_bytes)
+        compression.restore(frame.tensors)  # a lossy hop's activations, float32 again
         meta = ForwardMeta.model_validate(frame.meta)
         inp = check_input(hosted.loaded, meta, frame)
         self.metrics.bytes_in.labels(stage_id).inc(len(body))
@@ -261,6 +262,8 @@ class StageHost:
             hop["handler_s"] = time.perf_counter() - t_start
             self._notify(sample)
             return answer, [hop]
+        if hosted.spec.activation_format != "fp32" and "x" in out.tensors:
+            out.tensors.update(compression.pack(out.tensors["x"], hosted.spec.activation_format))
         payload = wire.encode_frame(out)
         hop["bytes_out"] = len(payload)
         self.metrics.bytes_out.labels(stage_id).inc(len(payload))

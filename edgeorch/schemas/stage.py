@@ -40,6 +40,11 @@ class StageSpec(BaseModel):
     )
     kv_sessions: int = Field(default=1, ge=0, le=4096, description="sessions the plan gives this stage")
     kv_context: int = Field(default=256, ge=0, le=1 << 20, description="context tokens per planned session")
+    activation_format: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="how this stage's hidden states cross the hop to the next stage: fp32 (exact), bf16, "
+        "or int8 with one scale per token (edgeorch.transport.compression)",
+    )
 
     @model_validator(mode="after")
     def _engine_has_format(self) -> StageSpec:
