@@ -72,7 +72,7 @@ class Chain:
 
 
 def load_chain(
-    workers: LocalWorkers,
+    workers: LocalWorkers | list[str],
     model: str,
     ranges: list[tuple[int, int]],
     prefix: str = "chain",
@@ -81,22 +81,12 @@ def load_chain(
 ) -> list[str]:
     """PUT one stage per worker, each pointing at the next; returns the stage ids.
 
-    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``),
-    or, as a list, one dict per stage (a format per node); ``token`` is the
-    workers' admin token, if they have one.
+    ``workers`` are local workers or worker URLs (stage i on the i-th; a URL
+    may repeat). ``options`` go into every stage spec (e.g. ``{"engine":
+    "lean", "format": "int8"}``), or, as a list, one dict per stage (a format
+    per node); ``token`` is the workers' admin token, if they have one.
     """
-    return load_stages([w.url for w in workers.workers], model, ranges, prefix, options, token)
-
-
-def load_stages(
-    urls: list[str],
-    model: str,
-    ranges: list[tuple[int, int]],
-    prefix: str = "chain",
-    options: dict | list[dict] | None = None,
-    token: str = "",
-) -> list[str]:
-    """:func:`load_chain` on the workers at ``urls`` (stage i on ``urls[i]``; one worker may repeat)."""
+    urls = [w.url for w in workers.workers] if isinstance(workers, LocalWorkers) else workers
     if len(urls) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(urls)}")
     per_stage = options if isinstance(options, list) else [options or {}] * len(ranges)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edgeorch.local.chain import load_stages
+from edgeorch.local.chain import load_chain
 from edgeorch.orchestration.generation import ChainFailure, Route
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import NextHop
@@ -27,7 +27,7 @@ def load_version(
     options: dict | None = None,
 ) -> Route:
     """Load one plan version, stage i on ``placement[i]`` = (node id, url, start, end); its route."""
-    ids = load_stages([p[1] for p in placement], model, [(p[2], p[3]) for p in placement],
+    ids = load_chain([p[1] for p in placement], model, [(p[2], p[3]) for p in placement],
                       prefix=f"{deployment}.v{version}", options=options)  # fmt: skip
     fmt = (options or {}).get("format", "fp32")
     stages = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgeorch.local.chain import load_stages
+from edgeorch.local.chain import load_chain
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.transport.client import ChainClient
 
@@ -17,7 +17,7 @@ def test_lossy_hops_send_fewer_bytes_and_keep_the_greedy_text(store, tmp_path) -
     with LocalWorkers(2, model_store=store.root, log_dir=tmp_path) as workers:
         urls = [w.url for w in workers.workers]
         for fmt in ("fp32", "bf16", "int8"):
-            ids = load_stages(urls, "smollm2-135m", [(0, 16), (16, 32)], prefix=f"act-{fmt}",
+            ids = load_chain(urls, "smollm2-135m", [(0, 16), (16, 32)], prefix=f"act-{fmt}",
                               options=[{"activation_format": fmt}, {}])  # fmt: skip
             with ChainClient(urls[0], ids[0]) as client:
                 gen = client.generate(PROMPT_IDS, NEW_TOKENS)
