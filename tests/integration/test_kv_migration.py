@@ -83,8 +83,8 @@ def test_a_source_killed_mid_migration_falls_back_to_replay(workers) -> None:
 
 
 def test_kv_routes_answer_bad_requests_with_4xx(workers) -> None:
-    w0, w1 = workers.workers[0], workers.workers[1]
-    v1 = load_version("mbad", 1, MODEL, [("n0", w0.url, 0, 16), ("n1", w1.url, 16, 32)])
+    w0, w2 = workers.workers[0], workers.workers[2]  # the crash test may have killed workers[1]
+    v1 = load_version("mbad", 1, MODEL, [("n0", w0.url, 0, 16), ("n2", w2.url, 16, 32)])
     _run(ScriptedRoutes(v1, v1), migrate_kv=True)  # leaves no session: the last step releases it
     s0 = v1.stages[0].stage_id
     kv = f"{w0.url}/v1/stages/{s0}/sessions/nosuch/kv"
