@@ -96,3 +96,29 @@ class LeanKVCache:
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the capacity, not just the filled part)."""
         return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+
+    def read_layers(self, slots: range, start: int, end: int) -> torch.Tensor:
+        """Positions ``[start, end)`` of layer ``slots`` as ``[layers, 2, batch, tokens, kv_heads, head_dim]``.
+
+        A copy (it is sent away while the session may go on decoding), in this
+        cache's own token-major layout, which is also the wire's.
+        """
+        if self._buf is None or not 0 <= start <= end <= self.seq_len or slots.step != 1:
+            raise ValueError(f"positions [{start}, {end}) are not inside the cache's {self.seq_len} tokens")
+        if not 0 <= slots.start <= slots.stop <= self.num_layers:
+            raise ValueError(f"layer slots {slots} are not inside this cache's {self.num_layers}")
+        return self._buf[slots.start : slots.stop, :, :, start:end].clone()
+
+    def append_layers(self, slots: range, kv: torch.Tensor) -> None:
+        """Append positions (``read_layers``' layout) for every layer, after the last position held."""
+        layers, two, batch, tokens, kv_heads, head_dim = kv.shape
+        if slots != range(self.num_layers) or (layers, two, kv_heads, head_dim) != (
+            self.num_layers, 2, self.kv_heads, self.head_dim
+        ):  # fmt: skip
+            raise ValueError(
+                f"KV of shape {list(kv.shape)} for slots {slots} does not fill a cache of "
+                f"{self.num_layers} layers, {self.kv_heads} heads of {self.head_dim}"
+            )
+        self.reserve(batch, self.seq_len + tokens)
+        self._buf[:, :, :, self.seq_len : self.seq_len + tokens].copy_(kv)
+        self.seq_len += tokens

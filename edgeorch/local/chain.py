@@ -73,7 +73,7 @@ class Chain:
 
 
 def load_chain(
-    workers: LocalWorkers,
+    workers: LocalWorkers | list[str],
     model: str,
     ranges: list[tuple[int, int]],
     prefix: str = "chain",
@@ -83,13 +83,16 @@ def load_chain(
 ) -> list[str]:
     """PUT one stage per worker, each pointing at the next; returns the stage ids.
 
-    ``options`` go into every stage spec (e.g. ``{"engine": "lean", "format": "int8"}``),
-    or, as a list, one dict per stage (a format per node); ``token`` is the
-    workers' admin token, if they have one. ``credential``: every stage's
-    data-plane credential (one chain, one credential); None leaves them open.
+    ``workers`` are local workers or worker URLs (stage i on the i-th; a URL
+    may repeat). ``options`` go into every stage spec (e.g. ``{"engine":
+    "lean", "format": "int8"}``), or, as a list, one dict per stage (a format
+    per node); ``token`` is the workers' admin token, if they have one.
+    ``credential``: every stage's data-plane credential (one chain, one
+    credential); None leaves them open.
     """
-    if len(workers.workers) < len(ranges):
-        raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(workers.workers)}")
+    urls = [w.url for w in workers.workers] if isinstance(workers, LocalWorkers) else workers
+    if len(urls) < len(ranges):
+        raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(urls)}")
     per_stage = options if isinstance(options, list) else [options or {}] * len(ranges)
     if len(per_stage) != len(ranges):
         raise ChainSpecError(f"{len(per_stage)} stage options for {len(ranges)} stages")
@@ -97,9 +100,9 @@ def load_chain(
     for i, (a, b) in reversed(list(enumerate(ranges))):
         nxt = None
         if i + 1 < len(ranges):
-            nxt = {"url": workers.workers[i + 1].url, "stage_id": ids[i + 1], "credential": credential}
+            nxt = {"url": urls[i + 1], "stage_id": ids[i + 1], "credential": credential}
         resp = httpx.put(
-            f"{workers.workers[i].url}/v1/stages/{ids[i]}",
+            f"{urls[i]}/v1/stages/{ids[i]}",
             json={
                 "model": model,
                 "start": a,
@@ -113,7 +116,7 @@ def load_chain(
         )
         if resp.status_code not in (200, 201):
             raise RuntimeError(f"loading stage {ids[i]} [{a}, {b}) failed: {resp.status_code} {resp.text}")
-        log.info("stage %s [%d, %d) on %s", ids[i], a, b, workers.workers[i].url)
+        log.info("stage %s [%d, %d) on %s", ids[i], a, b, urls[i])
     return ids
 
 

@@ -47,6 +47,31 @@ class StageKVCache:
         """Record that a step of ``n_tokens`` went through every layer."""
         self.seq_len += n_tokens
 
+    def read_layers(self, layers: range, start: int, end: int) -> torch.Tensor:
+        """Positions ``[start, end)`` of ``layers`` as ``[layers, 2, batch, tokens, kv_heads, head_dim]``.
+
+        The token-major layout of the lean cache and the wire, so either
+        engine's cache can be moved to the other's.
+        """
+        if not 0 <= start <= end <= self.seq_len or any(i not in self._keys for i in layers):
+            raise ValueError(f"positions [{start}, {end}) of layers {layers} are not all in this cache")
+        per_layer = [
+            torch.stack([self._keys[i][..., start:end, :], self._values[i][..., start:end, :]])
+            for i in layers
+        ]
+        return torch.stack(per_layer).transpose(3, 4).contiguous()
+
+    def append_layers(self, layers: range, kv: torch.Tensor) -> None:
+        """Append positions (``read_layers``' layout) to ``layers``, after the last one held."""
+        if kv.shape[0] != len(layers) or kv.shape[1] != 2:
+            raise ValueError(
+                f"KV of shape {list(kv.shape)} does not hold keys and values of {len(layers)} layers"
+            )
+        head_major = kv.transpose(3, 4)
+        for slot, i in enumerate(layers):
+            self.update(head_major[slot, 0].contiguous(), head_major[slot, 1].contiguous(), i)
+        self.seq_len += kv.shape[3]
+
     def nbytes(self) -> int:
         """Bytes held by keys and values."""
         # Kept as a running total: the worker checks its memory cap over every

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from edgeorch.orchestration.migration import MovePath, try_migrate
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import Sampling
 from edgeorch.security.credentials import credential_headers, stage_credential
@@ -46,10 +47,13 @@ class Route:
     # The rollout secret the stages' credentials derive from (edgeorch.security); "": open stages.
     secret: str = field(default="", repr=False, compare=False)
 
+    def credential(self, stage_id: str) -> str | None:
+        """The data-plane credential of ``stage_id`` (one of this route's stages); None: an open stage."""
+        return stage_credential(self.secret, stage_id) if self.secret else None
+
     def headers(self, stage_id: str, base: dict[str, str] | None = None) -> dict[str, str]:
         """``base`` plus the data-plane credential of ``stage_id`` (one of this route's stages)."""
-        credential = stage_credential(self.secret, stage_id) if self.secret else None
-        return {**(base or {}), **credential_headers(credential)}
+        return {**(base or {}), **credential_headers(self.credential(stage_id))}
 
     @property
     def entry_url(self) -> str:
@@ -106,6 +110,7 @@ class SessionStats:
     recoveries: int = 0
     moves: int = 0  # times the session moved to a newer plan mid-generation
     max_gap_s: float = 0.0
+    move_paths: list[MovePath] = field(default_factory=list)  # how each move went: KV migrated or replayed
 
 
 def _classify(route: Route, failure: HopFailure) -> StepFailure:
@@ -150,6 +155,7 @@ async def generate(
     on_step: Callable[[int, float], None] | None = None,
     logprobs: int | None = None,
     on_result: Callable[[wire.Frame], None] | None = None,
+    migrate_kv: bool = True,
 ) -> AsyncIterator[int]:
     """Yield generated token ids one by one, carrying the session over failed stages.
 
@@ -161,6 +167,10 @@ async def generate(
     ``logprobs`` (the number of alternatives, 0..20) asks the last stage for
     each sampled token's log-probabilities; ``on_result`` hears every
     step's result frame, just before its token is yielded.
+
+    ``migrate_kv`` moves a session's KV caches to a newer plan's stages
+    (:mod:`edgeorch.orchestration.migration`) instead of replaying its
+    tokens; a replay remains the fallback.
     """
     extra = {} if logprobs is None else {"logprobs": {"top": logprobs}}
     route = await routes.route(deployment)
@@ -173,11 +183,10 @@ async def generate(
         moved = routes.newer(route) if generated else None
         if moved is not None:
             # A new plan was committed while this session ran on the old one:
-            # move it now (one replay) rather than finish on a plan the
-            # orchestrator has just judged worse, and let the old one drain.
-            _in_background(release_everywhere(http, route, session))
-            route, session, sent = moved, uuid.uuid4().hex, 0
-            stats.moves += 1
+            # move it now rather than finish on a plan the orchestrator has
+            # just judged worse, and let the old one drain.
+            session, sent = await _move(http, route, moved, session, sent, stats, migrate_kv)
+            route = moved
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
         t0 = time.perf_counter()
         try:
@@ -213,6 +222,28 @@ async def generate(
             if not last:
                 await release(http, route, session)
             return
+
+
+async def _move(
+    http: HopClient, old: Route, new: Route, session: str, sent: int, stats: SessionStats, migrate_kv: bool
+) -> tuple[str, int]:
+    """Carry a session to ``new``: its KV pulled there, or a replay; returns (session id, tokens held)."""
+    if migrate_kv:
+        move = await try_migrate(http, old.version, old.stages, new.version, new.stages, session, sent,
+                                 credential_of=lambda stage_id: old.credential(stage_id) or new.credential(stage_id))  # fmt: skip
+    else:
+        move = MovePath(old.version, new.version, "replay", sent, reason="migration is off")
+    stats.moves += 1
+    stats.move_paths.append(move)
+    log.info("session moved %s v%d -> v%d by %s at %d tokens (%d bytes over the network, %d copied "
+             "locally, %.3fs)%s", old.deployment, old.version, new.version, move.path, sent, move.bytes_remote,
+             move.bytes_local, move.seconds, f": {move.reason[:200]}" if move.reason else "")  # fmt: skip
+    _in_background(release_everywhere(http, old, session))
+    if move.path == "migrate":
+        return session, sent
+    if migrate_kv:  # a failed pull may have left caches on some new stages
+        _in_background(release_everywhere(http, new, session))
+    return uuid.uuid4().hex, 0
 
 
 async def release(http: HopClient, route: Route, session: str) -> None:

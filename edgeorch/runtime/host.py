@@ -40,7 +40,7 @@ from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
 from edgeorch.security.credentials import credential_headers
-from edgeorch.transport import protocol, wire
+from edgeorch.transport import compression, protocol, wire
 from edgeorch.transport.hopclient import HopClient, HopError, HopResponse
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class HostedStage:
         return protocol.forward_url(str(self.spec.next.url), self.spec.next.stage_id)
 
 
-def _planned_cache(hosted: HostedStage):
+def planned_cache(hosted: HostedStage):
     """A new session's cache; a lean one reserves the spec's whole planned context on its first step."""
     cache = hosted.loaded.new_cache()
     if hasattr(cache, "chunk_tokens") and hosted.spec.kv_context > cache.chunk_tokens:
@@ -245,6 +245,7 @@ class StageHost:
         t_start = time.perf_counter()
         hosted = self._get(stage_id)
         frame = wire.decode_frame(body, max_frame_bytes)
+        compression.restore(frame.tensors)  # a lossy hop's activations, float32 again
         meta = ForwardMeta.model_validate(frame.meta)
         inp = check_input(hosted.loaded, meta, frame)
         self.metrics.bytes_in.labels(stage_id).inc(len(body))
@@ -267,6 +268,8 @@ class StageHost:
             hop["handler_s"] = time.perf_counter() - t_start
             self._notify(sample)
             return answer, [hop]
+        if hosted.spec.activation_format != "fp32" and "x" in out.tensors:
+            out.tensors.update(compression.pack(out.tensors["x"], hosted.spec.activation_format))
         payload = wire.encode_frame(out)
         hop["bytes_out"] = len(payload)
         self.metrics.bytes_out.labels(stage_id).inc(len(payload))
@@ -343,7 +346,7 @@ class StageHost:
         if loaded.adapter.is_decoder and loaded.has_layers:
             new_bytes = int(hosted.kv_bytes_per_token * q_len * inp.x.shape[0])
             cache = self.sessions.acquire(
-                hosted.stage_id, meta.session, meta.position, new_bytes, lambda: _planned_cache(hosted)
+                hosted.stage_id, meta.session, meta.position, new_bytes, lambda: planned_cache(hosted)
             )
         h = loaded.run(inp, cache)
         if cache is not None:

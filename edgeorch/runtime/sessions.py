@@ -79,6 +79,28 @@ class SessionStore:
             entry.last_used = time.monotonic()
             return entry.cache
 
+    def peek(self, stage_id: str, session: str) -> Any:
+        """A session's cache as it is (a KV export reads it); UnknownSession when there is none."""
+        with self._lock:
+            entry = self._entries.get((stage_id, session))
+            if entry is None:
+                raise UnknownSession(f"session {session!r} is unknown on stage {stage_id!r}")
+            entry.last_used = time.monotonic()
+            return entry.cache
+
+    def install(self, stage_id: str, session: str, cache: Any) -> None:
+        """Hold a cache built elsewhere (a KV import) for a session, within the memory cap."""
+        key = (stage_id, session)
+        with self._lock:
+            self._evict_expired_locked()
+            held = sum(e.cache.nbytes() for k, e in self._entries.items() if k != key)
+            if held + cache.nbytes() > self.max_bytes:
+                raise CacheFull(
+                    f"KV cache full: {held} bytes held, the import needs {cache.nbytes()} more, "
+                    f"cap {self.max_bytes}"
+                )
+            self._entries[key] = _Entry(cache)
+
     def release(self, stage_id: str, session: str) -> bool:
         """Drop one session's cache on one stage; True if there was one."""
         with self._lock:

@@ -51,6 +51,11 @@ class StageSpec(BaseModel):
         description="forward and session calls must carry it (x-edgeorch-stage-credential); null: an open "
         "stage. Write-only: never shown",
     )  # fmt: skip
+    activation_format: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="how this stage's hidden states cross the hop to the next stage: fp32 (exact), bf16, "
+        "or int8 with one scale per token (edgeorch.transport.compression)",
+    )
 
     @model_validator(mode="after")
     def _engine_has_format(self) -> StageSpec:

@@ -130,6 +130,8 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
         raise
     state.routes.observe(name, failed=False)
     _count(state.metrics, name, stats, time.perf_counter() - t0)
+    if stats.move_paths:
+        await state.routes.session_moved(name, stats.move_paths)
     yield choice, stream.finish(), choice.finish
 
 

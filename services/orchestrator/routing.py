@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
 from edgeorch.orchestration.generation import ChainFailure, Route
+from edgeorch.orchestration.migration import MovePath
 from edgeorch.schemas.orchestrator import MeasuredView
 from services.orchestrator.live import Live, measured
 from services.orchestrator.store import OrchestratorStore
@@ -113,6 +114,13 @@ class Routes:
                 raise ChainFailure(503, f"could not re-route {route.deployment!r} around {failed_node}")
         log.info("%s: re-routed around %s in %.2fs", route.deployment, failed_node, time.perf_counter() - t0)
         return live.route
+
+    async def session_moved(self, deployment: str, moves: list[MovePath]) -> None:
+        """Log how a session moved to newer plans: its KV migrated, or its tokens replayed (and why)."""
+        paths = ", ".join(f"v{m.from_version}->v{m.to_version} by {m.path}" for m in moves)
+        data = {"moves": [m.as_dict() for m in moves]}
+        await run_in_threadpool(self.store.add_event, "session_move", deployment,
+                                f"a session moved {paths}", data, time.time())  # fmt: skip
 
     def step_seen(self, deployment: str, version: int, step_s: float) -> None:
         """The gateway reports one decode step as it ends (no I/O: called on the request's path)."""

@@ -26,6 +26,7 @@ from edgeorch.schemas.monitor import NodeCapacity
 from edgeorch.schemas.stage import Emulation
 from edgeorch.service.http_app import base_app
 from edgeorch.service.settings import CommonSettings
+from services.worker.kv_routes import router as kv_router
 from services.worker.probe_routes import router as probe_router
 from services.worker.routes import FAST_FORWARD_ROUTE, router
 
@@ -48,6 +49,7 @@ class WorkerSettings(CommonSettings):
     )
     session_ttl_s: float = Field(default=300.0, gt=0, description="a session unused this long is dropped")
     max_frame_bytes: int = Field(default=64 << 20, gt=0, description="largest forward body accepted")
+    kv_max_frame_bytes: int = Field(default=1 << 30, gt=0, description="largest KV slice a pull accepts")
     forward_timeout_s: float = Field(default=120.0, gt=0, description="how long to wait for the next stage")
     inline_max_tokens: int = Field(
         default=8, ge=0,
@@ -155,6 +157,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     app.state.admin_token = settings.admin_token
     app.include_router(router)
     app.include_router(probe_router)
+    app.include_router(kv_router)
     # First match wins: the data path skips FastAPI's parameter machinery.
     app.router.routes.insert(0, FAST_FORWARD_ROUTE)
     return app

@@ -132,7 +132,7 @@ async def _forward(host: StageHost, stage_id: str, request: Request) -> Response
 
 async def _step(host: StageHost, stage_id: str, request: Request) -> tuple[bytes, list[dict]]:
     """Run the step; every refusal becomes a HopFailure naming this stage and node."""
-    _check_credential(host, stage_id, request)
+    check_credential(host, stage_id, request)
     limit = request.app.state.settings.max_frame_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -160,7 +160,7 @@ async def _step(host: StageHost, stage_id: str, request: Request) -> tuple[bytes
         raise _own(host, stage_id, 503, "cache_full", exc) from exc
 
 
-def _check_credential(host: StageHost, stage_id: str, request: Request) -> None:
+def check_credential(host: StageHost, stage_id: str, request: Request) -> None:
     """A 401 HopFailure unless the call carries the stage's credential: before the body is read or any compute."""
     hosted = host.stages.get(stage_id)
     if hosted is not None and not credential_ok(
@@ -180,7 +180,7 @@ async def release_session(
 ) -> JSONResponse | dict:
     """Free a session's KV cache on this stage and every later one (needs the stage credential)."""
     try:
-        _check_credential(host, stage_id, request)
+        check_credential(host, stage_id, request)
     except HopFailure as failure:
         host.metrics.errors.labels(failure.kind).inc()
         return JSONResponse(failure.body(), failure.status)

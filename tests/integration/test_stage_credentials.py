@@ -23,7 +23,7 @@ from edgeorch.local.chain import load_chain
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.schemas.stage import Sampling
 from edgeorch.security.credentials import CREDENTIAL_HEADER, new_credential, stage_credential
-from edgeorch.transport import protocol
+from edgeorch.transport import kv_frames, protocol
 from edgeorch.transport.client import ChainClient
 from edgeorch.transport.protocol import HopFailure
 
@@ -120,3 +120,32 @@ def test_derived_credentials_differ_per_stage_and_per_secret() -> None:
     others = {stage_credential("secret-1", "chat.v1.s1"), stage_credential("secret-1", "chat.v2.s0"),
               stage_credential("secret-1", "other.v1.s0"), stage_credential("secret-2", "chat.v1.s0")}  # fmt: skip
     assert a not in others and len(others) == 4 and len(a) == 32
+
+
+def test_kv_migration_routes_need_the_credential_and_a_pull_carries_its_sources(chains) -> None:
+    """KV export and pull are data-plane calls too; a pull reads a remote source with that source's credential."""
+    workers, ids, creds = chains
+    w0, w1 = (w.url for w in workers.workers)
+    session = uuid.uuid4().hex
+    with ChainClient(w0, ids["a"][0], credential=creds["a"]) as client:
+        _step(client, session)  # 3 tokens in every stage's cache
+    kv = kv_frames.kv_url(w0, ids["a"][0], session) + "?unit_start=1&unit_end=3&start=0&end=3"
+    refused = httpx.get(kv, timeout=30)
+    assert refused.status_code == 401 and refused.json()["kind"] == "unauthorized"
+    assert httpx.get(kv, headers={CREDENTIAL_HEADER: creds["a"]}, timeout=30).status_code == 200
+
+    # A new chain whose first stage sits on the other worker pulls chain a's first stage over the network.
+    new_cred = new_credential()
+    new_ids = load_chain([w1, w0], TINY, RANGES, prefix="moved", credential=new_cred)
+    pull = kv_frames.pull_url(w1, new_ids[0], session)
+
+    def body(source_credential):
+        source = {"stage_id": ids["a"][0], "url": w0, "start": 0, "end": 3, "credential": source_credential}
+        return {"position": 3, "sources": [source]}
+
+    assert httpx.post(pull, json=body(creds["a"]), timeout=60).status_code == 401  # no credential of its own
+    no_source = httpx.post(pull, json=body(None), headers={CREDENTIAL_HEADER: new_cred}, timeout=60)
+    assert no_source.status_code == 502 and "401" in no_source.text  # the source refused the read
+    done = httpx.post(pull, json=body(creds["a"]), headers={CREDENTIAL_HEADER: new_cred}, timeout=60)
+    assert done.status_code == 200, done.text
+    assert done.json()["bytes_remote"] > 0 and done.json()["units"] == [1, 3]

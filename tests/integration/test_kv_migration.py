@@ -1,0 +1,97 @@
+"""Live KV migration at a planned plan change, on real worker processes.
+
+Two versions of a SmolLM2 chain are loaded on the same workers (a re-split:
+units move between nodes, most stay); a session switches to the second at a
+given step, by moving its KV caches or by a replay. Greedy fp32 text must be
+the same either way and the same as without a change; a source worker killed
+at the switch makes the migration fail and the replay finish the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+import pytest
+
+from edgeorch.local.launcher import LocalWorkers
+from edgeorch.local.planned_change import ScriptedRoutes, load_version
+from edgeorch.orchestration.generation import SessionStats, generate
+from edgeorch.schemas.stage import Sampling
+from edgeorch.transport.hopclient import HopClient
+
+MODEL = "smollm2-135m"
+PROMPT_IDS = list(range(1000, 1100))  # 100 tokens of context before the switch
+NEW_TOKENS = 10
+SWITCH_AFTER = 4
+
+
+def _run(routes: ScriptedRoutes, migrate_kv: bool) -> tuple[list[int], SessionStats]:
+    async def go() -> tuple[list[int], SessionStats]:
+        http, stats = HopClient(timeout_s=120), SessionStats()
+        try:
+            out = [t async for t in generate(http, routes, "mig", PROMPT_IDS, NEW_TOKENS, Sampling(), set(),
+                                             stats, migrate_kv=migrate_kv)]  # fmt: skip
+        finally:
+            await http.aclose()
+        return out, stats
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def workers(store, tmp_path_factory):
+    with LocalWorkers(3, model_store=store.root, log_dir=tmp_path_factory.mktemp("kvmig")) as w:
+        yield w
+
+
+@pytest.mark.parametrize("engine", ["hf", "lean"])
+def test_a_resplit_moves_kv_and_keeps_the_greedy_text(workers, engine) -> None:
+    (w0, w1, _), options = workers.workers, {"engine": engine}
+    v1 = load_version(f"m{engine}", 1, MODEL, [("n0", w0.url, 0, 16), ("n1", w1.url, 16, 32)], options)
+    v2 = load_version(f"m{engine}", 2, MODEL, [("n0", w0.url, 0, 10), ("n1", w1.url, 10, 32)], options)
+    expected, _ = _run(ScriptedRoutes(v1, v2, switch_after=None), migrate_kv=True)
+
+    migrated, stats = _run(ScriptedRoutes(v1, v2, switch_after=SWITCH_AFTER), migrate_kv=True)
+    replayed, replay_stats = _run(ScriptedRoutes(v1, v2, switch_after=SWITCH_AFTER), migrate_kv=False)
+
+    assert migrated == expected and replayed == expected
+    [move] = stats.move_paths
+    assert move.path == "migrate", move.reason
+    assert move.position == len(PROMPT_IDS) + SWITCH_AFTER
+    # Units 10..15 crossed from n0 to n1 (6 layers); 1..9 and 16..30 were copied where they were.
+    per_layer_token = 2 * 3 * 64 * 4  # keys and values, 3 KV heads of 64, fp32
+    assert move.bytes_remote >= 6 * per_layer_token * move.position
+    assert move.bytes_local == 24 * per_layer_token * move.position
+    assert [m.path for m in replay_stats.move_paths] == ["replay"]
+
+
+def test_a_source_killed_mid_migration_falls_back_to_replay(workers) -> None:
+    w0, w1, w2 = workers.workers
+    v1 = load_version("mcrash", 1, MODEL, [("n0", w0.url, 0, 16), ("n1", w1.url, 16, 32)])
+    v2 = load_version("mcrash", 2, MODEL, [("n0", w0.url, 0, 10), ("n2", w2.url, 10, 32)])
+    expected, _ = _run(ScriptedRoutes(v1, v2, switch_after=None), migrate_kv=True)
+
+    # n1 dies as the session moves: the pull of units 16..31 finds no source.
+    crash = ScriptedRoutes(v1, v2, switch_after=SWITCH_AFTER, on_switch=lambda: w1.stop(signal.SIGKILL))
+    got, stats = _run(crash, migrate_kv=True)
+
+    assert got == expected
+    [move] = stats.move_paths
+    assert move.path == "replay" and "unreachable" in move.reason, move
+
+
+def test_kv_routes_answer_bad_requests_with_4xx(workers) -> None:
+    w0, w2 = workers.workers[0], workers.workers[2]  # the crash test may have killed workers[1]
+    v1 = load_version("mbad", 1, MODEL, [("n0", w0.url, 0, 16), ("n2", w2.url, 16, 32)])
+    _run(ScriptedRoutes(v1, v1), migrate_kv=True)  # leaves no session: the last step releases it
+    s0 = v1.stages[0].stage_id
+    kv = f"{w0.url}/v1/stages/{s0}/sessions/nosuch/kv"
+    assert httpx.get(kv, params={"unit_start": 1, "unit_end": 3, "start": 0, "end": 4}).status_code == 404
+    assert httpx.get(kv, params={"unit_start": 0, "unit_end": 3, "start": 0, "end": 4}).status_code == 422
+    pull = {"position": 4, "sources": [{"stage_id": s0, "url": w0.url, "start": 0, "end": 5}]}
+    resp = httpx.post(f"{kv}/pull", json=pull)
+    assert resp.status_code == 404 and "unknown" in resp.json()["detail"]
+    assert httpx.post(f"{kv}/pull", json={"position": 0, "sources": []}).status_code == 422
+    assert httpx.post(f"{w0.url}/v1/stages/nostage/sessions/x/kv/pull", json=pull).status_code == 404
