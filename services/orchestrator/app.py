@@ -72,6 +72,12 @@ class OrchestratorSettings(ServiceSettings):
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="one chain step at most")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens accepted")
+    max_sessions: int = Field(
+        default=16, ge=1, description="sessions one deployment generates at once (the workers' batch)"
+    )
+    max_waiting_sessions: int = Field(
+        default=64, ge=0, description="sessions that may wait for a slot; past that a request gets 429"
+    )
 
 
 async def _follow_monitor(settings: OrchestratorSettings, controller: Controller) -> None:
@@ -159,6 +165,7 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
     )
     metrics = OrchestratorMetrics(registry)
     app.state.settings = settings
+    app.state.admissions = {}  # deployment -> Admission (openai_routes.py), made on first use
     app.state.metrics = metrics
     app.state.admin_token = settings.admin_token
     app.include_router(dashboard_router)  # the page at / and its reads (its own lifespan)
