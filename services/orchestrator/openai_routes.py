@@ -17,7 +17,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -93,6 +92,12 @@ def _admission(request: Request, name: str) -> Admission:
     return admission
 
 
+def _step_seen(request: Request, name: str) -> Callable[[int, float], None]:
+    """Tell the controller of a decode step and how many of the deployment's sessions were running."""
+    routes, admission = request.app.state.routes, _admission(request, name)
+    return lambda version, step_s: routes.step_seen(name, version, step_s, admission.running)
+
+
 def _check_fits(request: Request, name: str, prompt_tokens: int, max_tokens: int) -> None:
     """400 when the prompt plus max_tokens does not fit the model's context."""
     book = request.app.state.book
@@ -145,7 +150,7 @@ async def _tokens(request: Request, name: str, ids: list[int], max_tokens: int, 
     stop_ids = stop_token_ids(state.book.tokenizers[name])  # once, not per token
     async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
                                 body.sampling(choice.index), stop_ids, stats,
-                                on_step=partial(state.routes.step_seen, name), logprobs=top,
+                                on_step=_step_seen(request, name), logprobs=top,
                                 on_result=_logprob_reader(top, got)):  # fmt: skip
         lp = got.pop() if got else None
         if token in stop_ids:
