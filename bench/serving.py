@@ -11,6 +11,10 @@ inter-token latency (p50/p95), the plan version changes during the level.
 
     python -m bench.serving                # levels 1,2,4,8,16; batching on and off
     python -m bench.serving --quick        # levels 1,4,8; 24 tokens
+
+Level 1 is every prompt alone, one after the other (their texts are the
+reference each loaded stream is compared with); level N starts N streams
+at once, prompt i % 8 each.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +74,7 @@ class Level:
     itl_p95_s: float
     same_as_solo: int
     replans: int
+    load_avg: float = 0.0  # the machine's 1-minute load average as the level started
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -112,11 +118,12 @@ def _summarise(variant: str, n: int, streams: list[Stream], wall_s: float, solo:
     ttft = [s.arrivals[0] - s.started for s in streams if s.arrivals]
     itl = [b - a for s in streams for a, b in zip(s.arrivals, s.arrivals[1:], strict=False)]
     rate = tokens / wall_s
+    load = os.getloadavg()[0]
     return Level(
         variant=variant, streams=n, tokens=tokens, wall_s=wall_s, tok_per_s=rate,
         x_one=rate / one if one else 1.0, ttft_p50_s=_pct(ttft, 0.5), ttft_p95_s=_pct(ttft, 0.95),
         itl_p50_s=_pct(itl, 0.5), itl_p95_s=_pct(itl, 0.95),
-        same_as_solo=sum(1 for s in streams if s.text == solo[s.prompt]), replans=replans,
+        same_as_solo=sum(1 for s in streams if s.text == solo[s.prompt]), replans=replans, load_avg=load,
     )  # fmt: skip
 
 
@@ -136,16 +143,18 @@ def run_variant(variant: str, env: dict[str, str], args: argparse.Namespace) -> 
             if time.monotonic() > deadline:
                 raise RuntimeError("deployment smol not ready after 300 s")
             time.sleep(1.0)
-        solo: dict[int, str] = {}
-        for p in range(min(len(PROMPTS), max(args.levels))):  # each prompt alone: the reference text
-            solo[p] = asyncio.run(_solo(url, p, args.max_tokens)).text
-        levels: list[Level] = []
-        one = None
-        for n in args.levels:
-            v0 = _version(http, url)
+        # Level 1: every prompt alone, one after the other; their texts are the reference.
+        v0, t0 = _version(http, url), time.perf_counter()
+        alone = [asyncio.run(_solo(url, p, args.max_tokens)) for p in range(len(PROMPTS))]
+        solo = {s.prompt: s.text for s in alone}
+        one = _summarise(variant, 1, alone, time.perf_counter() - t0, solo, None, _version(http, url) - v0)
+        print(_row(one), flush=True)
+        levels = [one]
+        for n in (n for n in args.levels if n > 1):
+            v0, load = _version(http, url), os.getloadavg()[0]
             streams, wall_s = asyncio.run(_level(url, n, args.max_tokens))
-            level = _summarise(variant, n, streams, wall_s, solo, one, _version(http, url) - v0)
-            one = one or level.tok_per_s
+            level = _summarise(variant, n, streams, wall_s, solo, one.tok_per_s, _version(http, url) - v0)
+            level.load_avg = load
             levels.append(level)
             print(_row(level), flush=True)
     return levels
@@ -160,15 +169,16 @@ async def _solo(url: str, prompt: int, max_tokens: int) -> Stream:
 
 HEADER = (
     "| variant | streams | tokens | aggregate tok/s | x one stream | TTFT p50 / p95 ms "
-    "| inter-token p50 / p95 ms | same text as solo | re-plans |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| inter-token p50 / p95 ms | same text as solo | re-plans | load avg |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def _row(x: Level) -> str:
+    same = "reference" if x.streams == 1 else f"{x.same_as_solo}/{x.streams}"
     return (
         f"| {x.variant} | {x.streams} | {x.tokens} | {x.tok_per_s:.1f} | {x.x_one:.2f} "
         f"| {x.ttft_p50_s * 1e3:.0f} / {x.ttft_p95_s * 1e3:.0f} | {x.itl_p50_s * 1e3:.0f} / {x.itl_p95_s * 1e3:.0f} "
-        f"| {x.same_as_solo}/{x.streams} | {x.replans} |"
+        f"| {same} | {x.replans} | {x.load_avg:.1f} |"
     )
 
 
