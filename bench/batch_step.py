@@ -25,7 +25,7 @@ from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
 from edgeorch.service.settings import CommonSettings
 
-RESULTS = Path(__file__).parent / "results" / "serving"
+RESULTS = Path(__file__).parent / "results"
 
 
 def _sessions(stage, n: int) -> tuple[list, list[StageInput]]:
@@ -65,7 +65,8 @@ def main() -> None:
     stage = load_stage(model_dir, 0, probe.adapter.num_units, engine="lean", weight_format=args.format)
     rows = []
     head = "| batch | batched ms | one by one ms | batched tok/s | speed-up | load avg |\n|---:|---:|---:|---:|---:|---:|"
-    print(f"SmolLM2 {args.format}, whole model as one stage, {args.threads} thread(s)\n{head}")
+    title = f"SmolLM2 {args.format}, whole model as one stage, {args.threads} thread(s)"
+    print(f"{title}\n{head}")
     for n in (int(b) for b in args.batches.split(",")):
         caches, inputs = _sessions(stage, n)
         batched, alone = _time_pair(
@@ -81,7 +82,12 @@ def main() -> None:
         print(f"| {n} | {batched * 1e3:.1f} | {alone * 1e3:.1f} | {n / batched:.1f} | {alone / batched:.2f} "
               f"| {row['load_avg']:.1f} |", flush=True)  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"batch_step_{args.format}_{args.threads}t.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "batch_step.json").write_text(json.dumps(rows, indent=1))
+    lines = [f"| {r['batch']} | {r['batched_s'] * 1e3:.1f} | {r['one_by_one_s'] * 1e3:.1f} | {r['tok_per_s']:.1f} "
+             f"| {r['speedup']:.2f} | {r['load_avg']:.1f} |" for r in rows]  # fmt: skip
+    (RESULTS / "batch_step.md").write_text(
+        f"# Decode batch on one stage: {title}\n\n{head}\n" + "\n".join(lines) + "\n"
+    )
 
 
 if __name__ == "__main__":

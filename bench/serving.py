@@ -33,7 +33,7 @@ import openai
 from edgeorch.local.scenario import parse_scenario
 from edgeorch.local.stack import LocalStack
 
-RESULTS = Path(__file__).parent / "results" / "serving"
+RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -203,7 +203,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps([asdict(x) for x in levels], indent=1))
     table = "\n".join([HEADER, *(_row(x) for x in levels)])
-    (RESULTS / "serving.md").write_text(table + "\n")
+    title = f"# Serving many users: {args.workers} workers, SmolLM2 fp32, {args.max_tokens} tokens per stream"
+    (RESULTS / "serving.md").write_text(f"{title}\n\n{table}\n")
     print("\n" + table)
 
 
