@@ -247,11 +247,17 @@ class StageHost:
         inp = check_input(hosted.loaded, meta, frame)
         self.metrics.bytes_in.labels(stage_id).inc(len(body))
         t_queued = time.perf_counter()
+        can_batch = batchable(hosted, meta, inp)
+        if can_batch and self.in_flight == 1:
+            # Frames that arrived with this one (a batch the previous stage just
+            # relayed) reach this point a loop turn later; yield one turn so
+            # they batch with it rather than wait while it computes alone inline.
+            await asyncio.sleep(0)
         inline, batch = self._may_inline(inp), 1
         if inline:
             self.inline_steps += 1
             out, compute_s, queue_s = self._compute(hosted, meta, inp, t_queued)
-        elif batchable(hosted, meta, inp):
+        elif can_batch:
             step: BatchedStep = await self.batcher.submit(hosted, meta, inp, t_queued)
             out, compute_s, queue_s, batch = step.frame, step.compute_s, step.queue_s, step.batch
         else:
