@@ -8,7 +8,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models test test-fast lint demo demo-chain bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets bench-scale report compose-check compose-up compose-down image test-compose clean
+.PHONY: install models test test-fast lint demo demo-chain bench-serving bench-overhead bench-planner bench-memory bench-engine bench-peers bench-adapt bench-adapt-targets bench-scale report compose-check compose-up compose-down image test-compose clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ demo-chain: install models
 
 bench-overhead: install models
 	$(BIN)/python -m bench.overhead
+
+# N concurrent OpenAI streams through a local 3-worker stack, batching on and off
+# (docs/results.md, "Serving many users"). SERVING_ARGS="--quick" for levels 1,4,8.
+SERVING_ARGS ?=
+bench-serving: install models
+	$(BIN)/python -m bench.serving $(SERVING_ARGS)
 
 bench-planner: install
 	$(BIN)/python bench/planner.py

@@ -39,6 +39,15 @@ class _Step:
     first_slot: int
 
 
+@dataclass
+class _Rows:
+    """What every layer of a batch of decode tokens (one per session) shares."""
+
+    cos: torch.Tensor  # [N, 1, 1, D], each row at its own session's position
+    sin: torch.Tensor
+    caches: list[LeanKVCache]
+
+
 class LeanEmbed(nn.Module):
     """Unit 0: the token embedding."""
 
@@ -79,7 +88,38 @@ class LeanLlamaLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, step: _Step, slot: int) -> torch.Tensor:
         """One layer on ``h`` [B*T, hidden] (rows are positions: every matmul sees a 2-D input)."""
-        b, t, n_qk = step.b, step.t, self.heads + self.kv_heads
+        b, t = step.b, step.t
+        q, k, v = self._project(h, b, t, step.cos, step.sin)
+        if step.cache is not None:
+            k, v = step.cache.write(slot, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2).to(q.dtype)
+        if step.mask is None:
+            a = self._attend(q, k, v, causal=t > 1)
+        else:  # chunked prefill after cached tokens: HF repeats the kv heads and passes the mask
+            rep = self.heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+            v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=self.scaling)
+        return self._finish(h, a, b * t)
+
+    def forward_rows(self, h: torch.Tensor, rows: _Rows, slot: int) -> torch.Tensor:
+        """One decode token of each of N sessions, ``h`` [N, hidden]: one matmul per projection for all.
+
+        Attention runs per session against that session's own cache (each as
+        long as its own context: nothing is padded to the longest one).
+        """
+        n = h.shape[0]
+        q, k, v = self._project(h, n, 1, rows.cos, rows.sin)
+        heads = []
+        for i, cache in enumerate(rows.caches):
+            k_i, v_i = cache.write(slot, k[i : i + 1], v[i : i + 1])
+            heads.append(self._attend(q[i : i + 1], k_i, v_i, causal=False))
+        return self._finish(h, torch.cat(heads), n)
+
+    def _project(self, h: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [B, heads, T, D] and keys, values [B, T, kv_heads, D] of ``h`` [B*T, hidden], rotary applied."""
+        n_qk = self.heads + self.kv_heads
         x = F.rms_norm(h, (self.hidden,), self.ln1, self.eps)
         qkv = self.qkv(x).view(b, t, n_qk + self.kv_heads, self.head_dim)
         qk = qkv[:, :, :n_qk]
@@ -87,23 +127,18 @@ class LeanLlamaLayer(nn.Module):
         # (x*cos) + (rotate_half(x)*sin) with rotate_half(x) = cat(-x2, x1);
         # roll(x) = cat(x2, x1) times sin with its first half negated gives
         # the same products bit for bit (negation is exact), in one op, not four.
-        qk = (qk * step.cos) + (qk.roll(self.head_dim // 2, -1) * step.sin)
-        q, k, v = qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :], qkv[:, :, n_qk:]
-        if step.cache is not None:
-            k, v = step.cache.write(slot, k, v)
-        else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2).to(q.dtype)
-        if step.mask is None:
-            # What HF's SDPA integration does on CPU without a mask: GQA inside the kernel.
-            a = F.scaled_dot_product_attention(
-                q, k, v, is_causal=t > 1, scale=self.scaling, enable_gqa=self.kv_heads != self.heads
-            )
-        else:  # chunked prefill after cached tokens: HF repeats the kv heads and passes the mask
-            rep = self.heads // self.kv_heads
-            k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-            v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=self.scaling)
-        h = h + self.o(a.transpose(1, 2).reshape(b * t, self.heads * self.head_dim))
+        qk = (qk * cos) + (qk.roll(self.head_dim // 2, -1) * sin)
+        return qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :], qkv[:, :, n_qk:]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        # What HF's SDPA integration does on CPU without a mask: GQA inside the kernel.
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=self.scaling, enable_gqa=self.kv_heads != self.heads
+        )
+
+    def _finish(self, h: torch.Tensor, a: torch.Tensor, rows: int) -> torch.Tensor:
+        """The output projection of attention ``a`` [B, heads, T, D] and the MLP, both residual."""
+        h = h + self.o(a.transpose(1, 2).reshape(rows, self.heads * self.head_dim))
         x = F.rms_norm(h, (self.hidden,), self.ln2, self.eps)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return h + self.down(F.silu(gate) * up)
@@ -156,6 +191,39 @@ class LeanLlamaAdapter(LeanAdapterMixin, LlamaAdapter):
                     h = h.reshape(step.b * step.t, -1)
                 h = module(h, step, u - step.first_slot)
         return h if step is None else h.view(step.b, step.t, -1)
+
+    def run_rows(
+        self, units: list[tuple[int, nn.Module]], inputs: list[StageInput], caches: list[LeanKVCache | None]
+    ) -> torch.Tensor:
+        """One decode token of each of N sessions as one batch; returns [N, 1, hidden] (logits at the head).
+
+        Each input's ``x`` is [1, 1] token ids or [1, 1, hidden]; ``caches[i]``
+        is session i's own cache (None only on a stage without layers).
+        """
+        n, h, rows = len(inputs), torch.cat([inp.x for inp in inputs]), None
+        first, last = self.layer_slots(units)[0], self.num_units - 1
+        for u, module in units:
+            if u == 0:
+                h = module(h)
+            elif u == last:
+                return module(h.view(n, 1, -1), "last")
+            else:
+                if rows is None:
+                    rows = self._rows(h, inputs, [check_cache(c) for c in caches])
+                    h = h.reshape(n, -1)
+                h = module.forward_rows(h, rows, u - first)
+        return h.view(n, 1, -1)
+
+    def _rows(self, h: torch.Tensor, inputs: list[StageInput], caches: list[LeanKVCache | None]) -> _Rows:
+        if any(c is None for c in caches):
+            raise ValueError("a batch of decode tokens through layers needs every session's cache")
+        for cache in caches:
+            cache.reserve(1, cache.seq_len + 1)
+        position_ids = torch.tensor([[inp.position] for inp in inputs])
+        cos, sin = self.rotary(h, position_ids)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return _Rows(cos.unsqueeze(2), sin.unsqueeze(2), caches)
 
     def _step(self, h: torch.Tensor, inp: StageInput, cache: LeanKVCache | None, first: int) -> _Step:
         b, t = h.shape[:2]

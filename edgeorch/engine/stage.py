@@ -85,6 +85,21 @@ class LoadedStage:
         """Run every unit of the stage on ``inp``."""
         return self.adapter.run(self.units, inp, cache)
 
+    @property
+    def batches_rows(self) -> bool:
+        """True when the engine runs several sessions' decode tokens as one forward (``run_rows``)."""
+        return hasattr(self.adapter, "run_rows")
+
+    @torch.inference_mode()
+    def run_rows(self, inputs: list[StageInput], caches: list) -> list[torch.Tensor]:
+        """One decode token of each session: one batched forward where the engine can, else one by one.
+
+        Returns each session's output as ``run`` would shape it ([1, 1, ...]).
+        """
+        if not self.batches_rows:
+            return [self.adapter.run(self.units, inp, c) for inp, c in zip(inputs, caches, strict=True)]
+        return list(self.adapter.run_rows(self.units, inputs, caches).split(1))
+
 
 def load_stage(
     model_dir: Path,

@@ -82,23 +82,38 @@ SLOWDOWN_MIN_BASELINE = 16  # earlier steps needed for a reading
 SLOWDOWN_BASELINE = 64  # earlier steps the baseline median is taken over (the latest ones)
 
 
-def measured_slowdown(
-    steps: Iterable[tuple[float, int, float]], version: int, now: float, window_s: float = SLOWDOWN_WINDOW_S
-) -> float | None:
-    """How many times slower one plan version's recent decode steps are than its earlier ones.
+SIMILAR_LOAD = 1.25  # baseline steps ran with at most this ratio of sessions to the recent ones
 
-    ``steps`` holds ``(ended_at, version, seconds)`` on one clock with
-    ``now``. The ratio is the median of the steps that ended in the last
-    ``window_s`` over the median of the latest earlier ones; None when either
-    side has too few steps to say (a version that just started, an idle
-    deployment).
+
+def measured_slowdown(
+    steps: Iterable[tuple], version: int, now: float, window_s: float = SLOWDOWN_WINDOW_S
+) -> float | None:
+    """How many times slower one plan version's recent decode steps are than its earlier ones at the same load.
+
+    ``steps`` holds ``(ended_at, version, seconds[, load])`` on one clock with
+    ``now``; ``load`` is how many of the deployment's sessions were generating
+    (1 when not given). More sessions make every step longer (they share the
+    stages, in batches or in turn) without anything having changed, so the
+    recent steps are compared only with earlier ones that ran under a similar
+    load (within a factor ``SIMILAR_LOAD`` of the recent median): steady load
+    reads 1.0, a node that slowed under that same load still reads its
+    slowdown. The ratio is the median of the steps that ended in the last
+    ``window_s`` over the median of the latest such earlier ones; None when
+    either side has too few steps to say (a version that just started, an
+    idle deployment, a load that just changed).
     """
-    recent: list[float] = []
-    before: list[float] = []
-    for ended_at, v, seconds in steps:
+    recent: list[tuple[float, int]] = []
+    before: list[tuple[float, int]] = []
+    for step in steps:
+        ended_at, v, seconds = step[:3]
         if v == version:
-            (recent if ended_at >= now - window_s else before).append(seconds)
-    if len(recent) < SLOWDOWN_MIN_RECENT or len(before) < SLOWDOWN_MIN_BASELINE:
+            load = step[3] if len(step) > 3 else 1
+            (recent if ended_at >= now - window_s else before).append((seconds, max(1, load)))
+    if len(recent) < SLOWDOWN_MIN_RECENT:
         return None
-    baseline = statistics.median(before[-SLOWDOWN_BASELINE:])
-    return statistics.median(recent) / baseline if baseline > 0 else None
+    load_now = statistics.median(load for _, load in recent)
+    similar = [s for s, load in before if max(load, load_now) / min(load, load_now) <= SIMILAR_LOAD]
+    if len(similar) < SLOWDOWN_MIN_BASELINE:
+        return None
+    baseline = statistics.median(similar[-SLOWDOWN_BASELINE:])
+    return statistics.median(s for s, _ in recent) / baseline if baseline > 0 else None

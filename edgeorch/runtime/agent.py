@@ -257,7 +257,18 @@ class MonitorAgent:
                     log.exception("speed probe of %s failed", model)
 
     def _on_forward(self, sample: dict) -> None:
-        """Passive measurements from real traffic: stage speed and the hop to the next node."""
+        """Passive measurements from real traffic: stage speed and the hop to the next node.
+
+        A batch of several sessions' tokens (runtime/batching.py) takes longer
+        than one token but says nothing about the node's speed: it is this
+        deployment's own load, not a change. Only single steps feed the speed
+        (the active probes keep measuring under load); every step feeds the link.
+        """
+        if sample.get("batch", 1) == 1:
+            self._on_single_step(sample)
+        self._on_hop(sample)
+
+    def _on_single_step(self, sample: dict) -> None:
         self.stage_times.setdefault(sample["stage"], RollingMedian(self.cfg.speed_window)).add(
             sample["compute_s"]
         )
@@ -275,6 +286,8 @@ class MonitorAgent:
                                              cal.decode_flops_per_s * ratio)  # fmt: skip
                 else:
                     speed.prefill.add(cal.prefill_flops_per_s * ratio)
+
+    def _on_hop(self, sample: dict) -> None:
         if "next_url" in sample:
             dst = next(
                 (n for n, u in self.peers.items() if u.rstrip("/") == sample["next_url"].rstrip("/")), None

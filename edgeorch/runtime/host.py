@@ -29,13 +29,14 @@ from edgeorch.engine import load_adapter
 from edgeorch.engine.stage import LoadedStage
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
+from edgeorch.runtime.batching import DEFAULT_MAX_BATCH, BatchedStep, DecodeBatcher, batchable
 from edgeorch.runtime.checks import check_input
 from edgeorch.runtime.emulation import SlowdownHold
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
 from edgeorch.runtime.memory import check_budget, return_memory
 from edgeorch.runtime.metrics import WorkerMetrics
 from edgeorch.runtime.sampling import sample_token
-from edgeorch.runtime.sessions import SessionStore
+from edgeorch.runtime.sessions import PositionMismatch, SessionError, SessionStore
 from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
@@ -97,6 +98,7 @@ class StageHost:
         emulation: Emulation | None = None,
         inline_max_tokens: int = 8,
         memory_limit: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ):
         self.store = store
         self.sessions = sessions
@@ -126,6 +128,8 @@ class StageHost:
         self._jobs = 0  # compute-thread jobs submitted and not yet awaited back
         self.inline_steps = 0  # forwards computed on the event loop (each hop also says "inline")
         self.memory_limit = memory_limit  # planned weights + KV may not pass it (None: no cap)
+        # Decode steps that arrive while the compute thread is busy run together (runtime/batching.py).
+        self.batcher = DecodeBatcher(self._on_thread, self._compute_rows, max_batch)
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""
@@ -250,19 +254,28 @@ class StageHost:
         inp = check_input(hosted.loaded, meta, frame)
         self.metrics.bytes_in.labels(stage_id).inc(len(body))
         t_queued = time.perf_counter()
-        inline = self._may_inline(inp)
+        can_batch = batchable(hosted, meta, inp)
+        if can_batch and self.in_flight == 1:
+            # Frames that arrived with this one (a batch the previous stage just
+            # relayed) reach this point a loop turn later; yield one turn so
+            # they batch with it rather than wait while it computes alone inline.
+            await asyncio.sleep(0)
+        inline, batch = self._may_inline(inp), 1
         if inline:
             self.inline_steps += 1
             out, compute_s, queue_s = self._compute(hosted, meta, inp, t_queued)
+        elif can_batch:
+            step: BatchedStep = await self.batcher.submit(hosted, meta, inp, t_queued)
+            out, compute_s, queue_s, batch = step.frame, step.compute_s, step.queue_s, step.batch
         else:
             out, compute_s, queue_s = await self._on_thread(self._compute, hosted, meta, inp, t_queued)
         hop = {"stage": stage_id, "node": self.node_id, "compute_s": compute_s, "queue_s": queue_s,
-               "inline": inline}  # fmt: skip
+               "inline": inline, "batch": batch}  # fmt: skip
         self.metrics.observe_compute(stage_id, compute_s, len(hosted.loaded.units))
         url = hosted.forward_url()
         model = profile_key(hosted.spec.model, hosted.spec.format)  # the speed it is measured under
         sample = {"stage": stage_id, "model": model, "start": hosted.loaded.start, "end": hosted.loaded.end,
-                  "q_len": int(inp.x.shape[1]), "compute_s": compute_s}  # fmt: skip
+                  "q_len": int(inp.x.shape[1]), "compute_s": compute_s, "batch": batch}  # fmt: skip
         if url is None:
             answer = wire.encode_frame(out)
             hop["handler_s"] = time.perf_counter() - t_start
@@ -341,20 +354,53 @@ class StageHost:
         """Runs on the compute thread: the units, the cache bookkeeping, the emulated slowdown."""
         t0 = time.perf_counter()
         loaded = hosted.loaded
-        cache = None
-        q_len = inp.x.shape[1]
-        if loaded.adapter.is_decoder and loaded.has_layers:
-            new_bytes = int(hosted.kv_bytes_per_token * q_len * inp.x.shape[0])
-            cache = self.sessions.acquire(
-                hosted.stage_id, meta.session, meta.position, new_bytes, lambda: planned_cache(hosted)
-            )
+        cache = self._session_cache(hosted, meta, inp)
         h = loaded.run(inp, cache)
+        self._advance(hosted, meta, cache, inp.x.shape[1])
+        compute_s = self.hold(t0)
+        return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
+
+    def _compute_rows(
+        self, hosted: HostedStage, steps: list[tuple[ForwardMeta, StageInput]]
+    ) -> tuple[list, float]:
+        """Runs on the compute thread: one decode token of each session as one batch (runtime/batching.py).
+
+        Returns each step's output frame or its own error, and the batch's seconds.
+        """
+        t0 = time.perf_counter()
+        results: list = [None] * len(steps)
+        ready: list[tuple[int, object]] = []
+        seen: set[str] = set()
+        for i, (meta, inp) in enumerate(steps):
+            try:
+                if meta.session in seen:  # a client's duplicate: running both would write one slot twice
+                    raise PositionMismatch(f"session {meta.session!r} has two steps in one batch")
+                seen.add(meta.session)
+                ready.append((i, self._session_cache(hosted, meta, inp)))
+            except SessionError as exc:
+                results[i] = exc
+        if ready:
+            outs = hosted.loaded.run_rows([steps[i][1] for i, _ in ready], [c for _, c in ready])
+            for (i, cache), h in zip(ready, outs, strict=True):
+                meta, inp = steps[i]
+                self._advance(hosted, meta, cache, 1)
+                results[i] = self._output(hosted.loaded, meta, inp, h)
+        return results, self.hold(t0)
+
+    def _session_cache(self, hosted: HostedStage, meta: ForwardMeta, inp: StageInput):
+        """The session's cache for this step (None on a stage without one), checked by the session store."""
+        if not (hosted.loaded.adapter.is_decoder and hosted.loaded.has_layers):
+            return None
+        new_bytes = int(hosted.kv_bytes_per_token * inp.x.shape[1] * inp.x.shape[0])
+        return self.sessions.acquire(
+            hosted.stage_id, meta.session, meta.position, new_bytes, lambda: planned_cache(hosted)
+        )
+
+    def _advance(self, hosted: HostedStage, meta: ForwardMeta, cache, q_len: int) -> None:
         if cache is not None:
             cache.advance(q_len)
             if meta.release:
                 self.sessions.release(hosted.stage_id, meta.session)
-        compute_s = self.hold(t0)
-        return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
 
     @staticmethod
     def _output(loaded: LoadedStage, meta: ForwardMeta, inp: StageInput, h: torch.Tensor) -> wire.Frame:

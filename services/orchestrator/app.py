@@ -82,6 +82,12 @@ class OrchestratorSettings(ServiceSettings):
         default="", description="the broadcast service's shared secret: the stages' data-plane credentials "
         "derive from it (empty: the loopback development secret, as on the workers)",
     )  # fmt: skip
+    max_sessions: int = Field(
+        default=16, ge=1, description="sessions one deployment generates at once (the workers' batch)"
+    )
+    max_waiting_sessions: int = Field(
+        default=64, ge=0, description="sessions that may wait for a slot; past that a request gets 429"
+    )
 
 
 async def _follow_monitor(settings: OrchestratorSettings, controller: Controller) -> None:
@@ -171,6 +177,7 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
     )
     metrics = OrchestratorMetrics(registry)
     app.state.settings = settings
+    app.state.admissions = {}  # deployment -> Admission (openai_routes.py), made on first use
     app.state.metrics = metrics
     app.state.admin_token = settings.admin_token
     app.state.rate_limiter = rate_limiter(settings)

@@ -293,7 +293,7 @@ class Controller:
         version = live.route.version
         # The first steps on a new version run on freshly loaded weights and
         # overlap the rollout's own work: they say little about the plan.
-        steps = [s for _, v, s in live.steps if v == version][MEASURE_SKIP_STEPS:]
+        steps = [s for _, v, s, *_ in live.steps if v == version][MEASURE_SKIP_STEPS:]
         if len(steps) < MEASURE_STEPS:
             return
         live.measured_versions.add(version)

@@ -26,7 +26,9 @@ class Live:
     triggers: list[str] = field(default_factory=list)
     route: Route | None = None
     predicted: PredictedView | None = None
-    steps: deque = field(default_factory=lambda: deque(maxlen=256))  # (ended_at monotonic, version, step_s)
+    steps: deque = field(
+        default_factory=lambda: deque(maxlen=256)
+    )  # (ended_at monotonic, version, step_s, load)
     requests: int = 0
     failed: int = 0
     measured_versions: set[int] = field(default_factory=set)
@@ -45,7 +47,7 @@ def measured(live: Live | None) -> MeasuredView:
     if live is None:
         return MeasuredView(step_s=None, steps=0, requests=0, failed_requests=0, slo_attainment=None)
     version = live.route.version if live.route else None
-    steps = [s for _, v, s in live.steps if v == version]  # decode steps only (no prefills)
+    steps = [s for _, v, s, *_ in live.steps if v == version]  # decode steps only (no prefills)
     slo = live.policy.latency_slo_s
     return MeasuredView(
         step_s=statistics.median(steps[-64:]) if steps else None, steps=len(steps),

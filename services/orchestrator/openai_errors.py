@@ -17,8 +17,10 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 class GatewayError(HTTPException):
     """An HTTP error of the OpenAI-compatible routes; ``param`` names the request field at fault."""
 
-    def __init__(self, status: int, detail: str, param: str | None = None):
-        super().__init__(status, detail)
+    def __init__(
+        self, status: int, detail: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(status, detail, headers)
         self.param = param
 
 
@@ -28,4 +30,6 @@ async def gateway_error_response(request: Request, exc: Exception) -> JSONRespon
         raise exc
     error = {"message": exc.detail, "type": _TYPES.get(exc.status_code, "api_error"), "param": exc.param,
              "code": None}  # fmt: skip
-    return JSONResponse({"detail": exc.detail, "error": error}, status_code=exc.status_code)
+    return JSONResponse(
+        {"detail": exc.detail, "error": error}, status_code=exc.status_code, headers=exc.headers
+    )

@@ -17,12 +17,18 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from edgeorch.orchestration.admission import (
+    Admission,
+    ContextTooLong,
+    QueueFull,
+    check_context,
+    context_limit,
+)
 from edgeorch.orchestration.generation import ChainFailure, SessionStats, encode, generate
 from edgeorch.orchestration.text import TextStream, chat_prompt_ids, stop_token_ids
 from edgeorch.runtime.logprobs import LogprobsError, TokenLogprobs, read_logprobs
@@ -87,6 +93,33 @@ def _max_tokens(request: Request, name: str, prompt_tokens: int, value: int | No
     return n
 
 
+def _admission(request: Request, name: str) -> Admission:
+    state = request.app.state
+    admission = state.admissions.get(name)
+    if admission is None:
+        s = state.settings
+        admission = state.admissions[name] = Admission(s.max_sessions, s.max_waiting_sessions)
+    return admission
+
+
+def _step_seen(request: Request, name: str) -> Callable[[int, float], None]:
+    """Tell the controller of a decode step and how many of the deployment's sessions were running."""
+    routes, admission = request.app.state.routes, _admission(request, name)
+    return lambda version, step_s: routes.step_seen(name, version, step_s, admission.running)
+
+
+def _check_fits(request: Request, name: str, prompt_tokens: int, max_tokens: int) -> None:
+    """400 when the prompt plus max_tokens does not fit the model's context."""
+    book = request.app.state.book
+    live = book.controller.live.get(name)
+    if live is None:
+        return
+    try:
+        check_context(prompt_tokens, max_tokens, context_limit(book.models.path(live.model)))
+    except ContextTooLong as exc:
+        raise GatewayError(400, str(exc), "max_tokens") from exc
+
+
 def _logprob_reader(top: int | None, sink: list[TokenLogprobs]) -> Callable[[wire.Frame], None] | None:
     if top is None:
         return None
@@ -104,26 +137,12 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
                choice: ChoiceState, top: int | None) -> AsyncIterator[tuple[ChoiceState, str, str | None]]:  # fmt: skip
     """Yield (choice, delta, finish_reason); finish_reason set on the last one."""
     state = request.app.state
-    stop_ids = stop_token_ids(state.book.tokenizers[name])  # once, not per token
     stats, t0, got = SessionStats(), time.perf_counter(), []
     stream = choice.stream
     try:
-        async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
-                                    body.sampling(choice.index), stop_ids, stats,
-                                    on_step=partial(state.routes.step_seen, name), logprobs=top,
-                                    on_result=_logprob_reader(top, got)):  # fmt: skip
-            lp = got.pop() if got else None
-            if token in stop_ids:
-                choice.finish = "stop"
-                break
-            if lp is not None:
-                choice.logprobs.append(lp)
-            delta = stream.push(token)
-            if delta:
-                yield choice, delta, None
-            if stream.stopped:
-                choice.finish = "stop"
-                break
+        async with _admission(request, name).slot():
+            async for item in _tokens(request, name, ids, max_tokens, body, choice, top, stats, got):
+                yield item
     except ChainFailure:
         state.routes.observe(name, failed=True)
         state.metrics.requests.labels(name, "generate", "failed").inc()
@@ -133,6 +152,30 @@ async def _run(request: Request, name: str, ids: list[int], max_tokens: int, bod
     if stats.move_paths:
         await state.routes.session_moved(name, stats.move_paths)
     yield choice, stream.finish(), choice.finish
+
+
+async def _tokens(request: Request, name: str, ids: list[int], max_tokens: int, body: _Sampled,
+                  choice: ChoiceState, top: int | None, stats: SessionStats,
+                  got: list[TokenLogprobs]) -> AsyncIterator[tuple[ChoiceState, str, str | None]]:  # fmt: skip
+    """The text deltas of one session's generation (stop tokens and strings end it)."""
+    state, stream = request.app.state, choice.stream
+    stop_ids = stop_token_ids(state.book.tokenizers[name])  # once, not per token
+    async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
+                                body.sampling(choice.index), stop_ids, stats,
+                                on_step=_step_seen(request, name), logprobs=top,
+                                on_result=_logprob_reader(top, got)):  # fmt: skip
+        lp = got.pop() if got else None
+        if token in stop_ids:
+            choice.finish = "stop"
+            break
+        if lp is not None:
+            choice.logprobs.append(lp)
+        delta = stream.push(token)
+        if delta:
+            yield choice, delta, None
+        if stream.stopped:
+            choice.finish = "stop"
+            break
 
 
 def _count(metrics, name: str, stats: SessionStats, wall_s: float) -> None:
@@ -238,9 +281,28 @@ class _Answer:
 
 
 async def _respond(answer: _Answer, max_tokens: int):
+    """The answer, once the request fits the model's context and the deployment has room (else 400/429)."""
+    _check_fits(answer.request, answer.name, len(answer.ids), max_tokens)
+    admission, n = _admission(answer.request, answer.name), len(answer.choices)
+    try:
+        admission.admit(n)
+    except QueueFull as exc:
+        retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        raise GatewayError(429, str(exc), None, retry) from exc
     if not answer.body.stream:
-        return await answer.whole(max_tokens)
-    return StreamingResponse(answer.events(max_tokens), media_type="text/event-stream")
+        try:
+            return await answer.whole(max_tokens)
+        finally:
+            admission.finished(n)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in answer.events(max_tokens):
+                yield event
+        finally:
+            admission.finished(n)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @router.post("/v1/chat/completions", responses=_BAD_REQUEST)

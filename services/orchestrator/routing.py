@@ -122,11 +122,15 @@ class Routes:
         await run_in_threadpool(self.store.add_event, "session_move", deployment,
                                 f"a session moved {paths}", data, time.time())  # fmt: skip
 
-    def step_seen(self, deployment: str, version: int, step_s: float) -> None:
-        """The gateway reports one decode step as it ends (no I/O: called on the request's path)."""
+    def step_seen(self, deployment: str, version: int, step_s: float, load: int = 1) -> None:
+        """The gateway reports one decode step as it ends (no I/O: called on the request's path).
+
+        ``load``: the deployment's sessions generating when it ended (its own
+        traffic, which the controller must not read as a slower plan).
+        """
         live = self.live.get(deployment)
         if live is not None:
-            live.steps.append((time.monotonic(), version, step_s))
+            live.steps.append((time.monotonic(), version, step_s, load))
 
     def observe(self, deployment: str, failed: bool) -> None:
         """The gateway reports a finished request (its steps came one by one)."""

@@ -56,6 +56,10 @@ class WorkerSettings(CommonSettings):
         description="steps of at most this many tokens compute on the event loop while nothing else "
         "is in flight (saves two thread wake-ups per stage); 0: always on the compute thread",
     )  # fmt: skip
+    max_batch: int = Field(
+        default=16, ge=1, le=256,
+        description="decode steps of concurrent sessions run as one forward, up to this many; 1: no batching",
+    )  # fmt: skip
     emulation_slowdown: float = Field(default=1.0, ge=1.0)
     emulation_bandwidth_mbps: float | None = Field(default=None, gt=0)
     emulation_rtt_ms: float = Field(default=0.0, ge=0)
@@ -144,6 +148,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         node_id=settings.node_id,
         forward_timeout_s=settings.forward_timeout_s,
         inline_max_tokens=settings.inline_max_tokens,
+        max_batch=settings.max_batch,
         memory_limit=settings.memory,
         emulation=Emulation(
             slowdown=settings.emulation_slowdown,

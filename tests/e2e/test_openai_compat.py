@@ -34,8 +34,10 @@ HTTP = httpx.Client(timeout=120.0)
 def stack(store, tmp_path_factory):
     # Three workers of 400 MB: SmolLM2 in fp32 (~750 MB with its cache) spans all of them.
     scenario = parse_scenario({"workers": [{"id": f"n{i}", "memory": "400MB"} for i in range(3)]})
+    # At most 4 sessions at once and 4 waiting: every test here fits, n=16 does not (429).
     s = LocalStack(scenario, model_store=store.root, log_dir=tmp_path_factory.mktemp("compat"),
-                   private_redis=True, jobs_worker=False)  # fmt: skip
+                   private_redis=True, jobs_worker=False,
+                   service_env={"EDGEORCH_MAX_SESSIONS": "4", "EDGEORCH_MAX_WAITING_SESSIONS": "4"})  # fmt: skip
     try:
         s.start()
         for name, model in (("smol", "smollm2-135m"), ("minilm", "minilm-l6")):
@@ -278,3 +280,17 @@ def test_langchain_chat_and_embeddings_through_the_gateway(stack, client):
     got = np.array(emb.embed_documents(TEXTS))
     want = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=TEXTS).data])
     assert np.abs(got - want).max() <= 1e-6
+
+
+def test_past_the_models_context_a_400_and_past_the_queue_a_429_with_retry_after(stack, client):
+    long_prompt = [{"role": "user", "content": "word " * 7000}]  # ~7000 tokens + 2000 > SmolLM2's 8192
+    with pytest.raises(openai.BadRequestError, match="exceed the model's context of 8192") as err:
+        client.chat.completions.create(model="smol", messages=long_prompt, max_tokens=2000)
+    assert err.value.param == "max_tokens"
+    r = HTTP.post(f"{stack.orchestrator_url}/v1/chat/completions",
+                  json={"model": "smol", "messages": CAPITAL, "max_tokens": 4, "n": 16})  # fmt: skip
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1 and "at most 4 run at once" in r.json()["error"]["message"]
+    # Nothing was held: the next request is served.
+    ok = client.chat.completions.create(model="smol", messages=CAPITAL, temperature=0, max_tokens=8)
+    assert ok.choices[0].message.content.startswith("The capital of France")

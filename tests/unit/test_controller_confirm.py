@@ -25,8 +25,8 @@ def _steps(ctl: Controller, version: int, seconds: float, n: int, ago_s: float) 
     """``n`` decode steps reported ``ago_s`` seconds ago (as if the gateway had just seen them)."""
     ctl.routes.step_seen("d", version, seconds)
     live = ctl.live["d"]
-    t, v, s = live.steps.pop()
-    live.steps.extend([(t - ago_s, v, s)] * n)
+    t, v, s, load = live.steps.pop()
+    live.steps.extend([(t - ago_s, v, s, load)] * n)
 
 
 def test_a_gain_on_unchanged_steps_waits_for_a_second_look() -> None:
@@ -67,8 +67,8 @@ def test_steps_reported_by_the_gateway_carry_when_they_ended() -> None:
     before = time.monotonic()
     ctl.routes.step_seen("d", 3, 0.1)
     ctl.routes.step_seen("nobody", 3, 0.1)  # an unknown deployment is ignored
-    ((ended_at, version, seconds),) = live.steps
-    assert before <= ended_at <= time.monotonic() and (version, seconds) == (3, 0.1)
+    ((ended_at, version, seconds, load),) = live.steps
+    assert before <= ended_at <= time.monotonic() and (version, seconds, load) == (3, 0.1, 1)
     ctl.routes.observe("d", failed=False)
     assert (live.requests, live.failed) == (1, 0)
 

@@ -209,3 +209,19 @@ def test_text_stream_deltas_add_up_and_never_leak_a_stop_string(text, stop, expe
             break
     out += ts.finish()
     assert out == expected
+
+
+def test_more_sessions_of_the_deployments_own_are_not_a_slowdown_but_a_slower_node_under_them_is() -> None:
+    # One session: 100 ms steps to t = 4.0. Then 8 sessions: each step 170 ms (they share the chain).
+    solo = [(0.1 * i, 3, 0.100, 1) for i in range(1, 41)]
+    loaded = [*solo, *((4.0 + 0.02 * i, 3, 0.170, 8) for i in range(1, 80))]
+    # The load just rose: no earlier steps under 8 sessions, so no reading (the old bug read 1.7x).
+    assert measured_slowdown(loaded, 3, now=5.6) is None
+    # Minutes of steady 8-session load: 1.0, whatever the solo steps were.
+    steady = [(0.02 * i, 3, 0.170, 8 - i % 2) for i in range(1, 600)]
+    assert measured_slowdown(steady, 3, now=12.0) == pytest.approx(1.0)
+    # A node 4x slower under the same load: caught.
+    slowed = [*steady, *((12.6 + 0.1 * i, 3, 0.680, 8) for i in range(1, 14))]
+    assert measured_slowdown(slowed, 3, now=13.9) == pytest.approx(4.0)
+    # Steps without a load (older callers) count as one session.
+    assert measured_slowdown([(t, v, s) for t, v, s, _ in solo], 3, now=4.0) == pytest.approx(1.0)

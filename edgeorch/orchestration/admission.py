@@ -1,0 +1,85 @@
+"""What the gateway admits: requests that fit the model's context, and a bounded number of sessions.
+
+A deployment runs at most ``max_active`` sessions at once (the batch its
+stages were planned for: more would only queue inside the chain, where a
+wait cannot be seen or bounded). Up to ``max_waiting`` more wait here, in
+arrival order, for a free slot; past that a request is refused at once with
+a retry hint (the gateway's 429 with Retry-After), before anything is sent
+down the chain, so a full deployment never crashes or starves a stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from edgeorch.models import load_config
+
+
+class ContextTooLong(ValueError):
+    """The prompt plus the tokens asked for do not fit the model's positions."""
+
+
+class QueueFull(RuntimeError):
+    """Every session slot and every waiting place of a deployment is taken."""
+
+    def __init__(self, detail: str, retry_after_s: float):
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+@functools.lru_cache(maxsize=64)
+def context_limit(model_dir: Path) -> int | None:
+    """The model's positions (``max_position_embeddings`` or ``n_positions``); None when it names none."""
+    cfg = load_config(model_dir)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_context(prompt_tokens: int, max_tokens: int, limit: int | None) -> None:
+    """ContextTooLong unless ``prompt_tokens + max_tokens`` fits ``limit`` positions."""
+    if limit is not None and prompt_tokens + max_tokens > limit:
+        raise ContextTooLong(
+            f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} exceed the model's context "
+            f"of {limit} tokens; shorten the prompt or lower max_tokens"
+        )
+
+
+class Admission:
+    """Session slots of one deployment: ``max_active`` running, ``max_waiting`` more queued."""
+
+    def __init__(self, max_active: int, max_waiting: int, retry_after_s: float = 1.0):
+        if max_active < 1 or max_waiting < 0:
+            raise ValueError("max_active must be at least 1 and max_waiting at least 0")
+        self.max_active = max_active
+        self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
+        self.admitted = 0  # sessions admitted and not finished (running or waiting)
+        self._slots = asyncio.Semaphore(max_active)
+
+    @property
+    def running(self) -> int:
+        """Sessions holding a slot now."""
+        return self.max_active - self._slots._value  # noqa: SLF001 - asyncio keeps no public count
+
+    def admit(self, sessions: int) -> None:
+        """Reserve room for a request's ``sessions`` (its ``n`` choices), or QueueFull."""
+        if self.admitted + sessions > self.max_active + self.max_waiting:
+            raise QueueFull(
+                f"{self.admitted} sessions running or waiting (at most {self.max_active} run at once, "
+                f"{self.max_waiting} more may wait); retry shortly",
+                self.retry_after_s,
+            )
+        self.admitted += sessions
+
+    def finished(self, sessions: int) -> None:
+        """Give back what :meth:`admit` reserved."""
+        self.admitted = max(0, self.admitted - sessions)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one running slot (waiting in arrival order for one to free)."""
+        async with self._slots:
+            yield
