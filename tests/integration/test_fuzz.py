@@ -50,6 +50,15 @@ def _urls(stack: LocalStack) -> dict[str, str]:
             "splitter": stack.splitter_url, "broadcast": stack.broadcast_url, "worker": stack.workers[0].url}  # fmt: skip
 
 
+def test_a_prompt_past_the_model_context_is_a_422_not_a_long_run(stack) -> None:
+    # Before the fuzzing: with the admin token, the fuzzer may delete the deployment.
+    body = {"model": "fuzzed", "prompt": "edge " * 1500, "max_tokens": 4}  # tiny-llama reads 1024 positions
+    resp = httpx.post(f"{stack.orchestrator_url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
+    assert resp.status_code == 422, resp.text
+    assert "1024" in resp.json()["detail"] and resp.json()["error"]["param"] == "prompt"
+
+
 @pytest.mark.parametrize("service", list(EXAMPLES))
 def test_no_server_error_and_every_refusal_has_a_detail(stack, service: str, tmp_path) -> None:
     url = _urls(stack)[service]
@@ -71,11 +80,3 @@ def test_no_server_error_and_every_refusal_has_a_detail(stack, service: str, tmp
         f"schemathesis found failures on {service}:\n{summary}\n{result.stderr[-2000:]}"
     )
     assert " passed" in result.stdout and "generated" in result.stdout, summary
-
-
-def test_a_prompt_past_the_model_context_is_a_422_not_a_long_run(stack) -> None:
-    body = {"model": "fuzzed", "prompt": "edge " * 1500, "max_tokens": 4}  # tiny-llama reads 1024 positions
-    resp = httpx.post(f"{stack.orchestrator_url}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
-    assert resp.status_code == 422, resp.text
-    assert "1024" in resp.json()["detail"] and resp.json()["error"]["param"] == "prompt"
