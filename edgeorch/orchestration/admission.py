@@ -1,4 +1,4 @@
-"""What the gateway admits: requests that fit the model's context, and a bounded number of sessions.
+"""What the gateway admits: a bounded number of sessions per deployment (the context check: openai_routes).
 
 A deployment runs at most ``max_active`` sessions at once (the batch its
 stages were planned for: more would only queue inside the chain, where a
@@ -11,16 +11,8 @@ down the chain, so a full deployment never crashes or starves a stage.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-
-from edgeorch.models import load_config
-
-
-class ContextTooLong(ValueError):
-    """The prompt plus the tokens asked for do not fit the model's positions."""
 
 
 class QueueFull(RuntimeError):
@@ -29,22 +21,6 @@ class QueueFull(RuntimeError):
     def __init__(self, detail: str, retry_after_s: float):
         super().__init__(detail)
         self.retry_after_s = retry_after_s
-
-
-@functools.lru_cache(maxsize=64)
-def context_limit(model_dir: Path) -> int | None:
-    """The model's positions (``max_position_embeddings`` or ``n_positions``); None when it names none."""
-    cfg = load_config(model_dir)
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
-def check_context(prompt_tokens: int, max_tokens: int, limit: int | None) -> None:
-    """ContextTooLong unless ``prompt_tokens + max_tokens`` fits ``limit`` positions."""
-    if limit is not None and prompt_tokens + max_tokens > limit:
-        raise ContextTooLong(
-            f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} exceed the model's context "
-            f"of {limit} tokens; shorten the prompt or lower max_tokens"
-        )
 
 
 class Admission:

@@ -24,10 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgeorch.orchestration.admission import (
     Admission,
-    ContextTooLong,
     QueueFull,
-    check_context,
-    context_limit,
 )
 from edgeorch.orchestration.generation import ChainFailure, SessionStats, encode, generate
 from edgeorch.orchestration.text import TextStream, chat_prompt_ids, stop_token_ids
@@ -83,11 +80,11 @@ def _max_tokens(request: Request, name: str, prompt_tokens: int, value: int | No
         raise GatewayError(422, f"max_tokens {n} is above this gateway's limit of {limit}", "max_tokens")
     context = request.app.state.book.context_tokens(name)
     if context is not None and prompt_tokens >= context:
-        raise GatewayError(422, f"the prompt is {prompt_tokens} tokens; {name!r} reads at most {context}",
+        raise GatewayError(400, f"the prompt is {prompt_tokens} tokens; {name!r} reads at most {context}",
                            "messages" if "chat" in request.url.path else "prompt")  # fmt: skip
     if context is not None and prompt_tokens + n > context:
         if value is not None:  # asked for explicitly: say so rather than cut the answer short
-            raise GatewayError(422, f"prompt ({prompt_tokens} tokens) + max_tokens ({n}) passes the "
+            raise GatewayError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({n}) passes the "
                                     f"{context}-token context of {name!r}", "max_tokens")  # fmt: skip
         n = context - prompt_tokens  # the default: as many as fit
     return n
@@ -106,18 +103,6 @@ def _step_seen(request: Request, name: str) -> Callable[[int, float], None]:
     """Tell the controller of a decode step and how many of the deployment's sessions were running."""
     routes, admission = request.app.state.routes, _admission(request, name)
     return lambda version, step_s: routes.step_seen(name, version, step_s, admission.running)
-
-
-def _check_fits(request: Request, name: str, prompt_tokens: int, max_tokens: int) -> None:
-    """400 when the prompt plus max_tokens does not fit the model's context."""
-    book = request.app.state.book
-    live = book.controller.live.get(name)
-    if live is None:
-        return
-    try:
-        check_context(prompt_tokens, max_tokens, context_limit(book.models.path(live.model)))
-    except ContextTooLong as exc:
-        raise GatewayError(400, str(exc), "max_tokens") from exc
 
 
 def _logprob_reader(top: int | None, sink: list[TokenLogprobs]) -> Callable[[wire.Frame], None] | None:
@@ -281,8 +266,7 @@ class _Answer:
 
 
 async def _respond(answer: _Answer, max_tokens: int):
-    """The answer, once the request fits the model's context and the deployment has room (else 400/429)."""
-    _check_fits(answer.request, answer.name, len(answer.ids), max_tokens)
+    """The answer, once the deployment has room (else 429); ``max_tokens`` already fits the context."""
     admission, n = _admission(answer.request, answer.name), len(answer.choices)
     try:
         admission.admit(n)

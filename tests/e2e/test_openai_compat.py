@@ -284,7 +284,7 @@ def test_langchain_chat_and_embeddings_through_the_gateway(stack, client):
 
 def test_past_the_models_context_a_400_and_past_the_queue_a_429_with_retry_after(stack, client):
     long_prompt = [{"role": "user", "content": "word " * 7000}]  # ~7000 tokens + 2000 > SmolLM2's 8192
-    with pytest.raises(openai.BadRequestError, match="exceed the model's context of 8192") as err:
+    with pytest.raises(openai.BadRequestError, match="passes the 8192-token context") as err:
         client.chat.completions.create(model="smol", messages=long_prompt, max_tokens=2000)
     assert err.value.param == "max_tokens"
     r = HTTP.post(f"{stack.orchestrator_url}/v1/chat/completions",
