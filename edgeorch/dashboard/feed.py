@@ -2,7 +2,7 @@
 
 Each stream reads the orchestrator's events after the last id it sent, sends
 them, then sleeps until a :class:`Pulse` beats (a message on the
-orchestrator's Redis channel, :func:`follow_channel`) or ``poll_s`` passes, so
+orchestrator's Redis channel, followed with ``edgeorch.service.bus.follow``) or ``poll_s`` passes, so
 a Redis outage delays the page by at most ``poll_s`` and loses nothing. A
 stream ends itself after ``max_s``: uvicorn waits for open responses before it
 stops, and the browser's EventSource reconnects on its own, sending the
@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from edgeorch.schemas.orchestrator import OrchestratorEvent
-
-log = logging.getLogger(__name__)
 
 RETRY_MS = 1000  # how soon the browser reconnects after a stream ends
 
@@ -68,28 +65,3 @@ async def event_stream(
             since = event.id
             yield sse_frame(event)
         await pulse.wait(seen, min(poll_s, left))
-
-
-async def follow_channel(redis_url: str, channel: str, pulse: Pulse) -> None:
-    """Beat ``pulse`` on every message of a Redis channel; reconnect with capped backoff when Redis is away."""
-    import redis.asyncio as aioredis
-
-    backoff = 0.5
-    while True:
-        client = aioredis.from_url(redis_url, socket_connect_timeout=2.0)
-        try:
-            async with client.pubsub() as ps:
-                await ps.subscribe(channel)
-                backoff = 0.5
-                async for msg in ps.listen():
-                    if msg.get("type") == "message":
-                        pulse.beat()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Redis away: streams fall back to polling
-            log.warning("%s unavailable (%r); retrying in %.1fs", channel, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
-        finally:
-            with contextlib.suppress(Exception):
-                await client.aclose()

@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.dashboard.cluster import Placement, cluster_view, unit_memory_bytes
-from edgeorch.dashboard.feed import Pulse, event_stream, follow_channel
+from edgeorch.dashboard.feed import Pulse, event_stream
 from edgeorch.dashboard.series import SeriesRecorder, read_counters
 from edgeorch.schemas.dashboard import ClusterView, SeriesView
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
@@ -88,8 +88,15 @@ async def lifespan(app: FastAPI):
     app.state.dashboard = state
     tasks = [
         asyncio.create_task(_sample(state, app.state.metrics), name="dashboard-sampler"),
+        # Each event beats the pulse; while Redis is away the streams fall back to polling.
         asyncio.create_task(
-            follow_channel(settings.redis_url, bus.ORCHESTRATOR_EVENTS, state.pulse), name="dashboard-events"
+            bus.follow(
+                settings.redis_url,
+                bus.ORCHESTRATOR_EVENTS,
+                lambda _data: state.pulse.beat(),
+                max_backoff_s=10.0,
+            ),
+            name="dashboard-events",
         ),  # fmt: skip
     ]
     try:
