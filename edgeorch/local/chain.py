@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -57,6 +57,7 @@ class Chain:
     workers: LocalWorkers
     stage_ids: list[str]
     client: ChainClient
+    credential: str | None = field(default=None, repr=False)  # every stage's data-plane credential
 
     def stage_bytes(self) -> list[dict[str, int]]:
         """Per stage, what its worker holds for it: ``param_bytes`` and planned ``kv_bytes``."""
@@ -147,7 +148,7 @@ def start_chain(
     except BaseException:
         workers.stop()
         raise
-    return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0], credential=credential))
+    return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0], credential=credential), credential)
 
 
 def parse_formats(text: str | None, n_stages: int) -> list[dict] | None:

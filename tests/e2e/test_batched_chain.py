@@ -49,7 +49,7 @@ def test_concurrent_sessions_batch_and_keep_their_solo_tokens(store, tmp_path) -
         def run(i: int) -> None:
             time.sleep(0.4 * (i % 3))  # sessions join while others are mid-generation
             try:
-                with ChainClient(url, stage) as client:
+                with ChainClient(url, stage, credential=chain.credential) as client:
                     gen = client.generate(ids[i], lengths[i], stop_ids=set())
                 got[i] = gen.token_ids
                 batches.extend(h.get("batch", 1) for s in gen.steps for h in s.hops)
