@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from edgeorch.models.formats import FORMATS
+from edgeorch.models.store import MARKER
 
 PACKED_DIR = "packed"
 INDEX = "index.json"
@@ -189,8 +190,19 @@ def servable_formats(model_dir: Path) -> list[str]:
 
     Every format for a model with a checkpoint (a missing packed format is
     built at load time from it); only its complete packed formats for a
-    packed-only model (synthesised: there is nothing to build from).
+    packed-only model (synthesised: there is nothing to build from). A
+    config-only entry (simulated nodes, ``edgeorch/sim``: its record says
+    ``"config_only": true``) holds no weights and is planned in any format.
     """
-    if has_checkpoint(model_dir):
+    if has_checkpoint(model_dir) or _config_only(model_dir):
         return list(FORMATS)
     return [f for f in FORMATS if PackedUnits(model_dir, f).complete()]
+
+
+def _config_only(model_dir: Path) -> bool:
+    """Whether the store record marks this entry as a config without weights (for simulated nodes)."""
+    try:
+        record = json.loads((model_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("config_only") is True

@@ -45,7 +45,7 @@ def write_sim_models(root: Path, tokenizer_from: Path) -> list[str]:
         for f in TOKENIZER_FILES:
             if (tokenizer_from / f).exists():
                 shutil.copy2(tokenizer_from / f, out / f)
-        record = {"name": name, "family": "llama", "kind": "decoder",
+        record = {"name": name, "family": "llama", "kind": "decoder", "config_only": True,
                   "source": "config only, for simulated nodes (edgeorch/sim)"}  # fmt: skip
         (out / MARKER).write_text(json.dumps(record, indent=2))
     return list(SIM_SHAPES)
