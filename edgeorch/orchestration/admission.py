@@ -11,6 +11,7 @@ down the chain, so a full deployment never crashes or starves a stage.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -53,6 +54,26 @@ class Admission:
     def finished(self, sessions: int) -> None:
         """Give back what :meth:`admit` reserved."""
         self.admitted = max(0, self.admitted - sessions)
+
+    def held_stream(self, sessions: int, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``events``, giving back what :meth:`admit` reserved for ``sessions`` exactly once.
+
+        It gives it back when the stream ends or fails, and also when the stream
+        is dropped without ever being started: a client gone before a streamed
+        response's body begins leaves the generator unstarted, so a ``finally``
+        inside it would never run and the reservation would leak for good.
+        """
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                release()
+
+        held = stream()
+        release = weakref.finalize(held, self.finished, sessions)
+        return held
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

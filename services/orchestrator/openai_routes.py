@@ -22,10 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.orchestration.admission import (
-    Admission,
-    QueueFull,
-)
+from edgeorch.orchestration.admission import Admission, QueueFull
 from edgeorch.orchestration.generation import ChainFailure, SessionStats, encode, generate
 from edgeorch.orchestration.text import TextStream, chat_prompt_ids, stop_token_ids
 from edgeorch.runtime.logprobs import LogprobsError, TokenLogprobs, read_logprobs
@@ -278,15 +275,9 @@ async def _respond(answer: _Answer, max_tokens: int):
             return await answer.whole(max_tokens)
         finally:
             admission.finished(n)
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for event in answer.events(max_tokens):
-                yield event
-        finally:
-            admission.finished(n)
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(
+        admission.held_stream(n, answer.events(max_tokens)), media_type="text/event-stream"
+    )
 
 
 @router.post("/v1/chat/completions", responses=_BAD_REQUEST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -42,3 +43,26 @@ def test_no_more_than_max_active_sessions_run_and_the_rest_wait_their_turn() -> 
     peak, order = asyncio.run(scenario())
     assert peak == 2
     assert order == list(range(6))  # arrival order
+
+
+def test_a_held_stream_gives_its_sessions_back_once_when_it_ends_or_is_dropped_unstarted() -> None:
+    async def events():
+        yield "a"
+        yield "b"
+
+    a = Admission(max_active=4, max_waiting=4)
+    a.admit(3)  # another request's reservation, which must stay
+    a.admit(2)
+    dropped = a.held_stream(2, events())
+    del dropped  # a client gone before the body started: never iterated
+    gc.collect()
+    assert a.admitted == 3
+
+    a.admit(2)
+
+    async def drain() -> list[str]:
+        return [e async for e in a.held_stream(2, events())]
+
+    assert asyncio.run(drain()) == ["a", "b"]
+    gc.collect()
+    assert a.admitted == 3  # given back once, not twice
