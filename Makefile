@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 models: install
-	$(BIN)/edgeorch models prepare --formats int8,int4
+	$(BIN)/edgeorch models prepare --formats fp32,int8,int4
 
 lint: install
 	$(BIN)/ruff check .

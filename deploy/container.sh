@@ -32,7 +32,12 @@ choose_base() {
         command -v mmdebstrap >/dev/null || { say "mmdebstrap missing: apt-get install mmdebstrap"; exit 1; }
         local tar
         tar=$(mktemp -d)/base.tar
+        # dpkg without an fsync per file (the result is a tarball: a crash only means a
+        # rerun) and without manuals, docs and translations: less to write on a busy disk.
         "${NICE[@]}" mmdebstrap --quiet --variant=apt \
+            --dpkgopt=force-unsafe-io \
+            --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+            --dpkgopt='path-exclude=/usr/share/locale/*' \
             --include=python3,python3-venv,python3-pip,ca-certificates,redis-server,postgresql \
             bookworm "$tar"
         docker import "$tar" "$LOCAL_BASE" >/dev/null

@@ -111,6 +111,10 @@ class SessionStats:
     moves: int = 0  # times the session moved to a newer plan mid-generation
     max_gap_s: float = 0.0
     move_paths: list[MovePath] = field(default_factory=list)  # how each move went: KV migrated or replayed
+    # Where each recovery's gap went (seconds): "failed" (last token until the failed step
+    # came back: the step itself plus detecting the loss), "reroute" (the route provider's
+    # answer: plan, loads, commit), "replay" (the replayed prefill until its token).
+    recovery_phases: list[dict[str, float]] = field(default_factory=list)
 
 
 def _classify(route: Route, failure: HopFailure) -> StepFailure:
@@ -178,6 +182,7 @@ async def generate(
     generated: list[int] = []
     session, sent = uuid.uuid4().hex, 0  # tokens the current session's caches hold
     last_token_at = time.perf_counter()
+    recovering: dict[str, float] | None = None  # the phases of a recovery whose replay is under way
     while len(generated) < max_new_tokens:
         last = len(generated) == max_new_tokens - 1
         moved = routes.newer(route) if generated else None
@@ -195,6 +200,7 @@ async def generate(
         except StepFailure as failure:
             if not failure.replayable or stats.recoveries >= max_recoveries:
                 raise ChainFailure(failure.status if failure.status < 500 else 502, failure.detail) from None
+            t_failed = time.perf_counter()
             stats.recoveries += 1
             log.warning("session on %s v%d failed at token %d (%s); recovering", deployment, route.version,
                         len(generated), failure.detail[:300])  # fmt: skip
@@ -203,12 +209,20 @@ async def generate(
             _in_background(release_everywhere(http, route, session))
             route = await routes.recover(route, failure.failed_node, failure.detail)
             session, sent = uuid.uuid4().hex, 0
+            recovering = {"failed": t_failed - last_token_at, "reroute": time.perf_counter() - t_failed}
             continue
         step_s = time.perf_counter() - t0
         stats.step_s.append(step_s)
         if on_step is not None and sent > 0:
             on_step(route.version, step_s)
         token = int(frame.meta["token"])
+        if recovering is not None:
+            recovering["replay"] = step_s
+            stats.recovery_phases.append(recovering)
+            log.info("session on %s recovered on v%d: failed step %.2fs after the last token, re-route %.2fs, "
+                     "replay %.2fs", deployment, route.version, recovering["failed"], recovering["reroute"],
+                     step_s)  # fmt: skip
+            recovering = None
         if on_result is not None:
             on_result(frame)
         now = time.perf_counter()

@@ -163,8 +163,11 @@ class RolloutAgent:
             )
         wanted = {s["stage_id"]: (e["name"], s) for e in entries for s in e["stages"]}
         await self._load_missing(wanted)
-        self._unload_unwanted(wanted, {e["name"] for e in entries})
+        # Ack before unloading what is no longer wanted: an ack needs only the wanted
+        # stages, and freeing old ones (unmapping, trimming malloc) took seconds on a
+        # busy machine, which a recovery's rollout waited out.
         await self._send_acks(entries)
+        self._unload_unwanted(wanted, {e["name"] for e in entries})
         kept = {(name, s["version"]) for name, s in wanted.values()}
         self._prepared = {k: v for k, v in self._prepared.items() if k in kept}
         self.reconciles.labels("ok").inc()

@@ -161,6 +161,7 @@ class Controller:
         """Re-plan the deployment with fresh measurements; True when a new plan was committed."""
         active = await run_in_threadpool(self.store.active_plan, live.name)
         current = list(active.stages) if active else None
+        t_plan = time.perf_counter()
         try:
             nodes, links = await asyncio.gather(self.plane.nodes(live.profile_key), self.plane.links())
             if active is None:
@@ -168,6 +169,7 @@ class Controller:
             cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude))
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
+            plan_s = time.perf_counter() - t_plan  # measurements and the splitter's answer
         except NoNodesError as exc:
             await self._set_state(live, "pending" if active is None else "degraded", str(exc))
             return False
@@ -185,7 +187,7 @@ class Controller:
         cand_pred = predict(req, stages)
         if active is None:
             return await self._roll_out(live, "deploy", f"{trigger}: first plan", stages, cluster.urls,
-                                        cand_pred, answer)  # fmt: skip
+                                        cand_pred, answer, plan_s)  # fmt: skip
         revision_kind, current_feasible = (answer.revision.kind, answer.revision.current_feasible) \
             if answer.revision else ("resplit", cur_pred is not None)  # fmt: skip
         slowed = self._slowed(live)
@@ -211,7 +213,7 @@ class Controller:
                 return False
             reason = f"{reason}; {confirmation}"
         kind = "recover" if exclude else decision.kind
-        return await self._roll_out(live, kind, reason, stages, cluster.urls, cand_pred, answer)
+        return await self._roll_out(live, kind, reason, stages, cluster.urls, cand_pred, answer, plan_s)
 
     def _confirmation(self, live: Live, slowed: float | None) -> str | None:
         """What confirms a voluntary change now, or None (then a look ``confirm_s`` later may).
@@ -241,8 +243,14 @@ class Controller:
         return None
 
     async def _roll_out(self, live: Live, kind: str, reason: str, stages: list[PlanStage],
-                        urls: dict[str, str], predicted: PredictedView | None, answer: PlanResponse) -> bool:  # fmt: skip
-        """Hand a plan to broadcast, wait for COMMIT, record it; True when committed."""
+                        urls: dict[str, str], predicted: PredictedView | None, answer: PlanResponse,
+                        plan_s: float | None = None) -> bool:  # fmt: skip
+        """Hand a plan to broadcast, wait for COMMIT, record it; True when committed.
+
+        The event's data say where the time went: ``plan_s`` (measurements and
+        the splitter), ``prepare_s`` (created until every worker acked: their
+        loads), each worker's own ``load_s`` as it acked, ``commit_s``.
+        """
         # The splitter's stages with the URL each node was reached at: what broadcast loads and the history keeps.
         stages = [PlanStage(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
         plan = Plan(model=live.model, format=live.policy.weight_format, stages=stages)
@@ -262,13 +270,16 @@ class Controller:
         try:
             view = await self.plane.wait_rollout(rollout.id, self.settings.rollout_wait_s)
             phase, why = view.phase, view.reason
+            phases = {"prepare_s": view.prepare_s, "commit_s": view.commit_s,
+                      "load_s": {a.node_id: round(a.prepare_s, 3) for a in view.acks}}  # fmt: skip
         except ServiceError as exc:
-            phase, why = "unknown", str(exc)
+            phase, why, phases = "unknown", str(exc), {}
         committed = phase in ("committed", "completed")
         await run_in_threadpool(self.store.finish_plan, live.name, version, committed, time.time(), True)
         data = {"version": version, "stages": [s.model_dump() for s in stages], "rollout_id": rollout.id,
                 "predicted": predicted.model_dump() if predicted else None, "took_s": time.time() - t0,
-                "migration_bytes": answer.migration_bytes, "solver": answer.solver.name}  # fmt: skip
+                "migration_bytes": answer.migration_bytes, "solver": answer.solver.name, "plan_s": plan_s,
+                **phases}  # fmt: skip
         if not committed:
             await self._log("rollout_aborted", live.name, f"{kind} v{version} aborted: {why}", data)
             return False

@@ -353,6 +353,9 @@ def test_a_node_killed_mid_generation_does_not_fail_the_request(stack, smol) -> 
     text, stamps = stream_chat(stack, HAIKU, 64, kill_at)
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     print(f"killed {victim}; longest gap {max(gaps):.2f}s, median {statistics.median(gaps):.3f}s")
+    recover = next((e for e in events(stack) if e["kind"] == "recover"), None)
+    if recover is not None:  # where the re-route's time went (plan, workers' loads, commit)
+        print({k: recover["data"].get(k) for k in ("plan_s", "prepare_s", "load_s", "commit_s", "took_s")})
     assert text == expected["haiku"]
     assert max(gaps) <= 5.0  # the re-route and the KV replay, with room for two busy cores
     after = deployment(stack, "smol")

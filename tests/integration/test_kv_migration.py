@@ -95,3 +95,39 @@ def test_kv_routes_answer_bad_requests_with_4xx(workers) -> None:
     assert resp.status_code == 404 and "unknown" in resp.json()["detail"]
     assert httpx.post(f"{kv}/pull", json={"position": 0, "sources": []}).status_code == 422
     assert httpx.post(f"{w0.url}/v1/stages/nostage/sessions/x/kv/pull", json=pull).status_code == 404
+
+
+class _KillAt:
+    """Route provider: ``first`` until ``kill_after`` steps, when ``kill`` runs; recovery answers ``second``."""
+
+    def __init__(self, first, second, kill_after: int, kill):
+        self.first, self.second, self.kill_after, self.kill, self.steps = first, second, kill_after, kill, 0
+
+    async def route(self, deployment: str):
+        return self.first
+
+    async def recover(self, route, failed_node, error):
+        return self.second
+
+    def newer(self, route):
+        self.steps += 1
+        if self.steps == self.kill_after:
+            self.kill()
+        return None
+
+
+def test_a_stage_killed_mid_generation_is_replayed_and_its_gap_split_into_phases(workers) -> None:
+    # Last in this file: it kills workers[2], which the 4xx test uses.
+    w0, w2 = workers.workers[0], workers.workers[2]
+    v1 = load_version("mkill", 1, MODEL, [("n0", w0.url, 0, 16), ("n2", w2.url, 16, 32)])
+    v2 = load_version("mkill", 2, MODEL, [("n0", w0.url, 0, 32)])
+    expected, _ = _run(ScriptedRoutes(v1, v2, switch_after=None), migrate_kv=True)
+
+    got, stats = _run(_KillAt(v1, v2, kill_after=SWITCH_AFTER, kill=lambda: w2.stop(signal.SIGKILL)), True)
+
+    assert got == expected
+    assert stats.recoveries == 1
+    [phases] = stats.recovery_phases
+    assert set(phases) == {"failed", "reroute", "replay"} and all(v >= 0 for v in phases.values()), phases
+    # The replay's prefill covers the prompt and the tokens so far: not shorter than a decode step.
+    assert phases["replay"] >= min(stats.step_s[1:SWITCH_AFTER]), (phases, stats.step_s)
