@@ -173,6 +173,11 @@ class StageHost:
             )  # fmt: skip
             return self.info(stage_id), True
 
+    async def on_loader(self, fn) -> None:
+        """Run ``fn`` on the loader thread, between loads (the warm standby: edgeorch.runtime.standby)."""
+        async with self._load_lock:
+            await asyncio.get_running_loop().run_in_executor(self._loader, fn)
+
     def planned_bytes(self) -> int:
         """Weights held (shared units once) plus the KV every loaded stage plans for."""
         return self.units.held_bytes() + sum(self.planned_kv(h) for h in self.stages.values())

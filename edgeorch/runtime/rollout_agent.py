@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter
 from edgeorch.rollout.plan import parse_stage_id
 from edgeorch.rollout.signing import SIGNATURE_HEADER, MessageVerifier, sign_bytes
 from edgeorch.runtime.host import StageHost
+from edgeorch.runtime.standby import keep_standby
 from edgeorch.schemas.stage import StageSpec
 from edgeorch.security.credentials import stage_credential
 from edgeorch.service import bus
@@ -48,6 +49,7 @@ class RolloutAgentConfig:
     secret: str
     pull_interval_s: float = 5.0
     max_age_s: float = 300.0
+    standby: bool = False  # keep every unit of the served models warm (edgeorch.runtime.standby)
 
 
 @dataclass
@@ -168,6 +170,13 @@ class RolloutAgent:
         # busy machine, which a recovery's rollout waited out.
         await self._send_acks(entries)
         self._unload_unwanted(wanted, {e["name"] for e in entries})
+        if self.cfg.standby:
+            try:
+                await keep_standby(
+                    self.host, {(s["model"], s.get("format", "fp32")) for _, s in wanted.values()}
+                )
+            except Exception:  # only a head start for a later recovery; loads still work without it
+                log.exception("could not keep the standby units")
         kept = {(name, s["version"]) for name, s in wanted.values()}
         self._prepared = {k: v for k, v in self._prepared.items() if k in kept}
         self.reconciles.labels("ok").inc()

@@ -60,6 +60,7 @@ class UnitCache:
 
     def __init__(self) -> None:
         self._held: dict[UnitKey, _Held] = {}
+        self._standby: set[UnitKey] = set()  # units with one reference held as a warm standby
         self._lock = threading.Lock()
 
     def acquire_stage(
@@ -119,6 +120,49 @@ class UnitCache:
         )  # fmt: skip
         return StageLoad(stage, shared)
 
+    def add_standby(
+        self, model_dir: Path, adapter: FamilyAdapter, dtype: torch.dtype = torch.float32
+    ) -> list[nn.Module]:
+        """Hold every unit of the model as a standby (one reference each); returns the modules read now.
+
+        A standby unit costs no planned memory (:meth:`held_bytes` leaves it
+        out, :meth:`holds` says no until a stage takes it): callers keep only
+        mapped units so, clean file pages the kernel may reclaim. A stage that
+        later needs the unit shares it and reads nothing.
+        """
+        keys = {u: _unit_key(model_dir, u, adapter, dtype) for u in range(adapter.num_units)}
+        with self._lock:
+            for k in keys.values():
+                if k in self._held and k not in self._standby:
+                    self._held[k].refs += 1
+                    self._standby.add(k)
+            missing = [u for u, k in keys.items() if k not in self._standby]
+        if not missing:
+            return []
+        load, _ = unit_loader(model_dir, adapter, dtype)
+        fresh = {u: load(u) for u in missing}
+        with self._lock:
+            for u, module in fresh.items():
+                held = self._held.get(keys[u])
+                if held is None:
+                    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+                    self._held[keys[u]] = _Held(module, 1, nbytes)
+                elif keys[u] not in self._standby:
+                    held.refs += 1
+                self._standby.add(keys[u])
+        return list(fresh.values())
+
+    def drop_standby(self, keep: set[tuple[str, str, str]]) -> int:
+        """Drop standby units of models not in ``keep`` (resolved directory, engine, format); returns units freed."""
+        with self._lock:
+            gone = [k for k in self._standby if (k[0], k[2], k[3]) not in keep]
+            self._standby.difference_update(gone)
+        return self._drop(gone)
+
+    def _standby_only(self, key: UnitKey) -> bool:
+        held = self._held.get(key)
+        return held is not None and key in self._standby and held.refs == 1
+
     def release_stage(self, stage: LoadedStage, dtype: torch.dtype = torch.float32) -> int:
         """Drop a stage's references; returns how many units were freed."""
         return self._drop([_unit_key(stage.model_dir, u, stage.adapter, dtype) for u, _ in stage.units])
@@ -147,7 +191,8 @@ class UnitCache:
     ) -> bool:
         """Whether unit ``u`` (as ``adapter`` builds it) is loaded already."""
         with self._lock:
-            return _unit_key(model_dir, u, adapter, dtype) in self._held
+            key = _unit_key(model_dir, u, adapter, dtype)
+            return key in self._held and not self._standby_only(key)
 
     def held_units(self) -> int:
         """Unit modules in memory."""
@@ -157,4 +202,4 @@ class UnitCache:
     def held_bytes(self) -> int:
         """Bytes of weights in memory, each shared unit counted once."""
         with self._lock:
-            return sum(h.param_bytes for h in self._held.values())
+            return sum(h.param_bytes for k, h in self._held.items() if not self._standby_only(k))

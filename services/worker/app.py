@@ -44,6 +44,10 @@ class WorkerSettings(CommonSettings):
         default="redis://127.0.0.1:6379/0", description="Redis for control-plane notifications"
     )
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    standby_units: bool = Field(
+        default=False, description="keep every packed unit of the served models mapped and warm, so taking "
+        "over a lost worker's units reads nothing (edgeorch.runtime.standby)",
+    )  # fmt: skip
     kv_cache_max_bytes: int = Field(
         default=1 << 30, gt=0, description="cap on all session KV caches together"
     )
@@ -203,5 +207,6 @@ def _make_rollout_agent(host: StageHost, settings: WorkerSettings, registry) -> 
         node_id=settings.node_id, broadcast_url=settings.broadcast_url.rstrip("/"),
         redis_url=settings.redis_url, secret=resolve_secret(settings.rollout_secret),
         pull_interval_s=settings.rollout_pull_interval_s, max_age_s=settings.rollout_max_age_s,
+        standby=settings.standby_units,
     )  # fmt: skip
     return RolloutAgent(host, cfg, registry)

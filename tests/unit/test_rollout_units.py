@@ -132,3 +132,27 @@ def _registry():
     from prometheus_client import CollectorRegistry
 
     return CollectorRegistry()
+
+
+def test_standby_units_are_shared_by_a_later_stage_and_cost_no_planned_memory(store) -> None:
+    from edgeorch.engine import load_adapter
+
+    model_dir = store.path("smollm2-135m")
+    adapter = load_adapter(model_dir, "lean", "int8")  # packed by `make models`: mapped units
+    cache = UnitCache()
+    first = cache.acquire_stage(model_dir, 0, 10, adapter=adapter)
+    planned = cache.held_bytes()
+    fresh = cache.add_standby(model_dir, adapter)
+    assert len(fresh) == adapter.num_units - 10 and cache.add_standby(model_dir, adapter) == []
+    # Standby units are not planned memory, and a memory check must still count them as new.
+    assert cache.held_bytes() == planned
+    assert cache.holds(model_dir, 5, adapter) and not cache.holds(model_dir, 20, adapter)
+    later = cache.acquire_stage(model_dir, 10, adapter.num_units, adapter=adapter)
+    assert later.units_shared == adapter.num_units - 10 and later.stage.bytes_read == 0
+    assert cache.holds(model_dir, 20, adapter) and cache.held_bytes() > planned
+    cache.release_stage(first.stage)
+    cache.release_stage(later.stage)
+    assert cache.held_units() == adapter.num_units and cache.held_bytes() == 0  # the standby keeps them
+    key = (str(model_dir.resolve()), "lean", "int8")
+    assert cache.drop_standby({key}) == 0 and cache.drop_standby(set()) == adapter.num_units
+    assert cache.held_units() == 0
