@@ -374,6 +374,7 @@ def test_dockerfile_copies_only_what_the_image_needs_and_it_exists() -> None:
         "edgeorch",
         "edgeorch/__init__.py",  # the converter alone, for the model store's layer
         "edgeorch/models",
+        "edgeorch/engine",  # packs SmolLM2's fp32 units in the same layer
         "edgeorch/schemas",
         "services",
         "pyproject.toml",
