@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgeorch.planning.api import problem_from_request
-from edgeorch.planning.cost import evaluate
+from edgeorch.planning.cost import evaluate, plan_formats
 from edgeorch.planning.problem import Stage
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
@@ -128,23 +128,51 @@ def plan_request(
     )
 
 
-def predict(req: PlanRequest, stages: Sequence[PlanStage]) -> PredictedView | None:
-    """The cost model's figures for ``stages`` under ``req``'s measurements; None if a node is gone.
+def stage_formats(stages: Sequence[PlanStage]) -> dict[int, str]:
+    """Activation format per boundary unit: the hop out of each stage leads into the next one's start."""
+    return {nxt.start: cur.activation_format for cur, nxt in zip(stages, stages[1:], strict=False)}
 
-    ``step_s`` is one token through the chain and back (entry hop, every
-    stage, every hop, exit hop): the figure a decode step is measured against.
+
+def with_formats(req: PlanRequest, stages: Sequence[PlanStage], policy: QosPolicy) -> list[PlanStage] | None:
+    """``stages`` with each hop's activation format chosen from its link under the policy; None if a node is gone.
+
+    The cost model picks a lossy format for a hop only when it saves a real
+    share of the plan's predicted latency and the quality budget pays for it
+    (:func:`edgeorch.planning.cost.plan_formats`); every other hop, and the
+    last stage, stays fp32.
     """
     index = {n.id: i for i, n in enumerate(req.nodes)}
     if any(s.node not in index for s in stages):
         return None
     plan_stages = [Stage(index[s.node], s.start, s.end) for s in stages]
-    full = evaluate(problem_from_request(req), plan_stages)
+    chosen = plan_formats(problem_from_request(req.model_copy(update={"current_plan": None})), plan_stages,
+                          policy.activation_formats, policy.quality_budget)  # fmt: skip
+    out = []
+    for i, s in enumerate(stages):
+        fmt = chosen.get(stages[i + 1].start, "fp32") if i + 1 < len(stages) else "fp32"
+        out.append(s.model_copy(update={"activation_format": fmt}))
+    return out
+
+
+def predict(req: PlanRequest, stages: Sequence[PlanStage]) -> PredictedView | None:
+    """The cost model's figures for ``stages`` under ``req``'s measurements; None if a node is gone.
+
+    ``step_s`` is one token through the chain and back (entry hop, every
+    stage, every hop, exit hop): the figure a decode step is measured against.
+    Each hop is charged in its stage's ``activation_format``.
+    """
+    index = {n.id: i for i, n in enumerate(req.nodes)}
+    if any(s.node not in index for s in stages):
+        return None
+    plan_stages = [Stage(index[s.node], s.start, s.end) for s in stages]
+    formats = stage_formats(stages)
+    full = evaluate(problem_from_request(req), plan_stages, formats)
     one = req.model_copy(update={
         "workload": Workload(prompt_tokens=1, generated_tokens=0, max_sessions=1,
                              context_tokens=req.workload.context_tokens),
         "current_plan": None,
     })  # fmt: skip
-    step = evaluate(problem_from_request(one), plan_stages)
+    step = evaluate(problem_from_request(one), plan_stages, formats)
     return PredictedView(
         latency_s=full.latency_s,
         throughput_tokens_per_s=full.throughput_tokens_per_s,

@@ -20,9 +20,9 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
-from edgeorch.orchestration.decide import decide, measured_slowdown
+from edgeorch.orchestration.decide import decide, measured_slowdown, quality_loss, reformat_candidate
 from edgeorch.orchestration.generation import Route
-from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
+from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict, with_formats
 from edgeorch.rollout.plan import place
 from edgeorch.rollout.signing import resolve_secret
 from edgeorch.schemas.orchestrator import PredictedView
@@ -181,18 +181,24 @@ class Controller:
             return False
         cur_pred = predict(req, current) if current else None
         live.predicted = cur_pred or live.predicted
-        stages = answer.stages
+        # The splitter places units; the format of each hop is chosen here, from its link.
+        stages = with_formats(req, answer.stages, live.policy) or answer.stages
         cand_pred = predict(req, stages)
         if active is None:
             return await self._roll_out(live, "deploy", f"{trigger}: first plan", stages, cluster.urls,
                                         cand_pred, answer)  # fmt: skip
         revision_kind, current_feasible = (answer.revision.kind, answer.revision.current_feasible) \
             if answer.revision else ("resplit", cur_pred is not None)  # fmt: skip
+        reformat = reformat_candidate(req, current, live.policy, revision_kind, cand_pred) \
+            if current_feasible and current else None  # fmt: skip
+        if reformat is not None:
+            stages, cand_pred, revision_kind = reformat[0], reformat[1], "reformat"
         slowed = self._slowed(live)
         decision = decide(revision_kind=revision_kind, current_feasible=current_feasible,
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
                           last_change_at=(await run_in_threadpool(self.store.get, live.name)).last_change_at,
-                          trigger=trigger, slowed=slowed)  # fmt: skip
+                          trigger=trigger, slowed=slowed,
+                          less_lossy=reformat is not None and quality_loss(stages) < quality_loss(current))  # fmt: skip
         if not decision.change:
             live.pending = None
             if trigger != "timer" or decision.gain is not None and decision.gain > 0:
@@ -244,7 +250,8 @@ class Controller:
                         urls: dict[str, str], predicted: PredictedView | None, answer: PlanResponse) -> bool:  # fmt: skip
         """Hand a plan to broadcast, wait for COMMIT, record it; True when committed."""
         # The splitter's stages with the URL each node was reached at: what broadcast loads and the history keeps.
-        stages = [PlanStage(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
+        stages = [PlanStage(node=s.node, start=s.start, end=s.end, url=urls[s.node],
+                            activation_format=s.activation_format) for s in stages]  # fmt: skip
         plan = Plan(model=live.model, format=live.policy.weight_format, stages=stages)
         t0 = time.time()
         try:
@@ -257,8 +264,9 @@ class Controller:
         version = rollout.version
         await run_in_threadpool(self.store.add_plan, live.name, version, kind, reason, stages, predicted,
                                 answer.migration_bytes, t0)  # fmt: skip
-        log.info("%s v%d (%s): %s -> %s", live.name, version, kind, reason,
-                 " | ".join(f"{s.node}[{s.start},{s.end})" for s in stages))  # fmt: skip
+        log.info("%s v%d (%s): %s -> %s", live.name, version, kind, reason, " | ".join(
+            f"{s.node}[{s.start},{s.end})" + (f" >{s.activation_format}" if s.activation_format != "fp32" else "")
+            for s in stages))  # fmt: skip
         try:
             view = await self.plane.wait_rollout(rollout.id, self.settings.rollout_wait_s)
             phase, why = view.phase, view.reason
