@@ -69,10 +69,12 @@ def decide(
     gain = (cur - new) / cur if cur > 0 else 0.0
     unit = {"latency": "s", "energy": "J", "throughput": "s/token"}[policy.objective]
     figures = f"{policy.objective} {cur:.4g} {unit} -> {new:.4g} {unit} ({100 * gain:+.1f}%)"
+    # A format change alone moves no weights and keeps each KV cache on its node: it needs less.
+    need = policy.compress_min_gain if revision_kind == "reformat" else policy.min_gain
     if less_lossy:
         figures += "; back toward exact hops: compression no longer saves enough"
-    elif gain < policy.min_gain:
-        return Decision("keep", False, f"{trigger}: {figures}, below the {100 * policy.min_gain:.0f}% "
+    elif gain < need:
+        return Decision("keep", False, f"{trigger}: {figures}, below the {100 * need:.0f}% "
                                        "needed to change", gain)  # fmt: skip
     if last_change_at is not None and now - last_change_at < policy.cooldown_s:
         wait = policy.cooldown_s - (now - last_change_at)

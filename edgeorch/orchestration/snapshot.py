@@ -146,7 +146,7 @@ def with_formats(req: PlanRequest, stages: Sequence[PlanStage], policy: QosPolic
         return None
     plan_stages = [Stage(index[s.node], s.start, s.end) for s in stages]
     chosen = plan_formats(problem_from_request(req.model_copy(update={"current_plan": None})), plan_stages,
-                          policy.activation_formats, policy.quality_budget)  # fmt: skip
+                          policy.activation_formats, policy.quality_budget, current=stage_formats(stages))  # fmt: skip
     out = []
     for i, s in enumerate(stages):
         fmt = chosen.get(stages[i + 1].start, "fp32") if i + 1 < len(stages) else "fp32"

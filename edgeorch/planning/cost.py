@@ -175,11 +175,13 @@ def plan_formats(
     allowed: Sequence[str] = ACTIVATION_FORMATS,
     quality_budget: float = DEFAULT_QUALITY_BUDGET,
     min_gain: float = DEFAULT_MIN_GAIN,
+    current: Mapping[int, str] | None = None,
 ) -> dict[int, str]:
     """The activation format of every hop between two nodes of a plan, chosen from its links' bandwidth.
 
     Keyed by the boundary unit the hop leads into (the stage that starts
-    there receives it); see :func:`edgeorch.planning.formats.choose_hop_formats`.
+    there receives it); ``current``: the formats the hops carry now (for the
+    hysteresis). See :func:`edgeorch.planning.formats.choose_hop_formats`.
     """
     stages = merge_stages(stages)
     base = evaluate(problem, stages)
@@ -188,7 +190,9 @@ def plan_formats(
         for h in base.hops
         if 0 < h.boundary < problem.num_units and h.linked
     ]
-    return choose_hop_formats(links, problem.workload.tokens, base.latency_s, allowed, quality_budget, min_gain)
+    return choose_hop_formats(
+        links, problem.workload.tokens, base.latency_s, allowed, quality_budget, min_gain, current
+    )
 
 
 def _migration(problem: Problem, stages: Sequence[Stage]) -> tuple[tuple[int, ...], int]:

@@ -95,13 +95,17 @@ def choose_hop_formats(
     allowed: Iterable[str] = ACTIVATION_FORMATS,
     quality_budget: float = DEFAULT_QUALITY_BUDGET,
     min_gain: float = DEFAULT_MIN_GAIN,
+    current: Mapping[int, str] | None = None,
 ) -> dict[int, str]:
     """The format of every activation hop (keyed by boundary unit) for a plan of fp32 latency ``latency_s``.
 
     ``tokens``: tokens a request sends over each hop (prompt + generated).
     A hop gets its fastest allowed lossy format when that saves at least
     ``min_gain × latency_s`` and its quality cost still fits the budget;
-    hops saving the most go first. Every other hop stays fp32.
+    hops saving the most go first. Every other hop stays fp32. A hop that
+    ``current``\ ly carries a format keeps it while it saves half that
+    (hysteresis: speeds measured on a busy host swing the predicted latency,
+    and a hop must not flip between two formats with them).
     """
     allowed = [f for f in allowed if f in ACTIVATION_FORMATS]
     hops = list(hops)
@@ -113,7 +117,8 @@ def choose_hop_formats(
             if f == "fp32" or TOP1_LOSS_PER_HOP[f] > quality_budget:
                 continue
             saving = fp32_s - hop_seconds(f, tokens, h.hidden, h.bandwidth_bytes_per_s)
-            if saving > 0 and saving >= min_gain * latency_s:
+            need = min_gain / 2 if current and current.get(h.boundary) == f else min_gain
+            if saving > 0 and saving >= need * latency_s:
                 offers.append((saving, -TOP1_LOSS_PER_HOP[f], h.boundary, f))
     spent = 0.0
     for saving, neg_loss, boundary, f in sorted(offers, reverse=True):
