@@ -7,7 +7,7 @@ A file in ``bench/scenarios/`` (see ``node_slowdown.yaml``)::
     warmup_s: 3             # requests that start earlier are recorded but left out of the statistics
     sessions: 2             # closed-loop chat sessions at the start
     weight_format: fp32     # the deployment's weights under every strategy (default fp32, exact)
-    prompt_tokens: 400      # optional: long prompts of about this many tokens (prefill-heavy load)
+    prompt_tokens: 250      # optional: long prompts of about this many tokens (prefill-heavy load)
     workers:                # the same fields as scenarios/*.yaml (edgeorch.local.scenario.WorkerSpec)
       - {id: n1, memory: 360MB}
     timeline:

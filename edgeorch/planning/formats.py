@@ -42,7 +42,10 @@ CONVERT_S_PER_ELEMENT: dict[str, float] = {"fp32": 0.0, "bf16": 1.0e-9, "int8": 
 # if one had: 1/700 / 2 hops). Used for every model until one is measured.
 TOP1_LOSS_PER_HOP: dict[str, float] = {"fp32": 0.0, "bf16": 0.0007, "int8": 0.00145}
 DEFAULT_QUALITY_BUDGET = 0.01  # top-1 agreement >= 0.99 over the chain (issue 21's budget)
-DEFAULT_MIN_GAIN = 0.05  # a hop is compressed only if it saves this share of the plan's latency
+# A hop is compressed only if it saves this share of the plan's latency: a fast link's
+# microseconds are never worth any quality. The whole change must then also pass the
+# orchestrator's threshold for a format change (QosPolicy.compress_min_gain).
+DEFAULT_MIN_GAIN = 0.02
 
 
 def bytes_per_token(fmt: str, hidden: int) -> int:

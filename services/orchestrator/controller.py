@@ -22,7 +22,14 @@ from starlette.concurrency import run_in_threadpool
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
 from edgeorch.orchestration.decide import decide, measured_slowdown, quality_loss, reformat_candidate
 from edgeorch.orchestration.generation import Route
-from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict, with_formats
+from edgeorch.orchestration.snapshot import (
+    NoNodesError,
+    cluster_from_monitor,
+    objective_value,
+    plan_request,
+    predict,
+    with_formats,
+)
 from edgeorch.rollout.plan import place
 from edgeorch.rollout.signing import resolve_secret
 from edgeorch.schemas.orchestrator import PredictedView
@@ -189,16 +196,26 @@ class Controller:
                                         cand_pred, answer)  # fmt: skip
         revision_kind, current_feasible = (answer.revision.kind, answer.revision.current_feasible) \
             if answer.revision else ("resplit", cur_pred is not None)  # fmt: skip
-        reformat = reformat_candidate(req, current, live.policy, revision_kind, cand_pred) \
-            if current_feasible and current else None  # fmt: skip
-        if reformat is not None:
-            stages, cand_pred, revision_kind = reformat[0], reformat[1], "reformat"
         slowed = self._slowed(live)
+        last_change_at = (await run_in_threadpool(self.store.get, live.name)).last_change_at
         decision = decide(revision_kind=revision_kind, current_feasible=current_feasible,
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
-                          last_change_at=(await run_in_threadpool(self.store.get, live.name)).last_change_at,
-                          trigger=trigger, slowed=slowed,
-                          less_lossy=reformat is not None and quality_loss(stages) < quality_loss(current))  # fmt: skip
+                          last_change_at=last_change_at, trigger=trigger, slowed=slowed)  # fmt: skip
+        # The same stages with each hop's format chosen anew: taken when it predicts at least as
+        # well as the splitter's candidate, or when that candidate does not pass (a format change
+        # has its own, smaller threshold: no weights move).
+        reformat = reformat_candidate(req, current, live.policy, "keep", None) \
+            if current_feasible and current else None  # fmt: skip
+        if reformat is not None:
+            r_stages, r_pred = reformat
+            better = objective_value(r_pred, live.policy.objective) <= objective_value(cand_pred, live.policy.objective)
+            if revision_kind == "keep" or not decision.change or better:
+                r_decision = decide(revision_kind="reformat", current_feasible=True, current=cur_pred,
+                                    candidate=r_pred, policy=live.policy, now=time.time(),
+                                    last_change_at=last_change_at, trigger=trigger, slowed=slowed,
+                                    less_lossy=quality_loss(r_stages) < quality_loss(current))  # fmt: skip
+                if r_decision.change or better:
+                    stages, cand_pred, decision = r_stages, r_pred, r_decision
         if not decision.change:
             live.pending = None
             if trigger != "timer" or decision.gain is not None and decision.gain > 0:

@@ -41,7 +41,8 @@ def test_a_plan_with_a_compressed_link_runs_in_that_format_between_real_workers(
     tok = AutoTokenizer.from_pretrained(str(store.path("smollm2-135m")))
     prompt = tok.apply_chat_template([{"role": "user", "content": "List three prime numbers."}],
                                      add_generation_prompt=True, return_dict=True)["input_ids"]  # fmt: skip
-    rig = start_rig(tmp_path, 2)
+    # Probes and PREPARE given time: two SmolLM2 loads on a loaded 2-core host outlast the 1 s default.
+    rig = start_rig(tmp_path, 2, EDGEORCH_PROBE_TIMEOUT_S="30", EDGEORCH_PREPARE_TIMEOUT_S="180")
     try:
         a, b = rig.workers.workers
         name, seen = unique("act"), {}

@@ -167,3 +167,26 @@ def test_the_chosen_format_reaches_each_workers_desired_state_and_is_left_out_wh
     snap = DeploymentSnapshot(name="dep", active_version=3, plans={3: plan})
     (entry,) = desired_for_node("a", [snap])
     assert entry["stages"][0]["activation_format"] == "int8"
+
+
+def test_a_compressed_hop_stays_compressed_until_it_saves_less_than_half_the_threshold() -> None:
+    hop = [HopLink(2, HIDDEN, 5 * MBIT)]
+    saving = 408 * (4 * HIDDEN / (5 * MBIT) - (HIDDEN + 68) / (5 * MBIT) - HIDDEN * CONVERT_S_PER_ELEMENT["int8"])
+    latency = saving / 0.015  # the hop saves 1.5 % of the request: under 2 %, over 1 %
+    assert choose_hop_formats(hop, 408, latency) == {2: "fp32"}
+    assert choose_hop_formats(hop, 408, latency, current={2: "int8"}) == {2: "int8"}
+    assert choose_hop_formats(hop, 408, saving / 0.008, current={2: "int8"}) == {2: "fp32"}
+
+
+def test_a_reformat_toward_compression_needs_compress_min_gain_not_min_gain() -> None:
+    from edgeorch.schemas.orchestrator import PredictedView
+
+    def pred(latency_s: float) -> PredictedView:
+        return PredictedView(latency_s=latency_s, throughput_tokens_per_s=1.0, energy_j=1.0, step_s=0.1)
+
+    args = dict(current_feasible=True, current=pred(10.0), candidate=pred(8.5), policy=PREFILL, now=100.0,
+                last_change_at=0.0, trigger="t")  # fmt: skip
+    assert decide(revision_kind="reformat", **args).change  # 15 % >= compress_min_gain 10 %
+    assert not decide(revision_kind="resplit", **args).change  # 15 % < min_gain 30 %
+    strict = PREFILL.model_copy(update={"compress_min_gain": 0.2})
+    assert not decide(revision_kind="reformat", **{**args, "policy": strict}).change
