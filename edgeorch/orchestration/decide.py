@@ -19,7 +19,7 @@ plans is driven by noise, which does not slow the running plan down.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from edgeorch.orchestration.snapshot import objective_value, predict, with_formats
@@ -98,6 +98,7 @@ def reformat_candidate(
     policy: QosPolicy,
     revision_kind: str,
     candidate: PredictedView | None,
+    prefill: Mapping[str, float] | None = None,
 ) -> tuple[list[PlanStage], PredictedView] | None:
     """The current stages with each hop's format chosen anew, when that differs from what they carry.
 
@@ -106,10 +107,10 @@ def reformat_candidate(
     splitter's re-placement (with its own formats): a format change moves no
     weights and keeps every KV cache on its node. None otherwise.
     """
-    chosen = with_formats(req, current, policy)
+    chosen = with_formats(req, current, policy, prefill)
     if chosen is None or [s.activation_format for s in chosen] == [s.activation_format for s in current]:
         return None
-    predicted = predict(req, chosen)
+    predicted = predict(req, chosen, prefill)
     if predicted is None:
         return None
     if revision_kind != "keep" and candidate is not None:

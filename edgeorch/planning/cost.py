@@ -141,10 +141,14 @@ def evaluate(
     node_mem = np.zeros(problem.num_nodes, dtype=np.int64)
     node_load = np.zeros(problem.num_nodes, dtype=np.float64)
     stage_costs = []
+    prefill = problem.prefill_flops_per_s
+    w = problem.workload
     for s in stages:
         flops = float(np.sum(problem.flops_per_token[s.start : s.end]))
         load = flops / float(problem.flops_per_s[s.node])
         compute = tokens * load
+        if prefill is not None:  # the prompt at the measured prefill speed, the rest at decode speed
+            compute = w.prompt_tokens * flops / float(prefill[s.node]) + w.generated_tokens * load
         used = int(np.sum(mem[s.start : s.end]))
         node_mem[s.node] += used
         node_load[s.node] += load

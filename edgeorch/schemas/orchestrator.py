@@ -68,7 +68,7 @@ class QosPolicy(BaseModel):
         "the compressed hops of the chain (0: fp32 only)",
     )  # fmt: skip
     compress_min_gain: float = Field(
-        default=0.1, ge=0, le=1, **_F,
+        default=0.05, ge=0, le=1, **_F,
         description="smallest predicted relative gain for a change of hop formats alone toward compression "
         "(a reformat moves no weights and keeps every KV cache on its node, so it needs less than min_gain)",
     )  # fmt: skip

@@ -172,7 +172,8 @@ class Controller:
             nodes, links = await asyncio.gather(self.plane.nodes(live.profile_key), self.plane.links())
             if active is None:
                 await self.plane.request_profile(live.profile_key)
-            cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude))
+            cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude),
+                                           live.profile_key)  # fmt: skip
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
         except NoNodesError as exc:
@@ -186,11 +187,12 @@ class Controller:
             if infeasible:
                 await self._log("infeasible", live.name, str(exc), {"detail": exc.detail})
             return False
-        cur_pred = predict(req, current) if current else None
+        prefill = cluster.prefill_flops_per_s
+        cur_pred = predict(req, current, prefill) if current else None
         live.predicted = cur_pred or live.predicted
         # The splitter places units; the format of each hop is chosen here, from its link.
-        stages = with_formats(req, answer.stages, live.policy) or answer.stages
-        cand_pred = predict(req, stages)
+        stages = with_formats(req, answer.stages, live.policy, prefill) or answer.stages
+        cand_pred = predict(req, stages, prefill)
         if active is None:
             return await self._roll_out(live, "deploy", f"{trigger}: first plan", stages, cluster.urls,
                                         cand_pred, answer)  # fmt: skip
@@ -204,7 +206,7 @@ class Controller:
         # The same stages with each hop's format chosen anew: taken when it predicts at least as
         # well as the splitter's candidate, or when that candidate does not pass (a format change
         # has its own, smaller threshold: no weights move).
-        reformat = reformat_candidate(req, current, live.policy, "keep", None) \
+        reformat = reformat_candidate(req, current, live.policy, "keep", None, prefill) \
             if current_feasible and current else None  # fmt: skip
         if reformat is not None:
             r_stages, r_pred = reformat

@@ -186,7 +186,15 @@ def test_a_reformat_toward_compression_needs_compress_min_gain_not_min_gain() ->
 
     args = dict(current_feasible=True, current=pred(10.0), candidate=pred(8.5), policy=PREFILL, now=100.0,
                 last_change_at=0.0, trigger="t")  # fmt: skip
-    assert decide(revision_kind="reformat", **args).change  # 15 % >= compress_min_gain 10 %
+    assert decide(revision_kind="reformat", **args).change  # 15 % >= compress_min_gain 5 %
     assert not decide(revision_kind="resplit", **args).change  # 15 % < min_gain 30 %
     strict = PREFILL.model_copy(update={"compress_min_gain": 0.2})
     assert not decide(revision_kind="reformat", **{**args, "policy": strict}).change
+
+
+def test_predictions_charge_the_prompt_at_the_measured_prefill_speed() -> None:
+    req = _request(1000 * MBIT, PREFILL)
+    plain, fast_prefill = predict(req, STAGES), predict(req, STAGES, {"a": 1e10, "b": 1e10, "c": 1e10})
+    # 4 units of 1 MFLOP: 400 prompt tokens at 10 GFLOP/s instead of 1, 8 generated at 1 GFLOP/s
+    assert plain.latency_s - fast_prefill.latency_s == pytest.approx(400 * 4e6 / 1e9 - 400 * 4e6 / 1e10)
+    assert plain.step_s == fast_prefill.step_s  # a decode step is at the decode speed either way
