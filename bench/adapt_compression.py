@@ -21,7 +21,9 @@ def formats_over_time(run: dict) -> list[dict]:
         stages = change.get("stages") or []
         links = [f"{a['node']}→{b['node']} {a.get('activation_format', 'fp32')}"
                  for a, b in zip(stages, stages[1:], strict=False) if a["node"] != b["node"]]  # fmt: skip
-        out.append({"t_s": change["t_s"], "version": change["version"], "kind": change["kind"], "links": links})
+        out.append(
+            {"t_s": change["t_s"], "version": change["version"], "kind": change["kind"], "links": links}
+        )
     return out
 
 

@@ -248,7 +248,9 @@ def run_strategy(
 
 
 QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
-WORDS_PER_TOKEN = 0.75  # English prose in SmolLM2's tokenizer, roughly; the answer's usage says the exact count
+WORDS_PER_TOKEN = (
+    0.75  # English prose in SmolLM2's tokenizer, roughly; the answer's usage says the exact count
+)
 
 
 def prompt_messages(prompt_tokens: int | None) -> list[dict]:

@@ -71,7 +71,9 @@ class TimelineEvent(BaseModel):
         if missing:
             raise ValueError(f"a {self.kind} event needs {', '.join(missing)}")
         if self.node == "@all" and self.kind not in ("link", "slowdown"):
-            raise ValueError(f"@all (every running node at once) is for link and slowdown events, not {self.kind}")
+            raise ValueError(
+                f"@all (every running node at once) is for link and slowdown events, not {self.kind}"
+            )
         if self.kind == "link" and self.bandwidth_mbps is None and self.rtt_ms is None:
             raise ValueError("a link event needs bandwidth_mbps or rtt_ms")
         allowed = {"at_s", "kind", *needs, *(("bandwidth_mbps", "rtt_ms") if self.kind == "link" else ())}

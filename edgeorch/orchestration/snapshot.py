@@ -94,7 +94,9 @@ def cluster_from_monitor(
         urls[nid] = n.url
         speed = n.speeds.get(model) if model else None
         report = n.profiles.get(model) if model else None
-        value = (speed.prefill_flops_per_s if speed else None) or (report.prefill_flops_per_s if report else None)
+        value = (speed.prefill_flops_per_s if speed else None) or (
+            report.prefill_flops_per_s if report else None
+        )
         if value:
             prefill[nid] = value
     if not specs:
@@ -156,7 +158,9 @@ def local_problem(req: PlanRequest, prefill: Mapping[str, float] | None = None):
     problem = problem_from_request(req)
     if not prefill:
         return problem
-    speeds = np.array([prefill.get(nid, float(problem.flops_per_s[i])) for i, nid in enumerate(problem.node_ids)])
+    speeds = np.array(
+        [prefill.get(nid, float(problem.flops_per_s[i])) for i, nid in enumerate(problem.node_ids)]
+    )
     return dataclasses.replace(problem, prefill_flops_per_s=speeds)
 
 

@@ -89,7 +89,10 @@ def hop_cost(
     convert = 0.0
     if fmt != "fp32":
         hidden = int(bytes_per_token) // 4  # fp32 elements per token
-        bytes_per_token, convert = float(format_bytes_per_token(fmt, hidden)), convert_s_per_token(fmt, hidden)
+        bytes_per_token, convert = (
+            float(format_bytes_per_token(fmt, hidden)),
+            convert_s_per_token(fmt, hidden),
+        )
     if not problem.has_link[src, dst]:
         return HopCost(src, dst, boundary, bytes_per_token, float("inf"), float("inf"), False, fmt)
     w = problem.workload

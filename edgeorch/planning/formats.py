@@ -100,7 +100,7 @@ def choose_hop_formats(
     min_gain: float = DEFAULT_MIN_GAIN,
     current: Mapping[int, str] | None = None,
 ) -> dict[int, str]:
-    """The format of every activation hop (keyed by boundary unit) for a plan of fp32 latency ``latency_s``.
+    r"""The format of every activation hop (keyed by boundary unit) for a plan of fp32 latency ``latency_s``.
 
     ``tokens``: tokens a request sends over each hop (prompt + generated).
     A hop gets its fastest allowed lossy format when that saves at least
@@ -124,7 +124,7 @@ def choose_hop_formats(
             if saving > 0 and saving >= need * latency_s:
                 offers.append((saving, -TOP1_LOSS_PER_HOP[f], h.boundary, f))
     spent = 0.0
-    for saving, neg_loss, boundary, f in sorted(offers, reverse=True):
+    for _saving, neg_loss, boundary, f in sorted(offers, reverse=True):
         if out[boundary] != "fp32" or spent - neg_loss > quality_budget + 1e-12:
             continue
         out[boundary] = f

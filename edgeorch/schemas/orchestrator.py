@@ -60,7 +60,7 @@ class QosPolicy(BaseModel):
         default_factory=lambda: ["fp32", "bf16", "int8"],
         min_length=1,
         description="formats a hop between two nodes may carry, chosen per link from its measured "
-        "bandwidth (edgeorch.planning.formats); [\"fp32\"] turns compression off",
+        'bandwidth (edgeorch.planning.formats); ["fp32"] turns compression off',
     )
     quality_budget: float = Field(
         default=0.01, ge=0, le=1, **_F,

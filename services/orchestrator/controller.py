@@ -210,7 +210,9 @@ class Controller:
             if current_feasible and current else None  # fmt: skip
         if reformat is not None:
             r_stages, r_pred = reformat
-            better = objective_value(r_pred, live.policy.objective) <= objective_value(cand_pred, live.policy.objective)
+            better = objective_value(r_pred, live.policy.objective) <= objective_value(
+                cand_pred, live.policy.objective
+            )
             if revision_kind == "keep" or not decision.change or better:
                 r_decision = decide(revision_kind="reformat", current_feasible=True, current=cur_pred,
                                     candidate=r_pred, policy=live.policy, now=time.time(),

@@ -50,7 +50,9 @@ def test_a_plan_with_a_compressed_link_runs_in_that_format_between_real_workers(
             plan = {"model": "smollm2-135m", "stages": [
                 {"node": a.name, "url": a.url, "start": 0, "end": 16, "activation_format": fmt},
                 {"node": b.name, "url": b.url, "start": 16, "end": 32}]}  # fmt: skip
-            created = httpx.post(f"{rig.url}/v1/rollouts", json={"deployment": name, "plan": plan}, timeout=30)
+            created = httpx.post(
+                f"{rig.url}/v1/rollouts", json={"deployment": name, "plan": plan}, timeout=30
+            )
             assert created.status_code == 201, created.text
             done = rig.wait_phase(created.json()["id"])
             assert done["phase"] == "completed", done

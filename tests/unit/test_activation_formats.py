@@ -160,7 +160,10 @@ def test_the_chosen_format_reaches_each_workers_desired_state_and_is_left_out_wh
     plan = Plan(model="m", stages=stages)
     placed = place("dep", 3, plan)
     assert [p.activation_format for p in placed] == ["int8", "fp32", "fp32"]
-    assert "activation_format" not in stages[1].model_dump() and stages[0].model_dump()["activation_format"] == "int8"
+    assert (
+        "activation_format" not in stages[1].model_dump()
+        and stages[0].model_dump()["activation_format"] == "int8"
+    )
     assert Plan.model_validate_json(plan.model_dump_json()).stages[0].activation_format == "int8"
     from edgeorch.rollout.plan import DeploymentSnapshot
 
@@ -171,7 +174,9 @@ def test_the_chosen_format_reaches_each_workers_desired_state_and_is_left_out_wh
 
 def test_a_compressed_hop_stays_compressed_until_it_saves_less_than_half_the_threshold() -> None:
     hop = [HopLink(2, HIDDEN, 5 * MBIT)]
-    saving = 408 * (4 * HIDDEN / (5 * MBIT) - (HIDDEN + 68) / (5 * MBIT) - HIDDEN * CONVERT_S_PER_ELEMENT["int8"])
+    saving = 408 * (
+        4 * HIDDEN / (5 * MBIT) - (HIDDEN + 68) / (5 * MBIT) - HIDDEN * CONVERT_S_PER_ELEMENT["int8"]
+    )
     latency = saving / 0.015  # the hop saves 1.5 % of the request: under 2 %, over 1 %
     assert choose_hop_formats(hop, 408, latency) == {2: "fp32"}
     assert choose_hop_formats(hop, 408, latency, current={2: "int8"}) == {2: "int8"}
