@@ -36,7 +36,10 @@ from edgeorch.service.settings import CommonSettings
 
 # Orchestrator policies (edgeorch.schemas.orchestrator.QosPolicy), one per strategy.
 STRATEGIES: dict[str, dict] = {
+    # Adaptive may compress a hop's activations (bf16, int8) on a slow link: the default policy.
     "adaptive": {"cooldown_s": 5},
+    # The same without compression: every hop fp32, what adaptive was before issue 21.
+    "adaptive_fp32": {"cooldown_s": 5, "activation_formats": ["fp32"]},
     "static": {"adaptive": False, "recover": False},
     "even": {"strategy": "even", "adaptive": False, "recover": False},
     "memory_proportional": {"strategy": "memory_proportional", "adaptive": False, "recover": False},
@@ -211,6 +214,10 @@ def strategy_policy(name: str, scenario: AdaptScenario) -> dict:
     policy = dict(STRATEGIES[name])
     if scenario.weight_format != "fp32":  # fp32 is the default: policies of earlier runs read the same
         policy["weight_format"] = scenario.weight_format
+    if scenario.prompt_tokens is not None:  # plans are made for the scenario's request shape
+        policy["workload"] = {"prompt_tokens": scenario.prompt_tokens, "generated_tokens": scenario.max_tokens,
+                              "max_sessions": scenario.max_sessions(),
+                              "context_tokens": scenario.prompt_tokens + scenario.max_tokens}  # fmt: skip
     return policy
 
 

@@ -6,6 +6,7 @@ dict built from it), so a report can be rebuilt from a JSON file.
 
 from __future__ import annotations
 
+from bench.adapt_compression import compression_lines
 from bench.adapt_stats import SLO_FACTOR
 
 
@@ -49,7 +50,14 @@ def table_lines(table: dict[str, list[dict]], runs: dict[str, dict]) -> list[str
 
 
 def _plan_text(stages: list[dict]) -> str:
-    return " → ".join(f"{s['node']}[{s['start']}:{s['end']}]" for s in stages) or "(none)"
+    """``n1[0:11] →int8 n2[11:21] → n3[21:32]``: each hop's activation format where it is not fp32."""
+    text = ""
+    for i, s in enumerate(stages):
+        if i:
+            fmt = stages[i - 1].get("activation_format", "fp32")
+            text += " → " if fmt == "fp32" else f" →{fmt} "
+        text += f"{s['node']}[{s['start']}:{s['end']}]"
+    return text or "(none)"
 
 
 def plan_lines(runs: dict[str, dict]) -> list[str]:
@@ -174,13 +182,16 @@ def markdown(result: dict) -> str:
              f"{m['date']}, {m['nproc']} cores ({m['cpu']}); 1-minute load average "
              f"{_s(m['loadavg_start'], '.1f')} → {_s(m['loadavg_end'], '.1f')}. Model {cfg['model']} "
              f"({sc.get('weight_format', 'fp32')} weights), "
-             f"{sc['sessions']} closed-loop chat sessions (temperature 0, {sc['max_tokens']} tokens each), "
+             f"{sc['sessions']} closed-loop chat sessions (temperature 0, "
+             + (f"prompts of ~{sc['prompt_tokens']} tokens, " if sc.get("prompt_tokens") else "")
+             + f"{sc['max_tokens']} tokens each), "
              f"{sc['duration_s']:g} s of load per strategy, warm-up {sc['warmup_s']:g} s. Workers: {workers}. "
              f"{network_line(result['runs'])}",
              "", "Timeline: " + "; ".join(f"{e['at_s']:g} s {e['label']}" for e in sc["timeline"]) + ".", "",
              slo_text, "", *table_lines(result["table"], result["runs"]), "",
              *target_lines(sc["name"], result["comparison"]), "",
              *sum(([line, ""] for line in rounds_lines(sc["name"], result.get("rounds_summary"))), []),
+             *sum(([line] for line in compression_lines(result)), []), *([""] if compression_lines(result) else []),
              "Plans and events per strategy:", "",
              *plan_lines(result["runs"]), "", f"Same answer text on every successful request: "
              f"{'yes' if result['same_text'] else 'no'}.", ""]  # fmt: skip
@@ -198,7 +209,7 @@ NOTES = [
     "- Phases: a request belongs to the interval in which it ends, so one in flight at a change counts "
     "after it. Requests that start in the warm-up are left out. p50/p95 over successful requests; tokens/s "
     "= completion tokens of the phase's successful requests ÷ the phase's length; SLO met = share of the "
-    "phase's requests (failures included, as misses) within the SLO; re-plans = remap, resplit and recover "
+    "phase's requests (failures included, as misses) within the SLO; re-plans = remap, resplit, reformat (a hop's activation format only) and recover "
     "commits in the phase; first re-plan after = seconds from the change to the first of them. p50 ÷ before "
     "= the phase's p50 over the same strategy's p50 before the first change: strategies run one after the "
     "other on a shared machine whose speed drifts between runs, and this ratio is what stays comparable.",

@@ -12,6 +12,7 @@ the records into results.
 from __future__ import annotations
 
 import datetime
+import re
 import subprocess
 import sys
 import tempfile
@@ -79,9 +80,9 @@ class Run:
                 log(f"  plan poll failed: {exc!r}")
             self.stop.wait(POLL_S)
 
-    def session(self, index: int, max_tokens: int) -> None:
+    def session(self, index: int, max_tokens: int, messages: list[dict] = MESSAGES) -> None:
         """One closed-loop chat session: the next request as soon as the last one is answered."""
-        body = {"model": DEPLOYMENT, "messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens}
+        body = {"model": DEPLOYMENT, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
         with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
             while not self.stop.is_set():
                 if index >= self.active_sessions:  # a `load` event has not started this one yet
@@ -95,6 +96,7 @@ class Run:
                     if r.status_code == 200:
                         out = r.json()
                         rec.update(tokens=out["usage"]["completion_tokens"],
+                                   prompt_tokens=out["usage"]["prompt_tokens"],
                                    text=out["choices"][0]["message"]["content"])  # fmt: skip
                     else:
                         rec["error"] = r.text[:300]
@@ -141,6 +143,12 @@ class Run:
         if event.kind == "kill":
             self.stack.kill_worker(node)
             return {"node": node}
+        if event.node == "@all":  # every running node, one after the other
+            return {"node": node, "each": [self.emulate(n, event) for n in node.split(",")]}
+        return {"node": node, **self.emulate(node, event)}
+
+    def emulate(self, node: str, event: TimelineEvent) -> dict:
+        """A slowdown or link event on one node: the worker's emulation, or the kernel's cap on its uplink."""
         worker = self.stack.worker(node).url
         emu = httpx.get(f"{worker}/v1/admin/emulation", timeout=10).json()
         shaped = None
@@ -156,7 +164,7 @@ class Run:
                         if v is not None})  # fmt: skip
         r = httpx.post(f"{worker}/v1/admin/emulation", json=emu, headers=self.headers, timeout=10)
         r.raise_for_status()
-        return {"node": node, "emulation": r.json(), **({"tbf": shaped} if shaped else {})}
+        return {"emulation": r.json(), **({"tbf": shaped} if shaped else {})}
 
 
 def deploy(stack: LocalStack, policy: dict, timeout_s: float = 180.0) -> dict:
@@ -179,7 +187,7 @@ def plan_changes(events: list[dict], t0: float) -> list[dict]:
     """The decision log's plan changes (deploy, remap, resplit, recover) on the run's clock."""
     out = []
     for e in events:
-        if e["kind"] in ("deploy", "remap", "resplit", "recover"):
+        if e["kind"] in ("deploy", "remap", "resplit", "reformat", "recover"):
             data = e.get("data") or {}
             out.append({"t_s": e["ts"] - t0, "kind": e["kind"], "version": data.get("version"),
                         "stages": data.get("stages", []), "message": e["message"][:300]})  # fmt: skip
@@ -213,7 +221,8 @@ def run_strategy(
         run.plan_samples.append({"t_s": 0.0, "version": d.get("version"), "state": d["state"],
                                  "stages": d["stages"]})  # fmt: skip
         threads = [threading.Thread(target=run.poll_plan, daemon=True)]
-        threads += [threading.Thread(target=run.session, args=(i, scenario.max_tokens), daemon=True)
+        messages = prompt_messages(scenario.prompt_tokens)
+        threads += [threading.Thread(target=run.session, args=(i, scenario.max_tokens, messages), daemon=True)
                     for i in range(scenario.max_sessions())]  # fmt: skip
         threads.append(threading.Thread(target=run.apply_timeline, args=(scenario.timeline,), daemon=True))
         for t in threads:
@@ -224,6 +233,7 @@ def run_strategy(
             t.join(timeout=REQUEST_TIMEOUT_S)
         events = httpx.get(f"{stack.orchestrator_url}/v1/events", timeout=30,
                            params={"deployment": DEPLOYMENT, "limit": 10000}).json()  # fmt: skip
+        out["bytes_out"] = stage_bytes_out(stack)
         out.update(requests=sorted(run.requests, key=lambda r: r["start_s"]), plan_samples=run.plan_samples,
                    timeline=run.timeline, plan_changes=plan_changes(events, run.t0),
                    events=[{**e, "t_s": e["ts"] - run.t0} for e in events], t0=run.t0)  # fmt: skip
@@ -235,6 +245,36 @@ def run_strategy(
         return out
     finally:
         stack.stop()
+
+
+QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
+WORDS_PER_TOKEN = (
+    0.75  # English prose in SmolLM2's tokenizer, roughly; the answer's usage says the exact count
+)
+
+
+def prompt_messages(prompt_tokens: int | None) -> list[dict]:
+    """The chat every session sends: the haiku request, or a long one of about ``prompt_tokens`` tokens."""
+    if prompt_tokens is None:
+        return MESSAGES
+    words = QUALITY_TEXT.read_text(encoding="utf-8").split()[: max(1, int(prompt_tokens * WORDS_PER_TOKEN))]
+    return [{"role": "user", "content": "Summarise this text in one line.\n\n" + " ".join(words)}]
+
+
+_BYTES_OUT = re.compile(r'^edgeorch_worker_bytes_out_total\{stage="([^"]+)"\} ([0-9.e+]+)$', re.M)
+
+
+def stage_bytes_out(stack: LocalStack) -> dict[str, float]:
+    """Frame bytes each stage sent to the next one over the run (the workers' own counters)."""
+    out: dict[str, float] = {}
+    for w in stack.workers:
+        try:
+            text = httpx.get(f"{w.url}/metrics", timeout=10).text
+        except httpx.HTTPError as exc:  # a killed worker's bytes are lost, and said so
+            log(f"  no metrics from {w.name}: {exc!r}")
+            continue
+        out.update({sid: float(v) for sid, v in _BYTES_OUT.findall(text)})
+    return out
 
 
 def code_version() -> str:

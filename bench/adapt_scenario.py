@@ -7,6 +7,7 @@ A file in ``bench/scenarios/`` (see ``node_slowdown.yaml``)::
     warmup_s: 3             # requests that start earlier are recorded but left out of the statistics
     sessions: 2             # closed-loop chat sessions at the start
     weight_format: fp32     # the deployment's weights under every strategy (default fp32, exact)
+    prompt_tokens: 250      # optional: long prompts of about this many tokens (prefill-heavy load)
     workers:                # the same fields as scenarios/*.yaml (edgeorch.local.scenario.WorkerSpec)
       - {id: n1, memory: 360MB}
     timeline:
@@ -18,7 +19,8 @@ bandwidth_mbps and/or rtt_ms: the node's outgoing link), ``kill`` (node),
 a role in the deployment's plan at the moment the event fires, so every
 strategy meets the same adversity on its own plan: ``@busiest`` (most units),
 ``@first``, ``@middle`` (stage n//2), ``@last``, ``@spare`` (running, not in
-the plan).
+the plan), and for ``link`` and ``slowdown`` events ``@all`` (every running
+node at once: a shared uplink or a site-wide change, one phase).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from edgeorch.local.scenario import NODE_ID_PATTERN, Scenario, ScenarioError, Wo
 from edgeorch.schemas.profile import WeightFormat
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
-ROLES = ("@busiest", "@first", "@middle", "@last", "@spare")
+ROLES = ("@busiest", "@first", "@middle", "@last", "@spare", "@all")
 EventKind = Literal["slowdown", "link", "kill", "join", "load"]
 _F = {"allow_inf_nan": False}
 
@@ -68,6 +70,10 @@ class TimelineEvent(BaseModel):
         missing = [f for f in needs if getattr(self, f) is None]
         if missing:
             raise ValueError(f"a {self.kind} event needs {', '.join(missing)}")
+        if self.node == "@all" and self.kind not in ("link", "slowdown"):
+            raise ValueError(
+                f"@all (every running node at once) is for link and slowdown events, not {self.kind}"
+            )
         if self.kind == "link" and self.bandwidth_mbps is None and self.rtt_ms is None:
             raise ValueError("a link event needs bandwidth_mbps or rtt_ms")
         allowed = {"at_s", "kind", *needs, *(("bandwidth_mbps", "rtt_ms") if self.kind == "link" else ())}
@@ -103,6 +109,11 @@ class AdaptScenario(BaseModel):
     warmup_s: float = Field(default=3.0, ge=0, **_F)
     sessions: int = Field(default=2, ge=1, le=64)
     max_tokens: int = Field(default=24, ge=1, le=512)
+    prompt_tokens: int | None = Field(
+        default=None, ge=16, le=4096,
+        description="about this many prompt tokens per request (prose from bench/data/quality_text.txt); "
+        "None: the short haiku request. Also the workload every strategy's plans are made for",
+    )  # fmt: skip
     weight_format: WeightFormat = Field(
         default="fp32", description="the deployment's weight format, the same under every strategy"
     )
@@ -187,6 +198,8 @@ def resolve_node(selector: str, stages: list[dict], running: list[str]) -> str |
     """
     if not selector.startswith("@"):
         return selector if selector in running else None
+    if selector == "@all":
+        return ",".join(running) if running else None
     if selector == "@spare":
         used = {s["node"] for s in stages}
         spare = sorted(n for n in running if n not in used)

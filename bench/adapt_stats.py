@@ -23,7 +23,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-PLAN_CHANGES = ("remap", "resplit", "recover")
+PLAN_CHANGES = ("remap", "resplit", "reformat", "recover")
 RECOVERY_WINDOW = 3
 RECOVERY_TOLERANCE = 1.2
 SLO_FACTOR = 1.5

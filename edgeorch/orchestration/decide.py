@@ -19,18 +19,20 @@ plans is driven by noise, which does not slow the running plan down.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from edgeorch.orchestration.snapshot import objective_value
+from edgeorch.orchestration.snapshot import objective_value, predict, with_formats
+from edgeorch.planning import formats as activation
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
+from edgeorch.schemas.plan import PlanRequest, PlanStage
 
 
 @dataclass(frozen=True)
 class Decision:
     """What to do with a candidate plan, and why (one line for the log)."""
 
-    kind: str  # keep | remap | resplit
+    kind: str  # keep | remap | resplit | reformat
     change: bool
     reason: str
     gain: float | None = None
@@ -47,12 +49,16 @@ def decide(
     last_change_at: float | None,
     trigger: str,
     slowed: float | None = None,
+    less_lossy: bool = False,
 ) -> Decision:
     """Decide on the splitter's candidate for the deployment's current plan.
 
     ``slowed``: how many times slower the current plan's decode steps now run
     than before, when the caller measured a slowdown worth acting on (None:
-    not measured, or not slowed).
+    not measured, or not slowed). ``less_lossy``: the candidate is the same
+    stages with fewer compressed hops (a ``reformat`` back toward fp32): the
+    format choice found that compression no longer saves a real share of the
+    latency, and exact answers need no gain to be worth having back.
     """
     if revision_kind == "keep":
         return Decision("keep", False, f"{trigger}: the current plan is still the best")
@@ -63,8 +69,12 @@ def decide(
     gain = (cur - new) / cur if cur > 0 else 0.0
     unit = {"latency": "s", "energy": "J", "throughput": "s/token"}[policy.objective]
     figures = f"{policy.objective} {cur:.4g} {unit} -> {new:.4g} {unit} ({100 * gain:+.1f}%)"
-    if gain < policy.min_gain:
-        return Decision("keep", False, f"{trigger}: {figures}, below the {100 * policy.min_gain:.0f}% "
+    # A format change alone moves no weights and keeps each KV cache on its node: it needs less.
+    need = policy.compress_min_gain if revision_kind == "reformat" else policy.min_gain
+    if less_lossy:
+        figures += "; back toward exact hops: compression no longer saves enough"
+    elif gain < need:
+        return Decision("keep", False, f"{trigger}: {figures}, below the {100 * need:.0f}% "
                                        "needed to change", gain)  # fmt: skip
     if last_change_at is not None and now - last_change_at < policy.cooldown_s:
         wait = policy.cooldown_s - (now - last_change_at)
@@ -74,6 +84,39 @@ def decide(
             )
         figures += f"; {wait:.1f}s of cooldown skipped: decode steps {slowed:.2f}x their earlier median"
     return Decision(revision_kind, True, f"{trigger}: {figures}", gain)
+
+
+def quality_loss(stages: Iterable[PlanStage]) -> float:
+    """Predicted share of greedy tokens that differ from an all-fp32 chain (the last stage sends no hop)."""
+    stages = list(stages)
+    return activation.quality_loss(s.activation_format for s in stages[:-1])
+
+
+def reformat_candidate(
+    req: PlanRequest,
+    current: list[PlanStage],
+    policy: QosPolicy,
+    revision_kind: str,
+    candidate: PredictedView | None,
+    prefill: Mapping[str, float] | None = None,
+) -> tuple[list[PlanStage], PredictedView] | None:
+    """The current stages with each hop's format chosen anew, when that differs from what they carry.
+
+    Returned (with its prediction) when the splitter would keep the stages,
+    or when re-choosing the formats predicts at least as well as the
+    splitter's re-placement (with its own formats): a format change moves no
+    weights and keeps every KV cache on its node. None otherwise.
+    """
+    chosen = with_formats(req, current, policy, prefill)
+    if chosen is None or [s.activation_format for s in chosen] == [s.activation_format for s in current]:
+        return None
+    predicted = predict(req, chosen, prefill)
+    if predicted is None:
+        return None
+    if revision_kind != "keep" and candidate is not None:
+        if objective_value(predicted, policy.objective) > objective_value(candidate, policy.objective):
+            return None
+    return chosen, predicted
 
 
 SLOWDOWN_WINDOW_S = 1.5  # "recent" decode steps: those that ended this long ago at most

@@ -7,11 +7,14 @@ it can be tested on plain records.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from edgeorch.planning.api import problem_from_request
-from edgeorch.planning.cost import evaluate
+from edgeorch.planning.cost import evaluate, plan_formats
 from edgeorch.planning.problem import Stage
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
@@ -54,6 +57,9 @@ class Cluster:
     nodes: list[NodeSpec]
     links: list[LinkSpec]
     urls: dict[str, str]
+    # Measured prefill speed per node on the model, where the monitor has one: the
+    # orchestrator's predictions charge the prompt at it (the splitter does not see it).
+    prefill_flops_per_s: dict[str, float] = field(default_factory=dict)
 
 
 def trusted_units(policy: QosPolicy, num_units: int) -> list[int]:
@@ -67,11 +73,16 @@ def trusted_units(policy: QosPolicy, num_units: int) -> list[int]:
 
 
 def cluster_from_monitor(
-    nodes: list[NodeView], links: list[LinkView], allowed: list[str] | None, exclude: set[str]
+    nodes: list[NodeView],
+    links: list[LinkView],
+    allowed: list[str] | None,
+    exclude: set[str],
+    model: str | None = None,
 ) -> Cluster:
     """Nodes that are alive, calibrated and allowed, and the measured links between two of them
-    (every other pair is :data:`UNMEASURED_LINK`, the request's default)."""
-    specs, urls = [], {}
+    (every other pair is :data:`UNMEASURED_LINK`, the request's default). With ``model`` (the
+    profile key), also each node's measured prefill speed on it."""
+    specs, urls, prefill = [], {}, {}
     for n in nodes:
         nid = n.node_id
         if n.state != "alive" or not n.flops_per_s or nid in exclude:
@@ -81,6 +92,13 @@ def cluster_from_monitor(
         specs.append(NodeSpec(id=nid, memory_bytes=n.memory_bytes, flops_per_s=n.flops_per_s,
                               trusted=n.trusted, watts=n.watts))  # fmt: skip
         urls[nid] = n.url
+        speed = n.speeds.get(model) if model else None
+        report = n.profiles.get(model) if model else None
+        value = (speed.prefill_flops_per_s if speed else None) or (
+            report.prefill_flops_per_s if report else None
+        )
+        if value:
+            prefill[nid] = value
     if not specs:
         raise NoNodesError("no live node calibrated on this model" + (f" (excluded {sorted(exclude)})"
                                                                        if exclude else ""))  # fmt: skip
@@ -92,7 +110,7 @@ def cluster_from_monitor(
         bandwidth = lk.bandwidth_bytes_per_s or UNMEASURED_BANDWIDTH_BYTES_PER_S
         rtt = RTT_CHARGE_FACTOR * (lk.rtt_s if lk.rtt_s is not None else UNMEASURED_RTT_S)
         specs_links.append(LinkSpec(src=lk.src, dst=lk.dst, bandwidth_bytes_per_s=bandwidth, rtt_s=rtt))
-    return Cluster(specs, specs_links, urls)
+    return Cluster(specs, specs_links, urls, prefill)
 
 
 def choose_source(cluster: Cluster, policy: QosPolicy) -> str:
@@ -128,23 +146,77 @@ def plan_request(
     )
 
 
-def predict(req: PlanRequest, stages: Sequence[PlanStage]) -> PredictedView | None:
-    """The cost model's figures for ``stages`` under ``req``'s measurements; None if a node is gone.
+def local_problem(req: PlanRequest, prefill: Mapping[str, float] | None = None):
+    """The request as a Problem, with the prompt charged at each node's measured prefill speed.
 
-    ``step_s`` is one token through the chain and back (entry hop, every
-    stage, every hop, exit hop): the figure a decode step is measured against.
+    A node without a measured prefill speed keeps its decode speed for the
+    prompt (the planners' model). Without this, a prefill-heavy workload is
+    predicted several times slower than it runs (a batched prompt computes
+    far faster per token than a decode step), and every hop looks a smaller
+    share of a request than it is.
+    """
+    problem = problem_from_request(req)
+    if not prefill:
+        return problem
+    speeds = np.array(
+        [prefill.get(nid, float(problem.flops_per_s[i])) for i, nid in enumerate(problem.node_ids)]
+    )
+    return dataclasses.replace(problem, prefill_flops_per_s=speeds)
+
+
+def stage_formats(stages: Sequence[PlanStage]) -> dict[int, str]:
+    """Activation format per boundary unit: the hop out of each stage leads into the next one's start."""
+    return {nxt.start: cur.activation_format for cur, nxt in zip(stages, stages[1:], strict=False)}
+
+
+def with_formats(
+    req: PlanRequest,
+    stages: Sequence[PlanStage],
+    policy: QosPolicy,
+    prefill: Mapping[str, float] | None = None,
+) -> list[PlanStage] | None:
+    """``stages`` with each hop's activation format chosen from its link under the policy; None if a node is gone.
+
+    The cost model picks a lossy format for a hop only when it saves a real
+    share of the plan's predicted latency and the quality budget pays for it
+    (:func:`edgeorch.planning.cost.plan_formats`); every other hop, and the
+    last stage, stays fp32.
     """
     index = {n.id: i for i, n in enumerate(req.nodes)}
     if any(s.node not in index for s in stages):
         return None
     plan_stages = [Stage(index[s.node], s.start, s.end) for s in stages]
-    full = evaluate(problem_from_request(req), plan_stages)
+    chosen = plan_formats(local_problem(req.model_copy(update={"current_plan": None}), prefill), plan_stages,
+                          policy.activation_formats, policy.quality_budget, current=stage_formats(stages))  # fmt: skip
+    out = []
+    for i, s in enumerate(stages):
+        fmt = chosen.get(stages[i + 1].start, "fp32") if i + 1 < len(stages) else "fp32"
+        out.append(s.model_copy(update={"activation_format": fmt}))
+    return out
+
+
+def predict(
+    req: PlanRequest, stages: Sequence[PlanStage], prefill: Mapping[str, float] | None = None
+) -> PredictedView | None:
+    """The cost model's figures for ``stages`` under ``req``'s measurements; None if a node is gone.
+
+    ``step_s`` is one token through the chain and back (entry hop, every
+    stage, every hop, exit hop): the figure a decode step is measured against.
+    Each hop is charged in its stage's ``activation_format``; with
+    ``prefill`` the request's prompt at those speeds (:func:`local_problem`).
+    """
+    index = {n.id: i for i, n in enumerate(req.nodes)}
+    if any(s.node not in index for s in stages):
+        return None
+    plan_stages = [Stage(index[s.node], s.start, s.end) for s in stages]
+    formats = stage_formats(stages)
+    full = evaluate(local_problem(req, prefill), plan_stages, formats)
     one = req.model_copy(update={
         "workload": Workload(prompt_tokens=1, generated_tokens=0, max_sessions=1,
                              context_tokens=req.workload.context_tokens),
         "current_plan": None,
     })  # fmt: skip
-    step = evaluate(problem_from_request(one), plan_stages)
+    step = evaluate(problem_from_request(one), plan_stages, formats)
     return PredictedView(
         latency_s=full.latency_s,
         throughput_tokens_per_s=full.throughput_tokens_per_s,

@@ -8,12 +8,21 @@ written as straightforward loops on purpose.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgeorch.planning.errors import Cause
+from edgeorch.planning.formats import (
+    ACTIVATION_FORMATS,
+    DEFAULT_MIN_GAIN,
+    DEFAULT_QUALITY_BUDGET,
+    HopLink,
+    choose_hop_formats,
+    convert_s_per_token,
+)
+from edgeorch.planning.formats import bytes_per_token as format_bytes_per_token
 from edgeorch.planning.problem import Problem, Stage, assignment_from_stages, merge_stages
 
 
@@ -30,7 +39,11 @@ class StageCost:
 
 @dataclass(frozen=True)
 class HopCost:
-    """Predicted figures of one hop. ``boundary`` 0 is the entry hop, U the exit hop."""
+    """Predicted figures of one hop. ``boundary`` 0 is the entry hop, U the exit hop.
+
+    ``format``: how its activations travel (edgeorch.planning.formats); the
+    entry and exit hops carry token ids and are always ``fp32``.
+    """
 
     src: int
     dst: int
@@ -39,6 +52,7 @@ class HopCost:
     transfer_s: float
     load_s_per_token: float
     linked: bool
+    format: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -62,25 +76,46 @@ class Evaluation:
         return 1.0 / self.bottleneck_s_per_token if self.bottleneck_s_per_token > 0 else None
 
 
-def hop_cost(problem: Problem, src: int, dst: int, boundary: int, bytes_per_token: float) -> HopCost:
-    """One hop: (1 + G)·rtt/2 + (P + G)·bytes/bandwidth; same-node hops cost nothing."""
+def hop_cost(
+    problem: Problem, src: int, dst: int, boundary: int, bytes_per_token: float, fmt: str = "fp32"
+) -> HopCost:
+    """One hop: (1 + G)·rtt/2 + (P + G)·(bytes/bandwidth + conversion); same-node hops cost nothing.
+
+    ``bytes_per_token`` is the fp32 figure of the profile; a lossy ``fmt``
+    sends its own bytes for the same hidden state and adds its conversion.
+    """
     if src == dst:
         return HopCost(src, dst, boundary, bytes_per_token, 0.0, 0.0, True)
+    convert = 0.0
+    if fmt != "fp32":
+        hidden = int(bytes_per_token) // 4  # fp32 elements per token
+        bytes_per_token, convert = (
+            float(format_bytes_per_token(fmt, hidden)),
+            convert_s_per_token(fmt, hidden),
+        )
     if not problem.has_link[src, dst]:
-        return HopCost(src, dst, boundary, bytes_per_token, float("inf"), float("inf"), False)
+        return HopCost(src, dst, boundary, bytes_per_token, float("inf"), float("inf"), False, fmt)
     w = problem.workload
     bw = float(problem.bandwidth_bytes_per_s[src, dst])
-    transfer = (1 + w.generated_tokens) * float(problem.rtt_s[src, dst]) / 2 + w.tokens * bytes_per_token / bw
-    return HopCost(src, dst, boundary, bytes_per_token, transfer, bytes_per_token / bw, True)
+    per_token = bytes_per_token / bw + convert
+    transfer = (1 + w.generated_tokens) * float(problem.rtt_s[src, dst]) / 2 + w.tokens * per_token
+    return HopCost(src, dst, boundary, bytes_per_token, transfer, per_token, True, fmt)
 
 
-def plan_hops(problem: Problem, stages: Sequence[Stage]) -> list[HopCost]:
-    """The entry hop, the hops between stages on different nodes, and the exit hop."""
+def plan_hops(
+    problem: Problem, stages: Sequence[Stage], formats: Mapping[int, str] | None = None
+) -> list[HopCost]:
+    """The entry hop, the hops between stages on different nodes, and the exit hop.
+
+    ``formats``: the activation format of the hop into the stage that starts
+    at each boundary unit (absent: fp32).
+    """
     src = problem.source
+    formats = formats or {}
     hops = [hop_cost(problem, src, stages[0].node, 0, problem.input_bytes_per_token)]
     for prev, cur in zip(stages, stages[1:], strict=False):
         out = float(problem.out_bytes_per_token[prev.end - 1])
-        hops.append(hop_cost(problem, prev.node, cur.node, cur.start, out))
+        hops.append(hop_cost(problem, prev.node, cur.node, cur.start, out, formats.get(cur.start, "fp32")))
     hops.append(hop_cost(problem, stages[-1].node, src, problem.num_units, problem.result_bytes_per_token))
     return [h for h in hops if h.src != h.dst]
 
@@ -95,8 +130,13 @@ def _check_cover(problem: Problem, stages: Sequence[Stage]) -> None:
         raise ValueError(f"stages end at {pos}, the chain has {problem.num_units} units")
 
 
-def evaluate(problem: Problem, stages: Sequence[Stage]) -> Evaluation:
-    """Latency, throughput, energy, memory and migration of a plan (stages are merged first)."""
+def evaluate(
+    problem: Problem, stages: Sequence[Stage], formats: Mapping[int, str] | None = None
+) -> Evaluation:
+    """Latency, throughput, energy, memory and migration of a plan (stages are merged first).
+
+    ``formats``: activation format per boundary unit (see :func:`plan_hops`); fp32 everywhere by default.
+    """
     _check_cover(problem, stages)
     stages = merge_stages(stages)
     tokens = problem.workload.tokens
@@ -104,15 +144,19 @@ def evaluate(problem: Problem, stages: Sequence[Stage]) -> Evaluation:
     node_mem = np.zeros(problem.num_nodes, dtype=np.int64)
     node_load = np.zeros(problem.num_nodes, dtype=np.float64)
     stage_costs = []
+    prefill = problem.prefill_flops_per_s
+    w = problem.workload
     for s in stages:
         flops = float(np.sum(problem.flops_per_token[s.start : s.end]))
         load = flops / float(problem.flops_per_s[s.node])
         compute = tokens * load
+        if prefill is not None:  # the prompt at the measured prefill speed, the rest at decode speed
+            compute = w.prompt_tokens * flops / float(prefill[s.node]) + w.generated_tokens * load
         used = int(np.sum(mem[s.start : s.end]))
         node_mem[s.node] += used
         node_load[s.node] += load
         stage_costs.append(StageCost(s, compute, used, load, compute * float(problem.watts[s.node])))
-    hops = plan_hops(problem, stages)
+    hops = plan_hops(problem, stages, formats)
     links: dict[tuple[int, int], float] = {}
     for h in hops:
         links[(h.src, h.dst)] = links.get((h.src, h.dst), 0.0) + h.load_s_per_token
@@ -129,6 +173,32 @@ def evaluate(problem: Problem, stages: Sequence[Stage]) -> Evaluation:
         link_load_s_per_token=links,
         migration_bytes=moved_bytes,
         moved_units=moved,
+    )
+
+
+def plan_formats(
+    problem: Problem,
+    stages: Sequence[Stage],
+    allowed: Sequence[str] = ACTIVATION_FORMATS,
+    quality_budget: float = DEFAULT_QUALITY_BUDGET,
+    min_gain: float = DEFAULT_MIN_GAIN,
+    current: Mapping[int, str] | None = None,
+) -> dict[int, str]:
+    """The activation format of every hop between two nodes of a plan, chosen from its links' bandwidth.
+
+    Keyed by the boundary unit the hop leads into (the stage that starts
+    there receives it); ``current``: the formats the hops carry now (for the
+    hysteresis). See :func:`edgeorch.planning.formats.choose_hop_formats`.
+    """
+    stages = merge_stages(stages)
+    base = evaluate(problem, stages)
+    links = [
+        HopLink(h.boundary, int(h.bytes_per_token) // 4, float(problem.bandwidth_bytes_per_s[h.src, h.dst]))
+        for h in base.hops
+        if 0 < h.boundary < problem.num_units and h.linked
+    ]
+    return choose_hop_formats(
+        links, problem.workload.tokens, base.latency_s, allowed, quality_budget, min_gain, current
     )
 
 

@@ -76,6 +76,9 @@ class Problem:
     migration_weight: float = 0.0
     max_migration_bytes: int | None = None
     time_limit_s: float = 1.0
+    # Measured prefill speed per node; None: prompt tokens cost what decode tokens do (the
+    # planners' model). Only the orchestrator's own predictions set it (cost.evaluate reads it).
+    prefill_flops_per_s: np.ndarray | None = None
 
     @property
     def num_units(self) -> int:

@@ -50,7 +50,8 @@ def place(deployment: str, version: int, plan: Plan) -> list[PlacedStage]:
             nxt = NextHop(url=urls[i + 1], stage_id=ids[i + 1])
         placed.append(
             PlacedStage(stage_id=ids[i], node=s.node, url=urls[i], model=plan.model,
-                        start=s.start, end=s.end, next=nxt, format=plan.format)
+                        start=s.start, end=s.end, next=nxt, format=plan.format,
+                        activation_format=s.activation_format if nxt is not None else "fp32")
         )  # fmt: skip
     return placed
 
@@ -115,7 +116,7 @@ def desired_for_node(node_id: str, snapshots: list[DeploymentSnapshot]) -> list[
                 if p.node == node_id:
                     stages.append({"stage_id": p.stage_id, "version": v, "model": p.model, "start": p.start,
                                    "end": p.end, "next": p.next.model_dump(mode="json") if p.next else None,
-                                   "format": p.format})  # fmt: skip
+                                   "format": p.format, "activation_format": p.activation_format})  # fmt: skip
         prepare = None
         if snap.rollout_phase == "preparing" and snap.rollout_version is not None:
             nodes = {s.node for s in snap.plans[snap.rollout_version].stages}

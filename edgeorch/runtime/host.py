@@ -232,6 +232,7 @@ class StageHost:
             num_units=ld.adapter.num_units, param_bytes=ld.param_bytes(), bytes_read=ld.bytes_read,
             load_s=ld.load_s, sessions=self.sessions.count(stage_id), units_shared=hosted.units_shared,
             engine=ld.engine, format=ld.weight_format, kv_bytes=self.planned_kv(hosted),
+            activation_format=hosted.spec.activation_format,
         )  # fmt: skip
 
     def _get(self, stage_id: str) -> HostedStage:

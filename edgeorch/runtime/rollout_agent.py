@@ -218,6 +218,9 @@ class RolloutAgent:
                     end=s["end"],
                     next=nxt,
                     format=s.get("format", "fp32"),  # absent: a broadcast from before formats
+                    activation_format=s.get(
+                        "activation_format", "fp32"
+                    ),  # chosen per link by the orchestrator
                     credential=stage_credential(self.cfg.secret, sid),
                 )
                 info, _ = await self.host.load(sid, spec)

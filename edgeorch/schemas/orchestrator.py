@@ -14,7 +14,7 @@ DeploymentState = Literal["pending", "ready", "degraded", "failed"]
 # "edges": the embedding and the head (the units that see plain tokens) on
 # trusted nodes; "all": every unit on trusted nodes.
 Privacy = Literal["none", "edges", "all"]
-DecisionKind = Literal["deploy", "keep", "remap", "resplit", "recover"]
+DecisionKind = Literal["deploy", "keep", "remap", "resplit", "reformat", "recover"]
 
 _F = {"allow_inf_nan": False}
 
@@ -56,6 +56,22 @@ class QosPolicy(BaseModel):
         description="weights of every stage: fp32 (exact: the unsplit model's output), or the lossy bf16, "
         "int8, int4 of the lean engine; memory and calibrated speed follow it",
     )
+    activation_formats: list[Literal["fp32", "bf16", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "bf16", "int8"],
+        min_length=1,
+        description="formats a hop between two nodes may carry, chosen per link from its measured "
+        'bandwidth (edgeorch.planning.formats); ["fp32"] turns compression off',
+    )
+    quality_budget: float = Field(
+        default=0.01, ge=0, le=1, **_F,
+        description="most predicted share of greedy tokens that may differ from fp32 hops, summed over "
+        "the compressed hops of the chain (0: fp32 only)",
+    )  # fmt: skip
+    compress_min_gain: float = Field(
+        default=0.05, ge=0, le=1, **_F,
+        description="smallest predicted relative gain for a change of hop formats alone toward compression "
+        "(a reformat moves no weights and keeps every KV cache on its node, so it needs less than min_gain)",
+    )  # fmt: skip
 
 
 class DeploymentRequest(BaseModel):

@@ -116,6 +116,12 @@ class PlanStage(BaseModel):
         exclude_if=lambda url: url is None,
         description="where the node is reached (a rollout's plan needs it; the splitter's answer has none)",
     )
+    activation_format: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        exclude_if=lambda fmt: fmt == "fp32",
+        description="how this stage's hidden states cross the hop to the next stage (the orchestrator "
+        "chooses it per link from the measured bandwidth; fp32, the exact default, is left out of JSON)",
+    )
 
     @model_validator(mode="after")
     def _non_empty(self) -> PlanStage:

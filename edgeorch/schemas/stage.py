@@ -81,6 +81,9 @@ class StageInfo(BaseModel):
     engine: str = Field(default="hf", description="the engine that runs the stage")
     format: str = Field(default="fp32", description="the weight format it holds")
     kv_bytes: int = Field(default=0, description="KV bytes planned for it: kv_sessions x kv_context tokens")
+    activation_format: str = Field(
+        default="fp32", description="how its hidden states cross the hop to the next stage"
+    )
 
 
 class Sampling(BaseModel):

@@ -8,37 +8,33 @@ the frame (a bf16 ``x``; an int8 ``x`` plus a float32 ``x_scale`` of shape
 ``[batch, tokens, 1]`` and each token's few largest channels, exact), so no header field is needed and an fp32 receiver of
 an old version refuses them with a clear 422 rather than misreading them.
 
-The cost side: :func:`hop_seconds` predicts the time of a hop of ``tokens``
-tokens in a format on a link (bytes over bandwidth, plus the conversion at
-both ends), and :func:`choose_format` picks the cheapest format allowed by
-the quality budget, keeping fp32 unless a lossy one saves a real share of
-the time. Which formats meet the budget is measured, not assumed
-(``bench/activation_quality.py``, docs/results.md).
+The cost side (bytes per format, conversion time, which format a link
+should carry) is :mod:`edgeorch.planning.formats`, pure and without torch;
+its names are re-exported here. Which formats meet the quality budget is
+measured, not assumed (``bench/activation_quality.py``, docs/results.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
 
+from edgeorch.planning.formats import (  # noqa: F401 - the cost side, re-exported
+    ACTIVATION_FORMATS,
+    CONVERT_S_PER_ELEMENT,
+    OUTLIERS,
+    bytes_per_token,
+    choose_format,
+    hop_seconds,
+)
 from edgeorch.transport.wire import FrameError
 
 ActivationFormat = Literal["fp32", "bf16", "int8"]
-ACTIVATION_FORMATS: tuple[str, ...] = ("fp32", "bf16", "int8")
 SCALE = "x_scale"
 OUTLIER_INDEX = "x_outlier_index"
 OUTLIER_VALUE = "x_outlier"
 INT8_MAX = 127.0
-# Channels per token sent exactly beside the int8 body. The residual stream of
-# Llama-style models has a few channels hundreds of times larger than the rest;
-# with them in the scale, every other channel would keep only a few levels.
-OUTLIERS = 8
-# Conversion cost per element (pack at the sender plus restore at the receiver),
-# measured with one torch thread on the loaded 2-core dev VM (bench/activation_quality.py,
-# docs/results.md: 0.7 and 83 ns), rounded up: int8's top-k of outliers dominates it.
-CONVERT_S_PER_ELEMENT: dict[str, float] = {"fp32": 0.0, "bf16": 1.0e-9, "int8": 1.0e-7}
 
 
 class ActivationFormatError(FrameError):
@@ -96,34 +92,3 @@ def restore(tensors: dict[str, torch.Tensor]) -> None:
     if x is None or any(p is None for p in parts):
         raise ActivationFormatError("int8 activations need x, a scale, outlier indices and outlier values")
     tensors["x"] = _restore_int8(x, *parts)
-
-
-def bytes_per_token(fmt: str, hidden: int) -> int:
-    """Bytes one token's hidden state takes on a hop in ``fmt``."""
-    return {"fp32": 4 * hidden, "bf16": 2 * hidden, "int8": hidden + 4 + 8 * min(OUTLIERS, hidden)}[fmt]
-
-
-def hop_seconds(fmt: str, tokens: int, hidden: int, bandwidth_bytes_per_s: float) -> float:
-    """Predicted time to send ``tokens`` hidden states in ``fmt``: transfer plus conversion."""
-    return tokens * (
-        bytes_per_token(fmt, hidden) / bandwidth_bytes_per_s + hidden * CONVERT_S_PER_ELEMENT[fmt]
-    )
-
-
-def choose_format(
-    tokens: int,
-    hidden: int,
-    bandwidth_bytes_per_s: float,
-    allowed: Iterable[str] = ACTIVATION_FORMATS,
-    min_gain: float = 0.2,
-) -> str:
-    """The format a link should carry: the fastest allowed one, if it saves ``min_gain`` of fp32's time.
-
-    ``allowed`` is what met the quality budget for the model; fp32 stays
-    whenever the saving is small (a fast link), so exactness is the default.
-    """
-    fp32_s = hop_seconds("fp32", tokens, hidden, bandwidth_bytes_per_s)
-    best = min(allowed, key=lambda f: hop_seconds(f, tokens, hidden, bandwidth_bytes_per_s))
-    if best != "fp32" and hop_seconds(best, tokens, hidden, bandwidth_bytes_per_s) <= (1 - min_gain) * fp32_s:
-        return best
-    return "fp32"

@@ -20,9 +20,16 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
-from edgeorch.orchestration.decide import decide, measured_slowdown
+from edgeorch.orchestration.decide import decide, measured_slowdown, quality_loss, reformat_candidate
 from edgeorch.orchestration.generation import Route
-from edgeorch.orchestration.snapshot import NoNodesError, cluster_from_monitor, plan_request, predict
+from edgeorch.orchestration.snapshot import (
+    NoNodesError,
+    cluster_from_monitor,
+    objective_value,
+    plan_request,
+    predict,
+    with_formats,
+)
 from edgeorch.rollout.plan import place
 from edgeorch.rollout.signing import resolve_secret
 from edgeorch.schemas.orchestrator import PredictedView
@@ -166,7 +173,8 @@ class Controller:
             nodes, links = await asyncio.gather(self.plane.nodes(live.profile_key), self.plane.links())
             if active is None:
                 await self.plane.request_profile(live.profile_key)
-            cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude))
+            cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude),
+                                           live.profile_key)  # fmt: skip
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
             plan_s = time.perf_counter() - t_plan  # measurements and the splitter's answer
@@ -181,20 +189,39 @@ class Controller:
             if infeasible:
                 await self._log("infeasible", live.name, str(exc), {"detail": exc.detail})
             return False
-        cur_pred = predict(req, current) if current else None
+        prefill = cluster.prefill_flops_per_s
+        cur_pred = predict(req, current, prefill) if current else None
         live.predicted = cur_pred or live.predicted
-        stages = answer.stages
-        cand_pred = predict(req, stages)
+        # The splitter places units; the format of each hop is chosen here, from its link.
+        stages = with_formats(req, answer.stages, live.policy, prefill) or answer.stages
+        cand_pred = predict(req, stages, prefill)
         if active is None:
             return await self._roll_out(live, "deploy", f"{trigger}: first plan", stages, cluster.urls,
                                         cand_pred, answer, plan_s)  # fmt: skip
         revision_kind, current_feasible = (answer.revision.kind, answer.revision.current_feasible) \
             if answer.revision else ("resplit", cur_pred is not None)  # fmt: skip
         slowed = self._slowed(live)
+        last_change_at = (await run_in_threadpool(self.store.get, live.name)).last_change_at
         decision = decide(revision_kind=revision_kind, current_feasible=current_feasible,
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
-                          last_change_at=(await run_in_threadpool(self.store.get, live.name)).last_change_at,
-                          trigger=trigger, slowed=slowed)  # fmt: skip
+                          last_change_at=last_change_at, trigger=trigger, slowed=slowed)  # fmt: skip
+        # The same stages with each hop's format chosen anew: taken when it predicts at least as
+        # well as the splitter's candidate, or when that candidate does not pass (a format change
+        # has its own, smaller threshold: no weights move).
+        reformat = reformat_candidate(req, current, live.policy, "keep", None, prefill) \
+            if current_feasible and current else None  # fmt: skip
+        if reformat is not None:
+            r_stages, r_pred = reformat
+            better = objective_value(r_pred, live.policy.objective) <= objective_value(
+                cand_pred, live.policy.objective
+            )
+            if revision_kind == "keep" or not decision.change or better:
+                r_decision = decide(revision_kind="reformat", current_feasible=True, current=cur_pred,
+                                    candidate=r_pred, policy=live.policy, now=time.time(),
+                                    last_change_at=last_change_at, trigger=trigger, slowed=slowed,
+                                    less_lossy=quality_loss(r_stages) < quality_loss(current))  # fmt: skip
+                if r_decision.change or better:
+                    stages, cand_pred, decision = r_stages, r_pred, r_decision
         if not decision.change:
             live.pending = None
             if trigger != "timer" or decision.gain is not None and decision.gain > 0:
@@ -252,7 +279,8 @@ class Controller:
         loads), each worker's own ``load_s`` as it acked, ``commit_s``.
         """
         # The splitter's stages with the URL each node was reached at: what broadcast loads and the history keeps.
-        stages = [PlanStage(node=s.node, start=s.start, end=s.end, url=urls[s.node]) for s in stages]
+        stages = [PlanStage(node=s.node, start=s.start, end=s.end, url=urls[s.node],
+                            activation_format=s.activation_format) for s in stages]  # fmt: skip
         plan = Plan(model=live.model, format=live.policy.weight_format, stages=stages)
         t0 = time.time()
         try:
@@ -265,8 +293,9 @@ class Controller:
         version = rollout.version
         await run_in_threadpool(self.store.add_plan, live.name, version, kind, reason, stages, predicted,
                                 answer.migration_bytes, t0)  # fmt: skip
-        log.info("%s v%d (%s): %s -> %s", live.name, version, kind, reason,
-                 " | ".join(f"{s.node}[{s.start},{s.end})" for s in stages))  # fmt: skip
+        log.info("%s v%d (%s): %s -> %s", live.name, version, kind, reason, " | ".join(
+            f"{s.node}[{s.start},{s.end})" + (f" >{s.activation_format}" if s.activation_format != "fp32" else "")
+            for s in stages))  # fmt: skip
         try:
             view = await self.plane.wait_rollout(rollout.id, self.settings.rollout_wait_s)
             phase, why = view.phase, view.reason
