@@ -98,8 +98,13 @@ def draw_model(shape: str, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
     return cfg, weights
 
 
-def write_gguf(path: Path, cfg: dict, weights: dict[str, np.ndarray], qtype: str, name: str) -> None:
-    """The model as a llama-architecture GGUF: layer matrices in ``qtype``, tables Q8_0, norms F32."""
+def write_gguf(
+    path: Path, cfg: dict, weights: dict[str, np.ndarray], qtype: str, name: str, tokenizer: bool = True
+) -> None:
+    """The model as a llama-architecture GGUF: layer matrices in ``qtype``, tables Q8_0, norms F32.
+
+    ``tokenizer``: copy SmolLM2's tokenizer into it (what llama.cpp and the importer need; tests skip it).
+    """
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, quants
 
     layer_type = GGMLQuantizationType[qtype]
@@ -116,8 +121,8 @@ def write_gguf(path: Path, cfg: dict, weights: dict[str, np.ndarray], qtype: str
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_file_type(LlamaFileType[f"MOSTLY_{qtype}"])
-    src = GGUFReader(str(_tokenizer_gguf()))
-    for key in _TOKENIZER_KEYS:
+    src = GGUFReader(str(_tokenizer_gguf())) if tokenizer else None
+    for key in _TOKENIZER_KEYS if tokenizer else ():
         field = src.fields.get(key)
         if field is None:
             continue
