@@ -166,7 +166,8 @@ def run_threads(threads: int, variants: list, args, prompt_ids, prefill_ids) -> 
     load_start = os.getloadavg()
     run_round(variants, prompt_ids, prefill_ids, 4, 0)
     rounds = []
-    ref = HF_FP32 if any(v.name == HF_FP32 for v in variants) else "edgeorch fp32"
+    names = [v.name for v in variants]
+    ref = next((n for n in (HF_FP32, "edgeorch fp32") if n in names), names[0])
     for r in range(args.rounds):
         t0 = time.monotonic()
         rounds.append(run_round(variants, prompt_ids, prefill_ids, args.new_tokens, r))
@@ -327,16 +328,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where bench/engine_weights.py wrote MODEL.Q*.gguf")  # fmt: skip
     p.add_argument("--store", type=Path, default=None, help="model store (default: EDGEORCH_MODEL_STORE)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument(
+        "--out-name", default=None, help="file stem (default: engine, or engine-MODEL for another model)"
+    )
     args = p.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if "fp32" not in args.formats or any(f not in FORMATS for f in args.formats):
-        p.error(f"formats must include fp32 and be among {list(FORMATS)}")
+    if any(f not in FORMATS for f in args.formats) or ("fp32" not in args.formats and not args.no_hf):
+        p.error(f"formats must be among {list(FORMATS)} and include fp32 unless --no-hf")
     if args.rounds < 1 or args.new_tokens < 2 or not args.threads or min(args.threads) < 1:
         p.error("rounds ≥ 1, new tokens ≥ 2, threads ≥ 1")
     args.store = args.store or CommonSettings().model_store
     args.peers = [Path(x.strip()) for x in args.peers.split(",") if x.strip()]
-    args.out_name = "engine" if args.model == "smollm2-135m" else f"engine-{args.model}"
+    args.out_name = args.out_name or ("engine" if args.model == "smollm2-135m" else f"engine-{args.model}")
     return args
 
 
