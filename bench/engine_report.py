@@ -126,5 +126,9 @@ NOTES = [
     "of plain prose written for this purpose); agreement = share of positions where the format's argmax "
     "equals the fp32 engine's. The fp32 checkpoint is itself dequantised from the Q4_1 GGUF, so "
     "'fp32' here means that checkpoint's exact arithmetic.",
-    "- tokens = HF fp32: the variant's greedy tokens in every timed round equal HF fp32's in that round.",
+    "- read MB/token = bytes a decode step must read: every weight but the token table (one row of it is "
+    "read); llama.cpp: every tensor of the GGUF but token_embd when it has an output head. roofline tok/s = "
+    "the measured streaming read bandwidth ÷ read bytes; × roofline = decode tok/s ÷ roofline tok/s "
+    "(bench/engine_roofline.py).",
+    "- tokens = ref: the variant's greedy tokens in every timed round equal the reference row's (HF fp32, else edgeorch fp32) in that round.",
 ]
