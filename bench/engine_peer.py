@@ -106,7 +106,9 @@ def serve(gguf: Path, threads: int, n_ctx: int) -> None:
             llm.reset()
         t0 = time.perf_counter()
         llm.eval(req["ids"])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last position's logits, read from the context: llama-cpp-python 0.3.x keeps
+        # llm.scores only with logits_all (without it that row stays zeros, so argmax was token 0).
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
         _say({"token": token, "seconds": time.perf_counter() - t0})
 
 
