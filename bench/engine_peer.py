@@ -26,7 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PEER_NAME = "llama.cpp Q4_1"
+
+
+def peer_name(gguf: Path) -> str:
+    """The row name of llama.cpp on ``gguf``: its quantisation, read from the file name (``NAME.Q4_0.gguf``)."""
+    return f"llama.cpp {gguf.stem.rsplit('.', 1)[-1]}"
 
 
 class PeerCrashed(RuntimeError):
@@ -44,7 +48,7 @@ class SubprocessPeer:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr, text=True)  # fmt: skip
         hello = self._read()
-        self.name: str = hello["name"]
+        self.name: str = peer_name(gguf)
         self.param_bytes: int = hello["param_bytes"]
         self.system_info: str = hello["system_info"]
 
@@ -95,14 +99,16 @@ def serve(gguf: Path, threads: int, n_ctx: int) -> None:
                           n_batch=512, logits_all=False, verbose=False)  # fmt: skip
     info = llama_cpp.llama_print_system_info()
     info = info.decode() if isinstance(info, bytes) else str(info)
-    _say({"name": PEER_NAME, "param_bytes": gguf.stat().st_size, "system_info": info.strip()})
+    _say({"name": peer_name(gguf), "param_bytes": gguf.stat().st_size, "system_info": info.strip()})
     for line in sys.stdin:
         req = json.loads(line)
         if req["reset"]:
             llm.reset()
         t0 = time.perf_counter()
         llm.eval(req["ids"])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last position's logits, read from the context: llama-cpp-python 0.3.x keeps
+        # llm.scores only with logits_all (without it that row stays zeros, so argmax was token 0).
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
         _say({"token": token, "seconds": time.perf_counter() - t0})
 
 

