@@ -58,7 +58,10 @@ BOUND_SLACK = 1e-7
 
 @dataclass(frozen=True)
 class LatencyLp:
-    """The LP's optimum (a lower bound), its stages per node and its hops."""
+    """The LP's optimum (a lower bound), its stages per node and its hops.
+
+    Every array is over ``nodes`` (the problem's nodes that can hold a unit): index i is ``nodes[i]``.
+    """
 
     bound: float
     stages: np.ndarray  # (N,) z
@@ -70,6 +73,7 @@ class LatencyLp:
     entry_cost: np.ndarray
     exit_cost: np.ndarray
     time_s: float
+    nodes: np.ndarray
 
 
 def unit_groups(problem: Problem, allowed: np.ndarray) -> list[np.ndarray] | None:
@@ -83,21 +87,26 @@ def unit_groups(problem: Problem, allowed: np.ndarray) -> list[np.ndarray] | Non
     return [np.array(units) for units in groups.values()]
 
 
-def hop_costs(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, N) least cost of a hop between stages, and each node's entry and exit hop costs."""
+def hop_costs(problem: Problem, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Among ``nodes``: the least cost of a hop between stages, and each one's entry and exit hop."""
     p, w = problem, problem.workload
-    n_count, u_count = p.num_nodes, p.num_units
-    link = p.has_link & ~np.eye(n_count, dtype=bool)
-    bw = np.where(p.has_link, p.bandwidth_bytes_per_s, 1.0)
-    fixed = (1 + w.generated_tokens) * p.rtt_s / 2
+    u_count = p.num_units
+    grid = np.ix_(nodes, nodes)
+    link = p.has_link[grid] & ~np.eye(len(nodes), dtype=bool)
+    bw = np.where(p.has_link[grid], p.bandwidth_bytes_per_s[grid], 1.0)
     least = float(p.out_bytes_per_token[: u_count - 1].min()) if u_count > 1 else 0.0
-    hop = np.where(link, fixed + w.tokens * least / bw, np.inf)
+    hop = np.where(link, (1 + w.generated_tokens) * p.rtt_s[grid] / 2 + w.tokens * least / bw, np.inf)
     src = p.source
-    is_src = np.arange(n_count) == src
-    entry = fixed[src] + w.tokens * p.input_bytes_per_token / bw[src]
-    exit_ = fixed[:, src] + w.tokens * p.result_bytes_per_token / bw[:, src]
-    entry = np.where(is_src, 0.0, np.where(p.has_link[src], entry, np.inf))
-    exit_ = np.where(is_src, 0.0, np.where(p.has_link[:, src], exit_, np.inf))
+    is_src = nodes == src
+
+    def one_way(linked, rtt, bandwidth, nbytes):
+        cost = (1 + w.generated_tokens) * rtt / 2 + w.tokens * nbytes / np.where(linked, bandwidth, 1.0)
+        return np.where(is_src, 0.0, np.where(linked, cost, np.inf))
+
+    entry = one_way(p.has_link[src, nodes], p.rtt_s[src, nodes], p.bandwidth_bytes_per_s[src, nodes],
+                    p.input_bytes_per_token)  # fmt: skip
+    exit_ = one_way(p.has_link[nodes, src], p.rtt_s[nodes, src], p.bandwidth_bytes_per_s[nodes, src],
+                    p.result_bytes_per_token)  # fmt: skip
     return hop, entry, exit_
 
 
@@ -141,10 +150,17 @@ def latency_lp(problem: Problem, allowed: np.ndarray, deadline: float) -> Latenc
     groups = unit_groups(p, allowed)
     if groups is None:
         return None
-    n_count = p.num_nodes
+    # Only nodes that can hold a unit can host a stage: the LP is over those alone (exact, and at
+    # 1,000 nodes of which a few hundred hold a layer, much smaller). Indices below are into them.
+    cand = np.flatnonzero(allowed.any(axis=0))
+    n_count = len(cand)
+    if n_count == 0:
+        return None
     nodes = np.arange(n_count)
-    hop, entry, exit_ = hop_costs(p)
-    cap = p.memory_bytes.astype(np.float64)
+    allowed = allowed[:, cand]
+    fps = p.flops_per_s[cand]
+    hop, entry, exit_ = hop_costs(p, cand)
+    cap = p.memory_bytes[cand].astype(np.float64)
     # Rows. Equalities: one per group, in[n], out[n], entry total, exit total.
     g_count = len(groups)
     row_in, row_out = g_count + nodes, g_count + n_count + nodes
@@ -168,7 +184,7 @@ def latency_lp(problem: Problem, allowed: np.ndarray, deadline: float) -> Latenc
         fits = np.floor(cap / size) if size > 0 else np.full(n_count, float(len(units)))
         fits = np.minimum(fits, len(units))
         where = np.flatnonzero(allowed[units[0]] & (fits >= 1))
-        cost = p.workload.tokens * float(p.flops_per_token[units[0]]) / p.flops_per_s[where]
+        cost = p.workload.tokens * float(p.flops_per_token[units[0]]) / fps[where]
         fit_rows = n_eq + 5 * n_count + g * n_count + where
         ends = [(row_first[where], 1.0)] if g == g_first else []
         ends += [(row_last[where], 1.0)] if g == g_last else []
@@ -221,7 +237,7 @@ def latency_lp(problem: Problem, allowed: np.ndarray, deadline: float) -> Latenc
         placed[g, where] = x[cols]
     bound = float(res.fun) - BOUND_SLACK * abs(float(res.fun))
     return LatencyLp(
-        bound, x[:n_count], placed, groups, arcs, entry_flow, hop, entry, exit_, time.monotonic() - t0
+        bound, x[:n_count], placed, groups, arcs, entry_flow, hop, entry, exit_, time.monotonic() - t0, cand
     )
 
 
@@ -256,7 +272,7 @@ def lp_order(lp: LatencyLp, deadline: float = float("inf")) -> list[int]:
 
     The path runs from a depot (the entry and exit hops are its arcs) through
     every node with stages in the LP and back. The work is on those nodes
-    only: index i is ``used[i]``, the depot is the last index.
+    only: index i is ``used[i]``, the depot is the last index. Returns problem node indices.
     """
     used = [int(n) for n in np.flatnonzero(lp.stages > 1e-6)]
     if not used:
@@ -282,7 +298,7 @@ def lp_order(lp: LatencyLp, deadline: float = float("inf")) -> list[int]:
         cycle.remove(last)
         cycle.append(last)
     cycle = improve_cycle(cycle, cost, int(first is not None), int(last is not None), deadline)
-    return [used[i] for i in cycle if i != depot]
+    return [int(lp.nodes[used[i]]) for i in cycle if i != depot]
 
 
 def _end_nodes(lp: LatencyLp) -> tuple[int | None, int | None]:

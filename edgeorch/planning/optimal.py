@@ -52,7 +52,7 @@ LP_MIN_NODES = 24
 LP_SHARE = 0.8
 ORDER_SHARE = 0.88
 # Local search around the LP's plan stops here, leaving time to check and report the plan.
-FINISH_SHARE = 0.95
+FINISH_SHARE = 0.9
 # Past this many (unit boundary, node, node) cells the per-stage programme is too slow to
 # repeat within a limit of a second or two (200 nodes x 82 units is 3.3 M): the LP's plan is
 # improved by local search over its order instead of the exact search.
@@ -179,19 +179,19 @@ def _latency_lp(search: Search, t0: float, limit: float) -> list[int] | None:
     return None
 
 
-def _fastest_first(search: Search) -> list[int]:
-    """When the LP gave nothing: the fastest nodes holding 1.5 times the model, in that order, planned."""
+def _fastest_first(search: Search) -> None:
+    """When the LP gave nothing: the fastest nodes that hold a unit, 1.5 (then 2) times the model."""
     p = search.p
-    order = sorted(range(p.num_nodes), key=lambda n: -p.flops_per_s[n])
+    order = [int(n) for n in np.flatnonzero(search.r.base_allowed.any(axis=0))]
+    order.sort(key=lambda n: -p.flops_per_s[n])
     held = np.cumsum(p.memory_bytes[order])
-    enough = int(np.searchsorted(held, 1.5 * int(p.unit_memory_bytes.sum()))) + 1
-    for slots in (order[:enough], order[: 2 * enough]):
-        stages = ordered_plan(search.r, slots)
+    model = int(p.unit_memory_bytes.sum())
+    for share in (1.5, 2.0):
+        stages = ordered_plan(search.r, order[: int(np.searchsorted(held, share * model)) + 1])
         if stages is not None:
             search.offer(stages)
         if np.isfinite(search.best_value):
-            return slots
-    return order
+            return
 
 
 def _lp_result(search: Search, t0: float) -> PlanResult:
@@ -258,10 +258,11 @@ def plan_optimal(problem: Problem) -> PlanResult:
     if order is not None and search.pruned(search.extra_bound):
         return _lp_result(search, t0)
     if problem.objective == "latency" and big:
-        if order is None:
-            order = _fastest_first(search)
-        if np.isfinite(search.best_value):
+        if order is None:  # no LP in time: a quick plan, no search (each step costs too much here)
+            _fastest_first(search)
+        elif np.isfinite(search.best_value):
             _improve(search, order, t0 + FINISH_SHARE * limit)
+        if np.isfinite(search.best_value):
             return _lp_result(search, t0)
     root_cons = Constraints(forced=relaxer.root_forced())
     root = relaxer.solve(root_cons)
