@@ -154,7 +154,9 @@ def time_planner(
         limit = max(time_limit_s, LARGE_LIMIT_S) if large else time_limit_s
         for objective in [o for o in objectives if o == "latency" or not large]:
             for seed in range(count):
-                problem = make_cluster(random.Random(1000 * nodes + seed), nodes, layers, objective, None, limit)
+                problem = make_cluster(
+                    random.Random(1000 * nodes + seed), nodes, layers, objective, None, limit
+                )
                 runs.append(_timed(problem, nodes, layers, seed))
             done = [r for r in runs if (r["nodes"], r["objective"]) == (nodes, objective)]
             med = statistics.median(r["time_s"] for r in done)
