@@ -83,16 +83,18 @@ class ClusterState:
         self.nodes: dict[str, NodeRecord] = {}
         self.links: dict[tuple[str, str], LinkRecord] = {}
         self._ring: list[tuple[bytes, str]] | None = None  # live nodes by hash; None: rebuild
+        # Bumped whenever the live set (so anyone's peers) may have changed: what a cached reply keys on.
+        self.ring_version = 0
 
     def restore(self, reg: Registration, registered_at: float, now: float) -> None:
         """Re-add a node from durable storage after a restart; it must heartbeat to stay alive."""
         self.nodes[reg.node_id] = NodeRecord(reg.node_id, reg.url, reg.capacity, registered_at, last_seen=now)
-        self._ring = None
+        self._ring_changed()
 
     def register(self, reg: Registration, now: float) -> list[EventDraft]:
         """A node announces itself: joined (new), returned (was lost), or a refresh."""
         rec = self.nodes.get(reg.node_id)
-        self._ring = None
+        self._ring_changed()
         if rec is None:
             self.nodes[reg.node_id] = NodeRecord(reg.node_id, reg.url, reg.capacity, now, last_seen=now)
             return [EventDraft("node_joined", reg.node_id, {"url": reg.url, **reg.capacity.model_dump()})]
@@ -108,7 +110,7 @@ class ClusterState:
         events: list[EventDraft] = []
         if rec.state == "lost":
             rec.state = "alive"
-            self._ring = None
+            self._ring_changed()
             events.append(EventDraft("node_returned", node_id, {"url": rec.url}))
         rec.last_seen = now
         rec.live = hb.model_dump(
@@ -185,7 +187,7 @@ class ClusterState:
                 and now - rec.last_seen > self.t.lost_after_s
             ):
                 rec.state = "lost"
-                self._ring = None
+                self._ring_changed()
                 events.append(EventDraft("node_lost", rec.node_id, {"silent_s": now - rec.last_seen}))
         return events
 
@@ -216,6 +218,10 @@ class ClusterState:
             if len(out) == limit:
                 break
         return out
+
+    def _ring_changed(self) -> None:
+        self._ring = None
+        self.ring_version += 1
 
     def _live_ring(self) -> list[tuple[bytes, str]]:
         if self._ring is None:

@@ -98,7 +98,7 @@ def ordered_plan(
     return merge_stages([Stage(int(slots[k]), a, b) for k, a, b in path.stages])
 
 
-def _u_shaped(r: Relaxer, order: Sequence[int]) -> list[Stage] | None:
+def u_shaped(r: Relaxer, order: Sequence[int]) -> list[Stage] | None:
     """``order`` without the source, the source allowed first and last; its memory split if needed."""
     p = r.problem
     src = p.source
@@ -276,7 +276,7 @@ def quick_plans(r: Relaxer) -> Iterator[list[Stage]]:
     """One cheap, usually feasible plan (fastest nodes first, as is and U-shaped)."""
     p = r.problem
     order = sorted(range(p.num_nodes), key=lambda n: -p.flops_per_s[n])
-    for build in (ordered_plan, _u_shaped):
+    for build in (ordered_plan, u_shaped):
         stages = build(r, order)
         if stages is not None:
             yield stages
@@ -311,7 +311,7 @@ def heuristic_plans(
             feasible = feasible or np.isfinite(_order_value(r, stages))
             yield stages
     for order in orders(r, hint, bound, hard):
-        for build in (ordered_plan, _u_shaped):
+        for build in (ordered_plan, u_shaped):
             if out_of_time():
                 return
             stages = build(r, order)
@@ -322,7 +322,7 @@ def heuristic_plans(
             if stages is not None:
                 yield stages
     if best_order is not None:
-        yield from _local_search(r, best_order, best_value, out_of_time)
+        yield from local_search(r, best_order, best_value, out_of_time)
 
 
 def _relaxation_guided(
@@ -339,7 +339,7 @@ def _relaxation_guided(
             yield stages
 
 
-def _local_search(r: Relaxer, order: list[int], value: float, out_of_time) -> Iterator[list[Stage]]:
+def local_search(r: Relaxer, order: list[int], value: float, out_of_time) -> Iterator[list[Stage]]:
     """Move one node elsewhere in the order; keep the move when the ordered plan is no worse."""
     rng = random.Random(0)
     stall = 0

@@ -29,7 +29,8 @@ from edgeorch.planning.bounds import energy_bound, whole_unit_throughput_bound
 from edgeorch.planning.cost import Evaluation, evaluate, score, violations
 from edgeorch.planning.diagnose import diagnose, whole_unit_causes
 from edgeorch.planning.errors import Cause, InfeasibleError, UnsupportedRequestError
-from edgeorch.planning.heuristics import heuristic_plans, quick_plans
+from edgeorch.planning.heuristics import heuristic_plans, local_search, ordered_plan, quick_plans, u_shaped
+from edgeorch.planning.latency_lp import latency_lp, lp_order
 from edgeorch.planning.packing import HopLoads, build_packer, packed_energy, packed_throughput
 from edgeorch.planning.problem import Problem, Stage
 from edgeorch.planning.realise import realised_plans
@@ -44,6 +45,18 @@ OBJECTIVE_UNITS = {"latency": "s", "throughput": "s/token", "energy": "J"}
 # only while they have no feasible plan); the exact search gets the rest.
 PRICE_SHARE = 0.3
 HEURISTIC_SHARE = 0.6
+# Latency on this many nodes or more gets the LP bound and its plan (latency_lp.py). Below,
+# the exact search alone proves optimality within its limit (bench/planner.py, 4-16 nodes).
+LP_MIN_NODES = 24
+# The LP may end at this share of the time limit; the order search at the next.
+LP_SHARE = 0.8
+ORDER_SHARE = 0.88
+# Local search around the LP's plan stops here, leaving time to check and report the plan.
+FINISH_SHARE = 0.9
+# Past this many (unit boundary, node, node) cells the per-stage programme is too slow to
+# repeat within a limit of a second or two (200 nodes x 82 units is 3.3 M): the LP's plan is
+# improved by local search over its order instead of the exact search.
+DP_CELLS_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,66 @@ def _realise(search: Search, hint: PackingHint | None, deadline: float) -> bool:
     return False
 
 
+def _latency_lp(search: Search, t0: float, limit: float) -> list[int] | None:
+    """For latency on many nodes: raise the search's bound to the LP's, offer the plan its order gives.
+
+    Returns the order (None where the LP does not apply or did not finish in its share of the limit).
+    """
+    p, r = search.p, search.r
+    if p.objective != "latency" or p.num_nodes < LP_MIN_NODES:
+        return None
+    lp = latency_lp(p, r.base_allowed, t0 + LP_SHARE * limit)
+    if lp is None:
+        return None
+    search.extra_bound = max(search.extra_bound, lp.bound)
+    order = lp_order(lp, t0 + ORDER_SHARE * limit)
+    if not order:
+        return None
+    # The LP's nodes alone, then every other node after them (fastest first) should they not hold it.
+    rest = sorted(set(range(p.num_nodes)) - set(order), key=lambda n: -p.flops_per_s[n])
+    for slots in (order, order + rest):
+        # As ordered, and with the source first and last (the LP may put both ends there).
+        for stages in (ordered_plan(r, slots), u_shaped(r, slots)):
+            if stages is not None:
+                search.offer(stages)
+        if np.isfinite(search.best_value):
+            return slots
+    return None
+
+
+def _fastest_first(search: Search) -> None:
+    """When the LP gave nothing: the fastest nodes that hold a unit, 1.5 (then 2) times the model."""
+    p = search.p
+    order = [int(n) for n in np.flatnonzero(search.r.base_allowed.any(axis=0))]
+    order.sort(key=lambda n: -p.flops_per_s[n])
+    held = np.cumsum(p.memory_bytes[order])
+    model = int(p.unit_memory_bytes.sum())
+    for share in (1.5, 2.0):
+        stages = ordered_plan(search.r, order[: int(np.searchsorted(held, share * model)) + 1])
+        if stages is not None:
+            search.offer(stages)
+        if np.isfinite(search.best_value):
+            return
+
+
+def _lp_result(search: Search, t0: float) -> PlanResult:
+    """The best plan found around the LP, with the LP's bound (proven optimal if it attains it)."""
+    proven = search.pruned(search.extra_bound)
+    outcome = SearchOutcome(search.best_stages, search.best_value, search.extra_bound, proven, 0, not proven)
+    return _result(search.p, outcome, time.monotonic() - t0, solver="lp+ordered-dp")
+
+
+def _improve(search: Search, order: list[int], deadline: float) -> None:
+    """Local search over the order until the deadline or a plan attains the bound."""
+    value = search.best_value
+
+    def out_of_time() -> bool:
+        return time.monotonic() > deadline or search.pruned(search.extra_bound)
+
+    for stages in local_search(search.r, order, value, out_of_time):
+        search.offer(stages)
+
+
 def _seek(search: Search, cons: Constraints, root, t0: float, limit: float) -> None:
     """Incumbents and prices before the exact search, cheapest first, until one is proven optimal.
 
@@ -180,6 +253,17 @@ def plan_optimal(problem: Problem) -> PlanResult:
     if _realise(search, hint, t0 + limit):
         outcome = SearchOutcome(search.best_stages, search.best_value, extra, True, 0, False)
         return _result(problem, outcome, time.monotonic() - t0, solver="packing+ordered-dp")
+    order = _latency_lp(search, t0, limit)
+    big = (problem.num_units + 1) * problem.num_nodes**2 > DP_CELLS_MAX
+    if order is not None and search.pruned(search.extra_bound):
+        return _lp_result(search, t0)
+    if problem.objective == "latency" and big:
+        if order is None:  # no LP in time: a quick plan, no search (each step costs too much here)
+            _fastest_first(search)
+        elif np.isfinite(search.best_value):
+            _improve(search, order, t0 + FINISH_SHARE * limit)
+        if np.isfinite(search.best_value):
+            return _lp_result(search, t0)
     root_cons = Constraints(forced=relaxer.root_forced())
     root = relaxer.solve(root_cons)
     if root is None:

@@ -116,7 +116,13 @@ class Relaxer:
             [np.minimum.accumulate(bad[::-1], axis=0)[::-1], np.full((1, n_nodes), n_units)]
         )
         self.latency_terms = self._additive_terms(with_objective=False)
-        self.objective_terms = self._additive_terms(with_objective=True)
+        plain_latency = p.objective == "latency" and not (
+            p.current_owner is not None and p.migration_weight > 0
+        )
+        # The same terms when the objective is latency alone (N x N arrays: 1,000 nodes, a million each).
+        self.objective_terms = (
+            self.latency_terms if plain_latency else self._additive_terms(with_objective=True)
+        )
 
     def _additive_terms(self, with_objective: bool) -> AdditiveTerms:
         """Latency terms, or the objective's (energy with its tie-break, plus migration)."""

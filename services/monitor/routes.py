@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -35,10 +35,11 @@ async def register(reg: Registration, monitor: Mon) -> dict:
 
 
 @router.post("/v1/nodes/{node_id}/heartbeat", response_model=HeartbeatReply, tags=["nodes"])
-async def heartbeat(node_id: NodeId, hb: Heartbeat, monitor: Mon) -> HeartbeatReply:
+async def heartbeat(node_id: NodeId, hb: Heartbeat, monitor: Mon) -> Response:
     """Live load and fresh measurements from a node."""
     try:
-        return await monitor.heartbeat(node_id, hb)
+        # Already JSON (cached per node, see Monitor.reply): no second validation on the way out.
+        return Response(await monitor.heartbeat(node_id, hb), media_type="application/json")
     except UnknownNode as exc:
         raise HTTPException(404, str(exc)) from exc
 
