@@ -221,6 +221,12 @@ def _print_summary(stack, view: dict[str, Any], generated_token: bool) -> None:
         _out(f"  export EDGEORCH_WORKER_URL={stack.workers[0].url}")
     if stack.api_keys:
         _out(f"  export EDGEORCH_API_KEY={stack.api_keys[0]}")
+    if stack.tls_dir is not None:
+        d = stack.tls_dir
+        _out(f"  # mutual TLS: every service wants a certificate of {d}/ca.pem, e.g.")
+        _out(
+            f"  # curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client.key {stack.orchestrator_url}/healthz"
+        )
     if stack.admin_token:
         how = "generated for this run" if generated_token else "from the environment"
         _out(f"  export EDGEORCH_ADMIN_TOKEN={stack.admin_token}   # {how}")
