@@ -82,6 +82,12 @@ class RouteProvider(Protocol):
     def newer(self, route: Route) -> Route | None:
         """The deployment's committed route if it is newer than ``route`` (no I/O), else None."""
 
+    def spot_check(self, route: Route, tokens: list[int]) -> None:
+        """Maybe check the step that consumed ``tokens`` on a trusted node (no I/O; spotcheck.py)."""
+
+    def tainted(self, nodes: set[str]) -> str | None:
+        """Why tokens computed on ``nodes`` are not to be trusted (a node failed a spot check), or None."""
+
 
 class ChainFailure(RuntimeError):
     """A step failed and cannot be carried over; ``status`` is what the client should see."""
@@ -90,6 +96,15 @@ class ChainFailure(RuntimeError):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+class SessionTainted(ChainFailure):
+    """A node that computed some of this session's tokens failed a spot check: they may be wrong.
+
+    Tokens already given out cannot be taken back, so the session ends here; an
+    answer not yet sent (a whole, non-streamed one) is generated again from its
+    prompt on a route without the node (services/orchestrator/openai_routes.py).
+    """
 
 
 @dataclass
@@ -178,7 +193,9 @@ async def generate(
     generated: list[int] = []
     session, sent = uuid.uuid4().hex, 0  # tokens the current session's caches hold
     last_token_at = time.perf_counter()
+    used = {s.node for s in route.stages}  # every node that computed a step of this session
     while len(generated) < max_new_tokens:
+        _raise_if_tainted(routes, used)
         last = len(generated) == max_new_tokens - 1
         moved = routes.newer(route) if generated else None
         if moved is not None:
@@ -187,6 +204,7 @@ async def generate(
             # just judged worse, and let the old one drain.
             session, sent = await _move(http, route, moved, session, sent, stats, migrate_kv)
             route = moved
+            used |= {s.node for s in route.stages}
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
         t0 = time.perf_counter()
         try:
@@ -202,6 +220,7 @@ async def generate(
             # the old version from draining: free them, without waiting.
             _in_background(release_everywhere(http, route, session))
             route = await routes.recover(route, failure.failed_node, failure.detail)
+            used |= {s.node for s in route.stages}
             session, sent = uuid.uuid4().hex, 0
             continue
         step_s = time.perf_counter() - t0
@@ -209,6 +228,7 @@ async def generate(
         if on_step is not None and sent > 0:
             on_step(route.version, step_s)
         token = int(frame.meta["token"])
+        routes.spot_check(route, tokens)  # the tokens this step consumed (the cache's and the new ones)
         if on_result is not None:
             on_result(frame)
         now = time.perf_counter()
@@ -217,11 +237,19 @@ async def generate(
         sent = len(tokens)
         tokens.append(token)
         generated.append(token)
+        if last or token in stop_ids:
+            _raise_if_tainted(routes, used)  # the answer is not complete while a check says it is wrong
         yield token
         if token in stop_ids:
             if not last:
                 await release(http, route, session)
             return
+
+
+def _raise_if_tainted(routes: RouteProvider, used: set[str]) -> None:
+    why = routes.tainted(used)
+    if why is not None:
+        raise SessionTainted(502, why)
 
 
 async def _move(
