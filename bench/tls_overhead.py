@@ -15,6 +15,11 @@ measured alternately so that load drifts hit both alike:
   per-record work, without compute.
 - *one hop, new connection each time*: the same with a fresh connection per
   request (the TCP + TLS handshake included), to show what keep-alive saves.
+- *in process*: the data plane's own client (``HopClient``) against a
+  minimal asyncio HTTP server in the same process, over one kept-alive
+  connection, plain and TLS alternately; the process's CPU time per round
+  trip (client and server together), which a loaded machine inflates much
+  less than wall time. This is the figure to hold against the target.
 - *end to end*: a 3-stage chain of the model on each set (the TLS set hops
   worker to worker over TLS), stepped token by token alternately; the
   per-hop figure is the median paired step difference divided by 3 hops.
@@ -23,8 +28,10 @@ measured alternately so that load drifts hit both alike:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import ssl
 import statistics
 import tempfile
 import time
@@ -35,9 +42,10 @@ from edgeorch.local.chain import load_chain
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models import load_config
 from edgeorch.models.store import ModelStore
+from edgeorch.security.certs import init_certs, tls_settings_for
 from edgeorch.service.settings import CommonSettings
 from edgeorch.transport.client import ChainClient
-from edgeorch.transport.hopclient import SyncHopClient
+from edgeorch.transport.hopclient import HopClient, SyncHopClient
 
 HOPS = 3
 FRAME_HEADER_BYTES = 200  # the frame's JSON meta, about what a decode step carries
@@ -57,6 +65,57 @@ def _round_trips(urls: dict[str, str], clients: dict[str, SyncHopClient], body: 
     return out
 
 
+_ANSWER = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"bytes": 0}'
+
+
+async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A minimal keep-alive HTTP/1.1 sink: read a request with a content-length, answer 12 bytes."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            writer.write(_ANSWER)
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        writer.close()  # the client went, or the server is closing: nothing left to answer
+
+
+async def _in_process(body: bytes, n: int, certs: Path) -> dict[str, dict[str, float]]:
+    """CPU and wall microseconds per keep-alive round trip, plain and TLS, client and server in this process."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs / "ca.pem"))
+    server_ctx.load_cert_chain(str(certs / "bench-server.pem"), str(certs / "bench-server.key"))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = tls_settings_for(certs, "client").client_context()
+    servers = {"plain": await asyncio.start_server(_sink, "127.0.0.1", 0),
+               "tls": await asyncio.start_server(_sink, "127.0.0.1", 0, ssl=server_ctx)}  # fmt: skip
+    urls = {k: f"{'https' if k == 'tls' else 'http'}://127.0.0.1:{s.sockets[0].getsockname()[1]}/sink"
+            for k, s in servers.items()}  # fmt: skip
+    client = HopClient(ssl_context=client_ctx)
+    cpu: dict[str, list[float]] = {"plain": [], "tls": []}
+    wall: dict[str, list[float]] = {"plain": [], "tls": []}
+    try:
+        for i in range(n + 100):
+            for name in ("plain", "tls") if i % 2 else ("tls", "plain"):
+                c0, w0 = time.process_time(), time.perf_counter()
+                (await client.post(urls[name], body)).raise_for_status()
+                if i >= 100:  # the first ones warm up (and open the connections)
+                    cpu[name].append(time.process_time() - c0)
+                    wall[name].append(time.perf_counter() - w0)
+    finally:
+        await client.aclose()
+        for s in servers.values():
+            s.close()
+    # process_time ticks coarsely per call; the mean over many calls is the figure, the median would be 0 or a tick
+    return {
+        k: {"cpu_us": 1e6 * statistics.fmean(cpu[k]), "wall_us": 1e6 * statistics.median(wall[k])}
+        for k in cpu
+    }
+
+
 def _paired_ms(walls: dict[str, list[float]], per: int = 1) -> dict[str, float]:
     diffs = [t - p for t, p in zip(walls["tls"], walls["plain"], strict=True)]
     return {"plain_ms": 1000 * statistics.median(walls["plain"]), "tls_ms": 1000 * statistics.median(walls["tls"]),
@@ -70,6 +129,9 @@ def run(model: str, steps: int, round_trips: int) -> dict:
     body = os.urandom(4 * hidden + FRAME_HEADER_BYTES)
     ranges = RANGES[model]
     load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="edgeorch-tls-bench-") as scratch:
+        init_certs(Path(scratch), ["client", "bench-server"])
+        in_process = asyncio.run(_in_process(body, round_trips, Path(scratch)))
     with tempfile.TemporaryDirectory(prefix="edgeorch-tls-bench-") as certs, \
             LocalWorkers(len(ranges), threads=1) as plain, \
             LocalWorkers(len(ranges), threads=1, tls_dir=Path(certs)) as sealed:  # fmt: skip
@@ -98,7 +160,7 @@ def run(model: str, steps: int, round_trips: int) -> dict:
     load.append(os.getloadavg()[0])
     return {
         "model": model, "hidden": hidden, "frame_bytes": len(body), "steps": steps, "round_trips": round_trips,
-        "load_avg_1m": load, "keep_alive": _paired_ms(kept), "new_connection": _paired_ms(fresh),
+        "load_avg_1m": load, "in_process": in_process, "keep_alive": _paired_ms(kept), "new_connection": _paired_ms(fresh),
         "chain": _paired_ms(walls, HOPS),
     }  # fmt: skip
 

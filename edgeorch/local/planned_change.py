@@ -67,6 +67,9 @@ class ScriptedRoutes:
         """Nothing is ever tainted here (RouteProvider)."""
         return None
 
+    async def settle(self, route: Route, tokens: list[int], since: float) -> None:
+        """Nothing to wait for here (RouteProvider)."""
+
     def newer(self, route: Route) -> Route | None:
         """The second route once the switch point has passed (called once per step)."""
         self.steps += 1

@@ -88,6 +88,9 @@ class RouteProvider(Protocol):
     def tainted(self, nodes: set[str]) -> str | None:
         """Why tokens computed on ``nodes`` are not to be trusted (a node failed a spot check), or None."""
 
+    async def settle(self, route: Route, tokens: list[int], since: float) -> None:
+        """Wait until the route's untrusted nodes passed a check that started after ``since`` (monotonic)."""
+
 
 class ChainFailure(RuntimeError):
     """A step failed and cannot be carried over; ``status`` is what the client should see."""
@@ -171,6 +174,7 @@ async def generate(
     logprobs: int | None = None,
     on_result: Callable[[wire.Frame], None] | None = None,
     migrate_kv: bool = True,
+    settle: bool = False,
 ) -> AsyncIterator[int]:
     """Yield generated token ids one by one, carrying the session over failed stages.
 
@@ -206,7 +210,7 @@ async def generate(
             route = moved
             used |= {s.node for s in route.stages}
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
-        t0 = time.perf_counter()
+        t0, step_began = time.perf_counter(), time.monotonic()
         try:
             frame = await _step(http, route, {"x": x}, session=session, position=sent, mode="generate",
                                 sampling=sampling.model_dump(), release=last, **extra)  # fmt: skip
@@ -238,6 +242,8 @@ async def generate(
         tokens.append(token)
         generated.append(token)
         if last or token in stop_ids:
+            if settle:
+                await routes.settle(route, tokens[:-1], step_began)
             _raise_if_tainted(routes, used)  # the answer is not complete while a check says it is wrong
         yield token
         if token in stop_ids:

@@ -66,6 +66,7 @@ class Verdict:
     detail: str
     seconds: float
     max_diff: float
+    started_at: float = 0.0  # monotonic: what the route computed from then on is covered by a pass
 
 
 @dataclass
@@ -146,7 +147,7 @@ class SpotChecker:
 
     def __init__(self, http: HopClient, shadows: Shadows, blame: Blame,
                  share: float = DEFAULT_SHARE, tolerance: float = DEFAULT_TOLERANCE, max_in_flight: int = 2,
-                 timeout_s: float = 60.0, seed: int | None = None):  # fmt: skip
+                 timeout_s: float = 60.0, seed: int | None = None, settle_max_s: float = 2.0):  # fmt: skip
         self.http = http
         self.shadows = shadows
         self.blame = blame
@@ -159,6 +160,10 @@ class SpotChecker:
         self.counts = {"sampled": 0, "checked": 0, "passed": 0, "failed": 0, "skipped": 0}
         self.verdicts: list[Verdict] = []  # the most recent ones, newest last
         self.max_verdicts = 200
+        self.settle_max_s = settle_max_s
+        self.passed_at: dict[str, float] = {}  # node -> start (monotonic) of its latest passed check
+        self.failed_nodes: set[str] = set()  # nodes a check blamed (until an operator trusts them again)
+        self._news = asyncio.Condition()
 
     def route_nodes(self, stages: tuple[PlacedStage, ...]) -> tuple[str, ...]:
         """The untrusted nodes of a route, in stage order, once each."""
@@ -197,19 +202,57 @@ class SpotChecker:
         if verdict is None:
             self.counts["skipped"] += 1
             return
+        await self._record(verdict)
+
+    async def _record(self, verdict: Verdict) -> None:
         self.counts["checked"] += 1
         self.counts["passed" if verdict.ok else "failed"] += 1
         self.verdicts = [*self.verdicts[-(self.max_verdicts - 1) :], verdict]
-        if not verdict.ok:
-            log.warning(
-                "spot check FAILED on %s v%d (nodes %s): %s", deployment, version, nodes, verdict.detail
-            )
+        if verdict.ok:
+            for node in verdict.nodes:
+                self.passed_at[node] = max(self.passed_at.get(node, 0.0), verdict.started_at)
+        else:
+            self.failed_nodes.update(verdict.nodes)
+            log.warning("spot check FAILED on %s v%d (nodes %s): %s", verdict.deployment, verdict.version,
+                        verdict.nodes, verdict.detail)  # fmt: skip
             await self.blame(verdict)
+        async with self._news:
+            self._news.notify_all()
+
+    async def settle(self, deployment: str, version: int, stages: tuple[PlacedStage, ...], headers: dict[str, str],
+                     tokens: list[int], since: float) -> None:  # fmt: skip
+        """Wait until every untrusted node of ``stages`` passed a check that started after ``since``.
+
+        A whole answer is held here before it is given out, so that one computed
+        by a node that is then found out is generated again instead
+        (``RouteProvider.tainted``). Steady load brings a sampled check soon; when
+        none has passed within ``settle_max_s``, this answer's own last step is
+        checked (a forced check, counted as ``forced``). Returns after a failed
+        check of one of its nodes too: the caller asks whether they are tainted.
+        """
+        nodes = self.route_nodes(stages)
+        if not nodes or self.share <= 0:
+            return
+
+        def settled() -> bool:
+            return all(self.passed_at.get(n, 0.0) >= since for n in nodes) or bool(
+                self.failed_nodes & set(nodes)
+            )
+
+        async with self._news:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait_for(settled), self.settle_max_s)
+        if settled():
+            return
+        self.counts["forced"] = self.counts.get("forced", 0) + 1
+        verdict = await self.check(deployment, version, stages, headers, list(tokens), nodes)
+        if verdict is not None:
+            await self._record(verdict)
 
     async def check(self, deployment: str, version: int, stages: tuple[PlacedStage, ...], headers: dict[str, str],
                     tokens: list[int], nodes: tuple[str, ...]) -> Verdict | None:  # fmt: skip
         """Recompute ``tokens`` on the route and on the shadow and compare; None when no shadow can run it."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
         formats = {s.format for s in stages}
         fmt = formats.pop() if len(formats) == 1 else "fp32"
         num_units = max(s.end for s in stages)
@@ -233,7 +276,9 @@ class SpotChecker:
             log.info("spot check of %s v%d not compared: %s", deployment, version, exc)
             return None
         ok, diff, detail = compare(route_answer, shadow_answer, tolerance)
-        return Verdict(ok, deployment, version, nodes, len(tokens), detail, time.perf_counter() - t0, diff)
+        return Verdict(
+            ok, deployment, version, nodes, len(tokens), detail, time.perf_counter() - t0, diff, started
+        )
 
     async def aclose(self) -> None:
         """Cancel checks in flight."""

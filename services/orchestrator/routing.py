@@ -71,6 +71,12 @@ class Routes:
                 return f"node {node} computed part of this answer and failed a spot check: {self.distrusted[node]}"
         return None
 
+    async def settle(self, route: Route, tokens: list[int], since: float) -> None:
+        """Hold a whole answer until its untrusted nodes passed a later check (RouteProvider)."""
+        if self.checker is not None:
+            await self.checker.settle(route.deployment, route.version, route.stages,
+                                      route.headers(route.entry_stage), tokens, since)  # fmt: skip
+
     async def blame(self, verdict: Verdict) -> None:
         """A check failed: its nodes are suspect, an event says why, the deployment is re-planned without them."""
         live = self.live.get(verdict.deployment)
@@ -92,6 +98,8 @@ class Routes:
 
     def trust_again(self, node: str) -> bool:
         """An operator's word that ``node`` is fixed; True when it was suspect."""
+        if self.checker is not None:
+            self.checker.failed_nodes.discard(node)
         return self.distrusted.pop(node, None) is not None
 
     async def route(self, deployment: str) -> Route:

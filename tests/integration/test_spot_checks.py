@@ -19,7 +19,7 @@ import pytest
 
 from edgeorch.local.scenario import Scenario, WorkerSpec
 from edgeorch.local.stack import LocalStack
-from edgeorch.local.up_command import calibrate, create_deployment, wait_ready
+from edgeorch.local.up_command import calibrate, wait_ready
 
 TOKEN = "spot-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
