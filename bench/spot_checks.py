@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> dict:
     """The three phases on one fresh stack."""
     scenario = Scenario(workers=[WorkerSpec(id="node-t", trusted=True), WorkerSpec(id="node-u1"),
                                  WorkerSpec(id="node-u2")])  # fmt: skip
-    env = {"EDGEORCH_SPOT_CHECK_SHARE": repr(args.share)}
+    env = {"EDGEORCH_SPOT_CHECK_SHARE": repr(args.share), "EDGEORCH_SPOT_CHECK_HOLD_S": repr(args.hold_s)}
     out: dict = {"model": args.model, "share": args.share, "clients": args.clients, "max_tokens": args.max_tokens,
-                 "perturb": args.perturb, "load_avg_1m": [os.getloadavg()[0]]}  # fmt: skip
+                 "perturb": args.perturb, "hold_s": args.hold_s, "load_avg_1m": [os.getloadavg()[0]]}  # fmt: skip
     with LocalStack(scenario, admin_token=TOKEN, jobs_worker=False, service_env=env, start_timeout_s=300) as stack, \
             httpx.Client(timeout=300) as client:  # fmt: skip
         url = stack.orchestrator_url
@@ -166,7 +166,8 @@ def markdown(r: dict) -> str:
         return "not within the run" if x is None else f"{x:.1f} s"
 
     return "\n".join([
-        f"## Spot checks: {r['model']}, share {r['share']:g}, {r['clients']} clients x {r['max_tokens']} tokens",
+        f"## Spot checks: {r['model']}, share {r['share']:g}, hold {r['hold_s']:g} s, {r['clients']} clients x "
+        f"{r['max_tokens']} tokens",
         "",
         f"1-minute load average {r['load_avg_1m'][0]:.1f} before, {r['load_avg_1m'][1]:.1f} after.",
         "",
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--perturb", type=float, default=0.1, help="tampering noise, relative to the output's RMS")
+    p.add_argument(
+        "--hold-s",
+        type=float,
+        default=2.0,
+        help="EDGEORCH_SPOT_CHECK_HOLD_S: hold whole answers until a later check passed (0: off)",
+    )
     p.add_argument("--honest-s", type=float, default=240.0, help="seconds of honest load (default 240)")
     p.add_argument("--tamper-s", type=float, default=90.0, help="seconds to wait for detection (default 90)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")

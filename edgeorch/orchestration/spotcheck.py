@@ -147,7 +147,7 @@ class SpotChecker:
 
     def __init__(self, http: HopClient, shadows: Shadows, blame: Blame,
                  share: float = DEFAULT_SHARE, tolerance: float = DEFAULT_TOLERANCE, max_in_flight: int = 2,
-                 timeout_s: float = 60.0, seed: int | None = None, settle_max_s: float = 2.0):  # fmt: skip
+                 timeout_s: float = 60.0, seed: int | None = None, settle_max_s: float = 0.0):  # fmt: skip
         self.http = http
         self.shadows = shadows
         self.blame = blame
@@ -164,6 +164,7 @@ class SpotChecker:
         self.passed_at: dict[str, float] = {}  # node -> start (monotonic) of its latest passed check
         self.failed_nodes: set[str] = set()  # nodes a check blamed (until an operator trusts them again)
         self._news = asyncio.Condition()
+        self._no_shadow_until = 0.0  # no shadow could be had lately: answers are not held for nothing
 
     def route_nodes(self, stages: tuple[PlacedStage, ...]) -> tuple[str, ...]:
         """The untrusted nodes of a route, in stage order, once each."""
@@ -229,9 +230,11 @@ class SpotChecker:
         none has passed within ``settle_max_s``, this answer's own last step is
         checked (a forced check, counted as ``forced``). Returns after a failed
         check of one of its nodes too: the caller asks whether they are tainted.
+        Returns at once when holding is off (``settle_max_s`` 0) or no shadow
+        could be had lately.
         """
         nodes = self.route_nodes(stages)
-        if not nodes or self.share <= 0:
+        if not nodes or self.share <= 0 or self.settle_max_s <= 0 or time.monotonic() < self._no_shadow_until:
             return
 
         def settled() -> bool:
@@ -262,6 +265,7 @@ class SpotChecker:
             return None
         shadow = await self.shadows.get(deployment, stages[0].model, fmt, num_units)
         if shadow is None:
+            self._no_shadow_until = time.monotonic() + RETRY_LOAD_S
             return None
         tolerance = 0.0 if fmt == "fp32" and not formats else self.tolerance
         entry = stages[0]

@@ -97,6 +97,12 @@ class OrchestratorSettings(ServiceSettings):
         description="share of the steps on routes with untrusted nodes that a trusted node recomputes "
         "(edgeorch/orchestration/spotcheck.py); 0: no spot checks",
     )  # fmt: skip
+    spot_check_hold_s: float = Field(
+        default=0.0, ge=0, le=60, allow_inf_nan=False,
+        description="hold a whole answer from a route with untrusted nodes until they pass a check begun "
+        "after its last step; after this many seconds without one, check the answer's last step itself; "
+        "0: do not hold (an answer finished just before its node is found out is given out)",
+    )  # fmt: skip
     spot_check_tolerance: float = Field(
         default=DEFAULT_TOLERANCE, ge=0, allow_inf_nan=False,
         description="nats a lossy route's log-probabilities may differ from the trusted node's (fp32: exact)",
@@ -162,6 +168,7 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
             controller.routes.checker = SpotChecker(
                 app.state.data_http, shadows, controller.routes.blame,
                 share=settings.spot_check_share, tolerance=settings.spot_check_tolerance,
+                settle_max_s=settings.spot_check_hold_s,
             )  # fmt: skip
         await book.restore()
         follower = asyncio.create_task(_follow_monitor(settings, controller))

@@ -3,7 +3,8 @@
 Three workers: node-t is trusted, node-u1 and node-u2 are not, and the
 deployment may use only the untrusted two, so every stage is checked. The
 orchestrator checks every step here (share 1.0: the test wants a verdict at
-once; the benchmark runs the default 2 %). Honest nodes: checks run and pass,
+once; the benchmark runs the default 2 %), and holds whole answers until
+a check begun after their last step passed. Honest nodes: checks run and pass,
 bit for bit (fp32). Then a node of the route perturbs its outputs (the
 worker's admin-only emulation switch): a check fails, an event names the
 node, the deployment is re-planned without it, and the answers after that
@@ -32,7 +33,7 @@ def stack(store, tmp_path_factory):
                                  WorkerSpec(id="node-u2")])  # fmt: skip
     with LocalStack(
         scenario, model_store=store.root, log_dir=tmp_path_factory.mktemp("logs"), admin_token=TOKEN,
-        jobs_worker=False, start_timeout_s=180, service_env={"EDGEORCH_SPOT_CHECK_SHARE": "1.0"},
+        jobs_worker=False, start_timeout_s=180, service_env={"EDGEORCH_SPOT_CHECK_SHARE": "1.0", "EDGEORCH_SPOT_CHECK_HOLD_S": "2"},
     ) as s:  # fmt: skip
         with httpx.Client(timeout=120) as client:
             calibrate(client, s.monitor_url, TOKEN, "tiny-llama", [w.name for w in s.workers], 120)
