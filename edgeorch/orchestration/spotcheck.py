@@ -65,7 +65,7 @@ class Verdict:
     tokens: int
     detail: str
     seconds: float
-    max_diff: float
+    max_diff: float | None  # None: not comparable (another token, other top tokens)
     started_at: float = 0.0  # monotonic: what the route computed from then on is covered by a pass
 
 
@@ -79,17 +79,13 @@ class Answer:
     top_logprobs: torch.Tensor
 
 
-def compare(route_answer: Answer, shadow: Answer, tolerance: float) -> tuple[bool, float, str]:
-    """(equal within ``tolerance``, largest log-probability difference, what differed)."""
+def compare(route_answer: Answer, shadow: Answer, tolerance: float) -> tuple[bool, float | None, str]:
+    """(equal within ``tolerance``, largest log-probability difference (None: other tokens), what differed)."""
     if route_answer.token != shadow.token:
-        return (
-            False,
-            float("inf"),
-            f"token {route_answer.token} where the trusted node computed {shadow.token}",
-        )
+        return False, None, f"token {route_answer.token} where the trusted node computed {shadow.token}"
     if not torch.equal(route_answer.top_ids, shadow.top_ids):
-        return False, float("inf"), (f"top tokens {route_answer.top_ids.tolist()} where the trusted node "
-                                     f"computed {shadow.top_ids.tolist()}")  # fmt: skip
+        top = route_answer.top_ids.tolist()
+        return False, None, f"top tokens {top} where the trusted node computed {shadow.top_ids.tolist()}"
     a = torch.cat([route_answer.token_logprob, route_answer.top_logprobs]).double()
     b = torch.cat([shadow.token_logprob, shadow.top_logprobs]).double()
     diff = float((a - b).abs().max())
