@@ -173,8 +173,9 @@ def markdown(r: dict) -> str:
         "",
         "| phase | measure | value |",
         "| --- | --- | ---: |",
-        f"| honest ({h['seconds']:.0f} s) | steps sampled / compared / passed / failed (false positives) | "
-        f"{c.get('sampled', 0)} / {c.get('checked', 0)} / {c.get('passed', 0)} / {c.get('failed', 0)} |",
+        f"| honest ({h['seconds']:.0f} s) | steps sampled / forced by held answers / compared / passed / failed "
+        f"(false positives) | {c.get('sampled', 0)} / {c.get('forced', 0)} / {c.get('checked', 0)} / "
+        f"{c.get('passed', 0)} / {c.get('failed', 0)} |",
         f"| honest | answers completed / wrong / errors | {h['completed']} / {h['wrong']} / {h['errors']} |",
         f"| tampering ({t['node']}, perturb {r['perturb']:g}) | failed check's event after the switch | "
         f"{secs(t['detected_s'])} |",
