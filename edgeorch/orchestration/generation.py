@@ -199,7 +199,9 @@ async def generate(
     last_token_at = time.perf_counter()
     used = {s.node for s in route.stages}  # every node that computed a step of this session
     while len(generated) < max_new_tokens:
-        _raise_if_tainted(routes, used)
+        if (why := routes.tainted(used)) is not None:
+            _in_background(release_everywhere(http, route, session))
+            raise SessionTainted(502, why)
         last = len(generated) == max_new_tokens - 1
         moved = routes.newer(route) if generated else None
         if moved is not None:
@@ -244,18 +246,13 @@ async def generate(
         if last or token in stop_ids:
             if settle:
                 await routes.settle(route, tokens[:-1], step_began)
-            _raise_if_tainted(routes, used)  # the answer is not complete while a check says it is wrong
+            if (why := routes.tainted(used)) is not None:  # not complete while a check says it is wrong
+                raise SessionTainted(502, why)
         yield token
         if token in stop_ids:
             if not last:
                 await release(http, route, session)
             return
-
-
-def _raise_if_tainted(routes: RouteProvider, used: set[str]) -> None:
-    why = routes.tainted(used)
-    if why is not None:
-        raise SessionTainted(502, why)
 
 
 async def _move(
