@@ -16,6 +16,7 @@ import httpx
 
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models.formats import check_format
+from edgeorch.security.certs import client_verify
 from edgeorch.security.credentials import new_credential
 from edgeorch.service.auth import ADMIN_TOKEN_ENV, admin_headers
 from edgeorch.transport.client import ChainClient, Generation
@@ -63,7 +64,7 @@ class Chain:
         """Per stage, what its worker holds for it: ``param_bytes`` and planned ``kv_bytes``."""
         out = []
         for w, sid in zip(self.workers.workers, self.stage_ids, strict=False):
-            info = httpx.get(f"{w.url}/v1/stages/{sid}", timeout=30).json()
+            info = httpx.get(f"{w.url}/v1/stages/{sid}", timeout=30, verify=_verify(self.workers)).json()
             out.append({"param_bytes": info["param_bytes"], "kv_bytes": info.get("kv_bytes", 0)})
         return out
 
@@ -92,6 +93,7 @@ def load_chain(
     credential); None leaves them open.
     """
     urls = [w.url for w in workers.workers] if isinstance(workers, LocalWorkers) else workers
+    verify = _verify(workers)
     if len(urls) < len(ranges):
         raise ChainSpecError(f"{len(ranges)} stages need as many workers, have {len(urls)}")
     per_stage = options if isinstance(options, list) else [options or {}] * len(ranges)
@@ -114,11 +116,18 @@ def load_chain(
             },
             headers=admin_headers(token),
             timeout=300,
+            verify=verify,
         )
         if resp.status_code not in (200, 201):
             raise RuntimeError(f"loading stage {ids[i]} [{a}, {b}) failed: {resp.status_code} {resp.text}")
         log.info("stage %s [%d, %d) on %s", ids[i], a, b, urls[i])
     return ids
+
+
+def _verify(workers: LocalWorkers | list[str]):
+    """How to call the workers: their stack's client TLS context, else this process's (EDGEORCH_TLS_*)."""
+    tls = workers.client_tls if isinstance(workers, LocalWorkers) else None
+    return tls or client_verify()
 
 
 def start_chain(
@@ -148,7 +157,10 @@ def start_chain(
     except BaseException:
         workers.stop()
         raise
-    return Chain(workers, ids, ChainClient(workers.workers[0].url, ids[0], credential=credential), credential)
+    client = ChainClient(
+        workers.workers[0].url, ids[0], credential=credential, ssl_context=workers.client_tls
+    )
+    return Chain(workers, ids, client, credential)
 
 
 def parse_formats(text: str | None, n_stages: int) -> list[dict] | None:

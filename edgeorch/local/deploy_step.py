@@ -18,6 +18,8 @@ import time
 
 import httpx
 
+from edgeorch.security.certs import client_verify
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     nodes = [n for n in args.workers.split(",") if n]
     try:
-        with httpx.Client(timeout=60.0, headers=headers) as client:
+        with httpx.Client(timeout=60.0, headers=headers, verify=client_verify()) as client:
             calibrate(client, args.monitor_url, args.model, nodes, args.timeout)
             view = deploy(client, args.url, args.name or args.model, args.model, args.timeout)
     except (DeployError, httpx.HTTPError) as exc:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import redis
+
+from edgeorch.security.certs import init_certs, tls_settings_for, url_scheme
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +101,15 @@ class LocalService(LocalProcess):
         log_mode: str = "wb",
         host: str = "127.0.0.1",
         prefix: Sequence[str] = (),
+        tls: ssl.SSLContext | None = None,
     ):
         """``host``: the address it listens on and is reached at; ``prefix``: argv before Python
-        (``ip netns exec NS`` for a worker in a namespace of its own)."""
+        (``ip netns exec NS`` for a worker in a namespace of its own); ``tls``: the launcher's
+        client context when the service serves TLS (its own ``EDGEORCH_TLS_*`` are in ``env``)."""
         self.port = port
         self.host = host
-        self.url = f"http://{host}:{port}"
+        self.tls = tls
+        self.url = f"{url_scheme(tls is not None)}://{host}:{port}"
         argv = [*prefix, *CLI, *args, "--host", host, "--port", str(port)]
         super().__init__(name, argv, env, log_dir, log_mode)
 
@@ -114,7 +120,7 @@ class LocalService(LocalProcess):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1.0, verify=self.tls or True).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -217,7 +223,14 @@ class LocalWorkers:
         log_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
         start_timeout_s: float = 60.0,
+        tls_dir: Path | None = None,
     ):
+        """``tls_dir``: serve and call with mutual TLS, certificates made there (``client`` for this process)."""
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.client_tls: ssl.SSLContext | None = None
+        if self.tls_dir is not None:
+            init_certs(self.tls_dir, ["client"])
+            self.client_tls = tls_settings_for(self.tls_dir, "client").client_context()
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="edgeorch-workers-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(extra_env or {})
@@ -242,9 +255,12 @@ class LocalWorkers:
         node_env = {
             **(env if env is not None else self._env),
             "EDGEORCH_NODE_ID": node_id,
-            "EDGEORCH_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+            "EDGEORCH_ADVERTISE_URL": f"{url_scheme(self.tls_dir is not None)}://127.0.0.1:{port}",
         }
-        w = LocalService(node_id, ["worker"], port, node_env, self.log_dir)
+        if self.tls_dir is not None:
+            init_certs(self.tls_dir, [node_id])
+            node_env.update(tls_settings_for(self.tls_dir, node_id).env())
+        w = LocalService(node_id, ["worker"], port, node_env, self.log_dir, tls=self.client_tls)
         self.workers.append(w)
         if wait:
             w.wait_healthy()

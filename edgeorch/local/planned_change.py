@@ -60,6 +60,16 @@ class ScriptedRoutes:
             return self.second
         raise ChainFailure(502, f"no route around {failed_node}: {error[:200]}")
 
+    def spot_check(self, route: Route, tokens: list[int]) -> None:
+        """No spot checks here (RouteProvider)."""
+
+    def tainted(self, nodes: set[str]) -> str | None:
+        """Nothing is ever tainted here (RouteProvider)."""
+        return None
+
+    async def settle(self, route: Route, tokens: list[int], since: float) -> None:
+        """Nothing to wait for here (RouteProvider)."""
+
     def newer(self, route: Route) -> Route | None:
         """The second route once the switch point has passed (called once per step)."""
         self.steps += 1

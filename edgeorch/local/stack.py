@@ -38,6 +38,7 @@ from edgeorch.local.launcher import (
 )
 from edgeorch.local.netns import Testbed
 from edgeorch.local.scenario import Scenario, WorkerSpec, load_scenario
+from edgeorch.security.certs import init_certs, tls_settings_for, url_scheme
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PORTS = {"orchestrator": 8000, "monitor": 8001, "splitter": 8002, "broadcast": 8003}
 FIRST_WORKER_PORT = 8100
 NETWORKS = ("loopback", "netns")
+# The processes of a stack that get a certificate at start (each worker gets one when it starts).
+TLS_SERVICES = ("monitor", "splitter", "broadcast", "orchestrator", "jobs-worker")
 
 
 class StackError(RuntimeError):
@@ -116,6 +119,7 @@ class LocalStack:
         start_timeout_s: float = 120.0,
         report: Callable[[str], None] | None = None,
         network: str = "loopback",
+        tls_dir: Path | str | None = None,
     ):
         """Describe a stack; nothing starts before :meth:`start` (or ``with``).
 
@@ -125,10 +129,15 @@ class LocalStack:
         ``state_dir`` (a temporary directory by default). ``admin_token`` None generates one,
         "" runs without. ``default_ports`` tries 8000-8003 and 8100+ before free ports.
         ``network``: "loopback" (every process on 127.0.0.1) or "netns" (a namespace per worker).
+        ``tls_dir``: every service and worker serves mutual TLS and calls its peers with it;
+        a CA and a certificate per process are made there (``edgeorch certs init``; an existing
+        CA is kept), and this process calls as ``client``. Redis stays plain.
         """
         if network not in NETWORKS:
             raise StackError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
         self.network = network
+        self.tls_dir = Path(tls_dir).expanduser() if tls_dir else None
+        self.client_tls = None  # this process's client context with TLS (made by start())
         self.testbed: Testbed | None = None
         self.host = "127.0.0.1"  # where the control plane listens; the bridge's address with netns
         if not isinstance(scenario, Scenario):
@@ -211,6 +220,14 @@ class LocalStack:
                 self.host = self.testbed.host_ip
                 self._report(f"testbed {self.testbed.bridge}: control plane at {self.host}, "
                              f"a namespace per worker in {self.testbed.subnet}")  # fmt: skip
+            if self.tls_dir is not None:
+                init_certs(
+                    self.tls_dir,
+                    ["client", *TLS_SERVICES],
+                    hosts=(self.host,) if self.host != "127.0.0.1" else (),
+                )
+                self.client_tls = tls_settings_for(self.tls_dir, "client").client_context()
+                self._report(f"mutual TLS: CA and certificates in {self.tls_dir}")
             self._start_redis()
             self._start_tier([("monitor", []), ("splitter", []), ("broadcast", [])])
             if self.with_orchestrator:
@@ -245,8 +262,14 @@ class LocalStack:
             env["EDGEORCH_MODEL_STORE"] = str(self.model_store)
         return env
 
+    def _tls_env(self, name: str) -> dict[str, str]:
+        return tls_settings_for(self.tls_dir, name).env() if self.tls_dir is not None else {}
+
+    def _scheme(self) -> str:
+        return url_scheme(self.tls_dir is not None)
+
     def _service_env(self, name: str) -> dict[str, str]:
-        env = {**self._common_env(), **self.service_env}
+        env = {**self._common_env(), **self.service_env, **self._tls_env(name)}
         if name == "orchestrator":
             env.update({
                 "EDGEORCH_MONITOR_URL": self.monitor_url,
@@ -282,8 +305,10 @@ class LocalStack:
             port = self._port(DEFAULT_PORTS.get(name))
             env = self._service_env(name)
             if name == "orchestrator":
-                env["EDGEORCH_PUBLIC_URL"] = f"http://{self.host}:{port}"
-            service = LocalService(name, [name, *args], port, env, self.log_dir, host=self.host)
+                env["EDGEORCH_PUBLIC_URL"] = f"{self._scheme()}://{self.host}:{port}"
+            service = LocalService(
+                name, [name, *args], port, env, self.log_dir, host=self.host, tls=self.client_tls
+            )
             self._log_names.add(name)
             tier.append(service)
             self.services[name] = service
@@ -292,7 +317,7 @@ class LocalStack:
             self._report(f"{service.name} ready at {service.url}")
 
     def _start_jobs_worker(self) -> None:
-        env = {**self._common_env(), **self.service_env}
+        env = {**self._common_env(), **self.service_env, **self._tls_env("jobs-worker")}
         jobs = JobsWorker(env, self.log_dir)
         self._tiers.append([jobs])
         self.services["jobs-worker"] = jobs
@@ -306,12 +331,13 @@ class LocalStack:
         return {
             **self._common_env(),
             "EDGEORCH_NODE_ID": spec.node_id,
-            "EDGEORCH_ADVERTISE_URL": f"http://{host}:{port}",
+            "EDGEORCH_ADVERTISE_URL": f"{self._scheme()}://{host}:{port}",
             "EDGEORCH_MONITOR_URL": self.monitor_url,
             "EDGEORCH_BROADCAST_URL": self.broadcast_url,
             "EDGEORCH_TORCH_THREADS": str(self.torch_threads),
             **capacity,
             **self.worker_env,
+            **self._tls_env(spec.node_id),
         }
 
     def _log_name(self, node_id: str) -> str:
@@ -332,9 +358,11 @@ class LocalStack:
         if self.testbed is not None:
             host, prefix = self.testbed.add_node(spec.node_id), self.testbed.exec_prefix(spec.node_id)
             self.testbed.set_uplink(spec.node_id, spec.bandwidth_mbps)
+        if self.tls_dir is not None:  # valid for its namespace's address too
+            init_certs(self.tls_dir, [spec.node_id], hosts=(host,) if host != "127.0.0.1" else ())
         log_name = self._log_name(spec.node_id)
         w = LocalService(log_name, ["worker"], port, self._worker_env(spec, host, port), self.log_dir,
-                         host=host, prefix=prefix)  # fmt: skip
+                         host=host, prefix=prefix, tls=self.client_tls)  # fmt: skip
         w.name = spec.node_id  # the node id, whatever its log file is called
         self.workers.append(w)
         self._worker_tier.append(w)
@@ -369,7 +397,9 @@ class LocalStack:
         env = self._service_env(name)
         if name == "orchestrator":
             env["EDGEORCH_PUBLIC_URL"] = old.url
-        new = LocalService(name, [name], old.port, env, self.log_dir, log_mode="ab", host=self.host)
+        new = LocalService(
+            name, [name], old.port, env, self.log_dir, log_mode="ab", host=self.host, tls=self.client_tls
+        )
         for tier in self._tiers:
             tier[:] = [new if p is old else p for p in tier]
         self.services[name] = new

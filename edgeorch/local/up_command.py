@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the deployment")
     p.add_argument("--database-url", help="one SQL database for every service (default: SQLite files)")
     p.add_argument(
+        "--tls", nargs="?", const="", default=None, metavar="DIR",
+        help="mutual TLS between every process: a CA and certificates made in DIR (default: the log "
+        "dir's certs/), every service and worker serves HTTPS and calls its peers with its certificate",
+    )  # fmt: skip
+    p.add_argument(
         "--private-redis", action="store_true",
         help="start a redis-server of its own even when one answers (stacks sharing a Redis see each "
         "other's node events)",
@@ -216,6 +221,12 @@ def _print_summary(stack, view: dict[str, Any], generated_token: bool) -> None:
         _out(f"  export EDGEORCH_WORKER_URL={stack.workers[0].url}")
     if stack.api_keys:
         _out(f"  export EDGEORCH_API_KEY={stack.api_keys[0]}")
+    if stack.tls_dir is not None:
+        d = stack.tls_dir
+        _out(f"  # mutual TLS: every service wants a certificate of {d}/ca.pem, e.g.")
+        _out(
+            f"  # curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client.key {stack.orchestrator_url}/healthz"
+        )
     if stack.admin_token:
         how = "generated for this run" if generated_token else "from the environment"
         _out(f"  export EDGEORCH_ADMIN_TOKEN={stack.admin_token}   # {how}")
@@ -239,6 +250,13 @@ def _already_stopping(_signum, _frame) -> None:
     print("stopping already; every process gets up to 10 s", file=sys.stderr, flush=True)
 
 
+def _tls_dir(flag: str | None, log_dir: Path) -> Path | None:
+    """Where `--tls` makes its certificates (None: no TLS)."""
+    if flag is None:
+        return None
+    return Path(flag) if flag else log_dir / "certs"
+
+
 def _serve(args: argparse.Namespace, scenario: Scenario, policy: QosPolicy, store_root: Path, token: str,
            generated: bool) -> int:  # fmt: skip
     import httpx
@@ -253,9 +271,9 @@ def _serve(args: argparse.Namespace, scenario: Scenario, policy: QosPolicy, stor
         scenario, workers=args.workers, model_store=store_root, log_dir=log_dir,
         state_dir=log_dir / "state", database_url=args.database_url, admin_token=token,
         api_keys=api_keys, torch_threads=args.threads, private_redis=args.private_redis,
-        default_ports=True, report=_progress,
+        default_ports=True, report=_progress, tls_dir=_tls_dir(args.tls, log_dir),
     )  # fmt: skip
-    with stack, httpx.Client(timeout=600.0) as client:
+    with stack, httpx.Client(timeout=600.0, verify=stack.client_tls or True) as client:
         url = stack.orchestrator_url
         key = profile_key(args.model, policy.weight_format)
         _out(f"calibrating {key} on {len(stack.workers)} workers ...")

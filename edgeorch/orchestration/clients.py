@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.plan import PlanRequest, PlanResponse
 from edgeorch.schemas.rollout import PlacementView, Plan, RolloutRequest, RolloutView
+from edgeorch.security.certs import client_verify
 
 _NODES = TypeAdapter(list[NodeView])
 _LINKS = TypeAdapter(list[LinkView])
@@ -42,7 +43,7 @@ class ControlPlane:
 
     def __init__(self, monitor_url: str, splitter_url: str, broadcast_url: str, admin_token: str = ""):
         headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
-        self.http = httpx.AsyncClient(timeout=30.0, headers=headers)
+        self.http = httpx.AsyncClient(timeout=30.0, headers=headers, verify=client_verify())
         self.monitor_url = monitor_url.rstrip("/")
         self.splitter_url = splitter_url.rstrip("/")
         self.broadcast_url = broadcast_url.rstrip("/")

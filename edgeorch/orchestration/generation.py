@@ -82,6 +82,15 @@ class RouteProvider(Protocol):
     def newer(self, route: Route) -> Route | None:
         """The deployment's committed route if it is newer than ``route`` (no I/O), else None."""
 
+    def spot_check(self, route: Route, tokens: list[int]) -> None:
+        """Maybe check the step that consumed ``tokens`` on a trusted node (no I/O; spotcheck.py)."""
+
+    def tainted(self, nodes: set[str]) -> str | None:
+        """Why tokens computed on ``nodes`` are not to be trusted (a node failed a spot check), or None."""
+
+    async def settle(self, route: Route, tokens: list[int], since: float) -> None:
+        """Wait until the route's untrusted nodes passed a check that started after ``since`` (monotonic)."""
+
 
 class ChainFailure(RuntimeError):
     """A step failed and cannot be carried over; ``status`` is what the client should see."""
@@ -90,6 +99,15 @@ class ChainFailure(RuntimeError):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+class SessionTainted(ChainFailure):
+    """A node that computed some of this session's tokens failed a spot check: they may be wrong.
+
+    Tokens already given out cannot be taken back, so the session ends here; an
+    answer not yet sent (a whole, non-streamed one) is generated again from its
+    prompt on a route without the node (services/orchestrator/openai_routes.py).
+    """
 
 
 @dataclass
@@ -160,6 +178,7 @@ async def generate(
     logprobs: int | None = None,
     on_result: Callable[[wire.Frame], None] | None = None,
     migrate_kv: bool = True,
+    settle: bool = False,
 ) -> AsyncIterator[int]:
     """Yield generated token ids one by one, carrying the session over failed stages.
 
@@ -183,7 +202,11 @@ async def generate(
     session, sent = uuid.uuid4().hex, 0  # tokens the current session's caches hold
     last_token_at = time.perf_counter()
     recovering: dict[str, float] | None = None  # the phases of a recovery whose replay is under way
+    used = {s.node for s in route.stages}  # every node that computed a step of this session
     while len(generated) < max_new_tokens:
+        if (why := routes.tainted(used)) is not None:
+            _in_background(release_everywhere(http, route, session))
+            raise SessionTainted(502, why)
         last = len(generated) == max_new_tokens - 1
         moved = routes.newer(route) if generated else None
         if moved is not None:
@@ -192,8 +215,9 @@ async def generate(
             # just judged worse, and let the old one drain.
             session, sent = await _move(http, route, moved, session, sent, stats, migrate_kv)
             route = moved
+            used |= {s.node for s in route.stages}
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
-        t0 = time.perf_counter()
+        t0, step_began = time.perf_counter(), time.monotonic()
         try:
             frame = await _step(http, route, {"x": x}, session=session, position=sent, mode="generate",
                                 sampling=sampling.model_dump(), release=last, **extra)  # fmt: skip
@@ -208,6 +232,7 @@ async def generate(
             # the old version from draining: free them, without waiting.
             _in_background(release_everywhere(http, route, session))
             route = await routes.recover(route, failure.failed_node, failure.detail)
+            used |= {s.node for s in route.stages}
             session, sent = uuid.uuid4().hex, 0
             recovering = {"failed": t_failed - last_token_at, "reroute": time.perf_counter() - t_failed}
             continue
@@ -223,6 +248,7 @@ async def generate(
                      "replay %.2fs", deployment, route.version, recovering["failed"], recovering["reroute"],
                      step_s)  # fmt: skip
             recovering = None
+        routes.spot_check(route, tokens)  # the tokens this step consumed (the cache's and the new ones)
         if on_result is not None:
             on_result(frame)
         now = time.perf_counter()
@@ -231,6 +257,11 @@ async def generate(
         sent = len(tokens)
         tokens.append(token)
         generated.append(token)
+        if last or token in stop_ids:
+            if settle:
+                await routes.settle(route, tokens[:-1], step_began)
+            if (why := routes.tainted(used)) is not None:  # not complete while a check says it is wrong
+                raise SessionTainted(502, why)
         yield token
         if token in stop_ids:
             if not last:

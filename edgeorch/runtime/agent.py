@@ -31,6 +31,7 @@ from edgeorch.schemas.monitor import (
     SpeedSample,
 )
 from edgeorch.schemas.profile import EXACT_FORMAT, split_profile_key
+from edgeorch.security.certs import client_verify
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class MonitorAgent:
     def __init__(self, host: StageHost, cfg: AgentConfig):
         self.host = host
         self.cfg = cfg
-        self.http = httpx.AsyncClient(timeout=5.0)
+        self.http = httpx.AsyncClient(timeout=5.0, verify=client_verify())
         self.probes: dict[str, ModelProbe] = {}
         self.calibrations: dict[str, ProfileReport] = {}
         self.stage_times: dict[str, RollingMedian] = {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
+
 from edgeorch.monitoring.estimators import RollingMedian
 
 
@@ -42,3 +44,15 @@ class SlowdownHold:
             self._late_s.add(max(0.0, woke - now - asked))
             now = woke
         return now - t0
+
+
+def perturbed(h: torch.Tensor, size: float, rng: torch.Generator) -> torch.Tensor:
+    """``h`` plus Gaussian noise of ``size`` times its RMS: a node that tampers with what it computes.
+
+    For the spot checks' tests and benchmark (``Emulation.perturb``): every
+    output of the node is wrong, by an amount that may or may not change a
+    greedy token.
+    """
+    rms = h.float().pow(2).mean().sqrt()
+    noise = torch.randn(h.shape, generator=rng, dtype=torch.float32)
+    return (h.float() + noise * (size * rms)).to(h.dtype)

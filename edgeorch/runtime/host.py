@@ -31,7 +31,7 @@ from edgeorch.models.adapter import StageInput
 from edgeorch.models.store import ModelStore
 from edgeorch.runtime.batching import DEFAULT_MAX_BATCH, BatchedStep, DecodeBatcher, batchable
 from edgeorch.runtime.checks import check_input
-from edgeorch.runtime.emulation import SlowdownHold
+from edgeorch.runtime.emulation import SlowdownHold, perturbed
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
 from edgeorch.runtime.memory import check_budget, return_memory
 from edgeorch.runtime.metrics import WorkerMetrics
@@ -108,6 +108,7 @@ class StageHost:
         self.emulation = emulation or Emulation()
         # Holds the compute thread after each step as a slower node would (read from the clock).
         self.hold = SlowdownHold(lambda: self.emulation.slowdown)
+        self._tamper_rng = torch.Generator().manual_seed(18)  # the emulated tampering's noise
         self.stages: dict[str, HostedStage] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         # Loads read checkpoints on their own thread, so a rollout's PREPARE
@@ -408,8 +409,9 @@ class StageHost:
             if meta.release:
                 self.sessions.release(hosted.stage_id, meta.session)
 
-    @staticmethod
-    def _output(loaded: LoadedStage, meta: ForwardMeta, inp: StageInput, h: torch.Tensor) -> wire.Frame:
+    def _output(self, loaded: LoadedStage, meta: ForwardMeta, inp: StageInput, h: torch.Tensor) -> wire.Frame:
+        if self.emulation.perturb > 0:
+            h = perturbed(h, self.emulation.perturb, self._tamper_rng)
         out_meta = meta.model_dump()
         if not loaded.last:
             tensors = {"x": h}

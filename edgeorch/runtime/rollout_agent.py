@@ -30,6 +30,7 @@ from edgeorch.rollout.signing import SIGNATURE_HEADER, MessageVerifier, sign_byt
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.standby import keep_standby
 from edgeorch.schemas.stage import StageSpec
+from edgeorch.security.certs import client_verify
 from edgeorch.security.credentials import stage_credential
 from edgeorch.service import bus
 
@@ -84,7 +85,7 @@ class RolloutAgent:
 
     async def start(self) -> None:
         """Start the reconcile and subscribe loops (the first pull happens right away)."""
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0), verify=client_verify())
         self._tasks = [
             asyncio.create_task(self._reconcile_loop(), name="rollout-reconcile"),
             asyncio.create_task(self._subscribe_loop(), name="rollout-subscribe"),

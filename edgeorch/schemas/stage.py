@@ -128,3 +128,9 @@ class Emulation(BaseModel):
     slowdown: float = Field(default=1.0, ge=1.0, le=1000.0, allow_inf_nan=False)
     bandwidth_mbps: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     rtt_ms: float = Field(default=0.0, ge=0.0, le=60_000.0, allow_inf_nan=False)
+    perturb: float = Field(
+        default=0.0, ge=0.0, le=10.0, allow_inf_nan=False,
+        description="tampering, for tests and benchmarks: noise of this size relative to the output's RMS "
+        "is added to every output of every stage here (hidden states, or the logits a last stage samples "
+        "from); 0: honest",
+    )  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
@@ -47,13 +48,55 @@ class TlsSettings(BaseSettings):
 
     def client_context(self) -> ssl.SSLContext:
         """An SSL context for calling peers: verify them against the CA, present this certificate."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
-        ctx.load_cert_chain(str(self.cert), str(self.key))
-        return ctx
+        return _client_context(str(self.cert), str(self.key), str(self.ca))
+
+    def env(self) -> dict[str, str]:
+        """These settings as the environment variables a child process reads them from."""
+        if not self.enabled:
+            return {}
+        return {
+            "EDGEORCH_TLS_CERT": str(self.cert),
+            "EDGEORCH_TLS_KEY": str(self.key),
+            "EDGEORCH_TLS_CA": str(self.ca),
+        }
 
 
-def init_certs(directory: Path, names: list[str]) -> list[Path]:
-    """Write ``ca.pem``/``ca.key`` (kept if present) and ``<name>.pem``/``<name>.key`` per name; returns the files."""
+@lru_cache(maxsize=16)
+def _client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    # One context per certificate for the whole process: building one reads and parses
+    # the files (milliseconds), and a context is safe to share between connections.
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def client_tls() -> ssl.SSLContext | None:
+    """The context every client of this process calls its peers with (``EDGEORCH_TLS_*``); None: plain HTTP.
+
+    Each client library takes it where it takes its own: ``httpx.Client(verify=client_verify())``,
+    ``HopClient`` and ``SyncHopClient`` by default. It is used for ``https://`` URLs only, so
+    a plain ``http://`` URL (a peer still without TLS, a test server) keeps working.
+    """
+    settings = TlsSettings()
+    return settings.client_context() if settings.enabled else None
+
+
+def client_verify() -> ssl.SSLContext | bool:
+    """httpx's ``verify`` argument: this process's TLS context, or True (the system's CAs) without one."""
+    return client_tls() or True
+
+
+def url_scheme(tls: bool) -> str:
+    """``https`` for a peer served with TLS, else ``http``."""
+    return "https" if tls else "http"
+
+
+def init_certs(directory: Path, names: list[str], hosts: tuple[str, ...] = ()) -> list[Path]:
+    """Write ``ca.pem``/``ca.key`` (kept if present) and ``<name>.pem``/``<name>.key`` per name; returns the files.
+
+    ``hosts``: more addresses or DNS names every certificate of this call is valid for
+    (a worker in a network namespace of its own is reached at its namespace's address).
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -92,6 +135,7 @@ def init_certs(directory: Path, names: list[str]) -> list[Path]:
             x509.DNSName(name),
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(_alt_name(h) for h in hosts),
         ]
         cert = (
             x509.CertificateBuilder().subject_name(subject(name)).issuer_name(ca_cert.subject)
@@ -106,3 +150,17 @@ def init_certs(directory: Path, names: list[str]) -> list[Path]:
         (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         written += [directory / f"{name}.pem", directory / f"{name}.key"]
     return written
+
+
+def _alt_name(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def tls_settings_for(directory: Path, name: str) -> TlsSettings:
+    """The settings of the holder ``name`` of a directory made by :func:`init_certs`."""
+    return TlsSettings(cert=directory / f"{name}.pem", key=directory / f"{name}.key", ca=directory / "ca.pem")

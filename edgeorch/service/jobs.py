@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 from celery import Celery
 
+from edgeorch.security.certs import client_verify
+
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -94,7 +96,7 @@ def batch_completions(
     results: list[dict[str, Any]] = []
     log.info("job %s: %d prompts for %s via %s", self.request.id, n, model, gateway_url)
     self.update_state(state="PROGRESS", meta={"done": 0, "total": n})
-    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S, verify=client_verify()) as client:
         for i, prompt in enumerate(prompts, start=1):
             results.append(complete_one(client, gateway_url, model, prompt, params, token))
             if results[-1]["error"]:

@@ -7,6 +7,7 @@ replaying them.
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,12 +54,20 @@ class ChainClient:
     """Sends frames to the first stage of a chain and reads the answers."""
 
     def __init__(
-        self, entry_url: str, entry_stage: str, timeout_s: float = 300.0, credential: str | None = None
+        self,
+        entry_url: str,
+        entry_stage: str,
+        timeout_s: float = 300.0,
+        credential: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ):
+        """``ssl_context``: for an https:// entry; None: the process's (``EDGEORCH_TLS_*``)."""
         self.entry_url = entry_url
         self.entry_stage = entry_stage
         self.url = protocol.forward_url(entry_url, entry_stage)
-        self.http = SyncHopClient(timeout_s=timeout_s)
+        self.http = SyncHopClient(
+            timeout_s=timeout_s, **({"ssl_context": ssl_context} if ssl_context else {})
+        )
         # The entry stage's data-plane credential (edgeorch.security), sent on every call; None: an open stage.
         self.headers = credential_headers(credential)
         self.frame_headers = {**protocol.FRAME_HEADERS, **self.headers}

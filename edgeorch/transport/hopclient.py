@@ -13,6 +13,12 @@ less than :data:`IDLE_REUSE_S`, well under uvicorn's keep-alive timeout. A
 reused connection the server closed just before the request (the classic
 keep-alive race) is retried once on a new one; any other failure is the
 caller's (:class:`HopError`, :class:`HopTimeout`).
+
+``https://`` URLs go over TLS with the process's client context
+(``EDGEORCH_TLS_*``, :func:`edgeorch.security.certs.client_tls`): the peer
+is verified against the CA and this process's certificate is presented.
+A TLS connection is kept alive like a plain one, so its handshake is paid
+once per connection, not per hop.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import ssl
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
+
+from edgeorch.security.certs import client_tls
 
 IDLE_REUSE_S = 30.0
 MAX_HEAD_BYTES = 64 * 1024
@@ -69,16 +78,29 @@ class HopResponse:
 
 
 @lru_cache(maxsize=1024)
-def _target(url: str) -> tuple[str, int, str, str]:
-    """(host, port, path with query, Host header) of an http:// URL."""
+def _target(url: str) -> tuple[str, int, str, str, bool]:
+    """(host, port, path with query, Host header, over TLS) of an http:// or https:// URL."""
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise HopError(f"hop URLs are plain http://host:port/...; got {url!r}")
-    port = parts.port or 80
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HopError(f"hop URLs are http(s)://host:port/...; got {url!r}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return parts.hostname, port, path, parts.netloc
+    return parts.hostname, port, path, parts.netloc, tls
+
+
+_UNSET = object()
+
+
+def _tls_context(given, url_host: str) -> ssl.SSLContext:
+    ctx = client_tls() if given is _UNSET else given
+    if ctx is None:
+        raise HopError(
+            f"{url_host} is an https:// peer but this process has no TLS settings (EDGEORCH_TLS_*)"
+        )
+    return ctx
 
 
 class _Connection:
@@ -111,7 +133,10 @@ class HopClient:
         connect_timeout_s: float = 5.0,
         max_idle_per_peer: int = 32,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        ssl_context=_UNSET,
     ):
+        """``ssl_context``: for https:// peers; default the process's (``EDGEORCH_TLS_*``), read when first needed."""
+        self.ssl_context = ssl_context
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_idle_per_peer = max_idle_per_peer
@@ -142,25 +167,28 @@ class HopClient:
         """Send one request; raises HopError (HopTimeout) when no complete answer comes."""
         if self._closed:
             raise HopError("the hop client is closed")
-        host, port, path, netloc = _target(url)
+        host, port, path, netloc, tls = _target(url)
         head = _request_head(method, path, netloc, len(content), headers)
         limit = self.timeout_s if timeout_s is None else timeout_s
+        ctx = _tls_context(self.ssl_context, netloc) if tls else None
         try:
             async with asyncio.timeout(limit):
-                return await self._exchange(host, port, head, content)
+                return await self._exchange(host, port, head, content, ctx)
         except TimeoutError as exc:
             raise HopTimeout(f"no answer from {host}:{port} within {limit:g} s") from exc
 
-    async def _exchange(self, host: str, port: int, head: bytes, content: bytes) -> HopResponse:
+    async def _exchange(
+        self, host: str, port: int, head: bytes, content: bytes, ctx: ssl.SSLContext | None
+    ) -> HopResponse:
         conn, reused = self._take(host, port), True
         if conn is None:
-            conn, reused = await self._open(host, port), False
+            conn, reused = await self._open(host, port, ctx), False
         try:
             try:
                 resp = await self._round_trip(conn, head, content, reused)
             except _StaleConnection:
                 conn.close()
-                conn = await self._open(host, port)
+                conn = await self._open(host, port, ctx)
                 resp = await self._round_trip(conn, head, content, reused=False)
         except BaseException:
             conn.close()  # a connection a request failed on is never reused
@@ -204,14 +232,18 @@ class HopClient:
             raise HopError(f"answer exceeds the limit of {self.max_body_bytes} bytes")
         return body
 
-    async def _open(self, host: str, port: int) -> _Connection:
+    async def _open(self, host: str, port: int, ctx: ssl.SSLContext | None) -> _Connection:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD_BYTES)
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=MAX_HEAD_BYTES, ssl=ctx, server_hostname=host if ctx else None
+                )
         except TimeoutError as exc:
             raise HopError(
                 f"connecting to {host}:{port} timed out after {self.connect_timeout_s:g} s"
             ) from exc
+        except ssl.SSLError as exc:
+            raise HopError(f"TLS with {host}:{port} failed: {exc}") from exc
         except OSError as exc:
             raise HopError(f"cannot connect to {host}:{port}: {exc}") from exc
         return _Connection(reader, writer)
@@ -309,8 +341,10 @@ class SyncHopClient:
     hop transport); not thread-safe.
     """
 
-    def __init__(self, timeout_s: float = 300.0):
+    def __init__(self, timeout_s: float = 300.0, ssl_context=_UNSET):
+        """``ssl_context``: for https:// peers; default the process's (``EDGEORCH_TLS_*``)."""
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
         self._conns: dict[tuple[str, int], http.client.HTTPConnection] = {}
 
     def post(self, url: str, content: bytes, headers: dict[str, str] | None = None) -> HopResponse:
@@ -325,13 +359,18 @@ class SyncHopClient:
         self, method: str, url: str, content: bytes = b"", headers: dict[str, str] | None = None
     ) -> HopResponse:
         """Send one request; raises HopError (HopTimeout) when no complete answer comes."""
-        host, port, path, _ = _target(url)
+        host, port, path, netloc, tls = _target(url)
         key = (host, port)
         for attempt in (0, 1):
             conn = self._conns.get(key)
             reused = conn is not None
             if conn is None:
-                conn = self._conns[key] = http.client.HTTPConnection(host, port, timeout=self.timeout_s)
+                if tls:
+                    ctx = _tls_context(self.ssl_context, netloc)
+                    conn = http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=ctx)
+                else:
+                    conn = http.client.HTTPConnection(host, port, timeout=self.timeout_s)
+                self._conns[key] = conn
             try:
                 conn.request(method, path, body=content, headers=headers or {})
                 resp = conn.getresponse()

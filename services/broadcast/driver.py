@@ -27,6 +27,7 @@ from edgeorch.rollout.state import (
     decide_prepare,
 )
 from edgeorch.schemas.rollout import RolloutView
+from edgeorch.security.certs import client_verify
 from edgeorch.service import bus
 from services.broadcast.metrics import BroadcastMetrics
 from services.broadcast.store import RolloutStore
@@ -62,7 +63,7 @@ class RolloutDriver:
         self.metrics = metrics
         self.cfg = cfg
         self._wake = asyncio.Event()
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.probe_timeout_s))
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.probe_timeout_s), verify=client_verify())
         # Probe and drain bookkeeping lives in memory: after a restart it
         # starts afresh, which only delays a decision by a probe interval.
         self._failures: dict[tuple[str, str], int] = {}

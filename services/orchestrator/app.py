@@ -14,13 +14,17 @@ import json
 import logging
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.models.store import ModelStore
 from edgeorch.orchestration.clients import ControlPlane
+from edgeorch.orchestration.spotcheck import DEFAULT_SHARE, DEFAULT_TOLERANCE, Shadows, SpotChecker
+from edgeorch.security.certs import client_verify
 from edgeorch.service import bus
+from edgeorch.service.auth import admin_headers
 from edgeorch.service.http_app import base_app
 from edgeorch.service.settings import ServiceSettings
 from edgeorch.service.storage import default_database_url, make_engine
@@ -88,6 +92,21 @@ class OrchestratorSettings(ServiceSettings):
     max_waiting_sessions: int = Field(
         default=64, ge=0, description="sessions that may wait for a slot; past that a request gets 429"
     )
+    spot_check_share: float = Field(
+        default=DEFAULT_SHARE, ge=0, le=1, allow_inf_nan=False,
+        description="share of the steps on routes with untrusted nodes that a trusted node recomputes "
+        "(edgeorch/orchestration/spotcheck.py); 0: no spot checks",
+    )  # fmt: skip
+    spot_check_hold_s: float = Field(
+        default=0.0, ge=0, le=60, allow_inf_nan=False,
+        description="hold a whole answer from a route with untrusted nodes until they pass a check begun "
+        "after its last step; after this many seconds without one, check the answer's last step itself; "
+        "0: do not hold (an answer finished just before its node is found out is given out)",
+    )  # fmt: skip
+    spot_check_tolerance: float = Field(
+        default=DEFAULT_TOLERANCE, ge=0, allow_inf_nan=False,
+        description="nats a lossy route's log-probabilities may differ from the trusted node's (fp32: exact)",
+    )  # fmt: skip
 
 
 async def _follow_monitor(settings: OrchestratorSettings, controller: Controller) -> None:
@@ -142,6 +161,15 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
         # The data plane's own client: the entry hop is paid on every token (docs/design.md, the hop transport).
         app.state.data_http = HopClient(timeout_s=settings.request_timeout_s, max_idle_per_peer=64)
         app.state.gateway_url = settings.public_url or bind_url or "http://127.0.0.1:8000"
+        shadows_http = httpx.AsyncClient(timeout=300.0, headers=admin_headers(settings.admin_token),
+                                         verify=client_verify())  # fmt: skip
+        if settings.spot_check_share > 0:
+            shadows = Shadows(shadows_http, plane.nodes)
+            controller.routes.checker = SpotChecker(
+                app.state.data_http, shadows, controller.routes.blame,
+                share=settings.spot_check_share, tolerance=settings.spot_check_tolerance,
+                settle_max_s=settings.spot_check_hold_s,
+            )  # fmt: skip
         await book.restore()
         follower = asyncio.create_task(_follow_monitor(settings, controller))
         try:
@@ -151,6 +179,9 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await controller.stop()
+            if controller.routes.checker is not None:
+                await controller.routes.checker.aclose()
+            await shadows_http.aclose()
             await app.state.data_http.aclose()
             await plane.close()
             await publisher.close()

@@ -59,6 +59,7 @@ class Controller:
         self.live: dict[str, Live] = {}
         self.routes = Routes(self.live, store, plane, self._evaluate, metrics,
                              secret=resolve_secret(getattr(settings, "rollout_secret", "")))  # fmt: skip
+        self.routes.log_event = self._log
 
     # ----- lifecycle -----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from edgeorch.dashboard.series import SeriesRecorder, read_counters
 from edgeorch.schemas.dashboard import ClusterView, SeriesView
 from edgeorch.schemas.rollout import DEPLOYMENT_PATTERN
 from edgeorch.schemas.stage import ID_PATTERN, Emulation
+from edgeorch.security.certs import client_verify
 from edgeorch.service import bus
 from edgeorch.service.auth import AdminAuth, admin_headers
 from edgeorch.service.limits import MAX_SQL_INT
@@ -67,7 +68,7 @@ class DashboardState:
     def __init__(self, admin_token: str):
         self.recorder = SeriesRecorder(SAMPLE_S, WINDOW_S, KEEP_S)
         self.pulse = Pulse()
-        self.http = httpx.AsyncClient(timeout=5.0, headers=admin_headers(admin_token))
+        self.http = httpx.AsyncClient(timeout=5.0, headers=admin_headers(admin_token), verify=client_verify())
 
 
 async def _sample(state: DashboardState, metrics) -> None:

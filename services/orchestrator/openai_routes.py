@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.orchestration.admission import Admission, QueueFull
-from edgeorch.orchestration.generation import ChainFailure, SessionStats, encode, generate
+from edgeorch.orchestration.generation import ChainFailure, SessionStats, SessionTainted, encode, generate
 from edgeorch.orchestration.text import TextStream, chat_prompt_ids, stop_token_ids
 from edgeorch.runtime.logprobs import LogprobsError, TokenLogprobs, read_logprobs
 from edgeorch.transport import wire
@@ -48,6 +49,9 @@ from services.orchestrator.openai_schemas import (
     refuse_unsupported_embedding,
 )
 from services.orchestrator.store import NotFound
+
+log = logging.getLogger(__name__)
+TAINT_RETRIES = 2  # a whole answer is generated again at most this often after a failed spot check
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["gateway"])
 _BAD_REQUEST = {400: {"description": "a field the gateway does not implement, named in the detail"}}
@@ -145,7 +149,7 @@ async def _tokens(request: Request, name: str, ids: list[int], max_tokens: int, 
     async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
                                 body.sampling(choice.index), stop_ids, stats,
                                 on_step=_step_seen(request, name), logprobs=top,
-                                on_result=_logprob_reader(top, got)):  # fmt: skip
+                                on_result=_logprob_reader(top, got), settle=not body.stream):  # fmt: skip
         lp = got.pop() if got else None
         if token in stop_ids:
             choice.finish = "stop"
@@ -224,6 +228,25 @@ class _Answer:
         ]
 
     async def whole(self, max_tokens: int) -> dict:
+        for attempt in range(TAINT_RETRIES + 1):
+            try:
+                texts = await self._collect(max_tokens)
+                break
+            except SessionTainted as exc:
+                # Nothing was sent yet: generate it again, on a route without the suspect node.
+                if attempt == TAINT_RETRIES:
+                    raise GatewayError(exc.status, exc.detail) from None
+                log.warning("%s: answer generated again from its prompt: %s", self.name, exc.detail[:300])
+                self.choices = [
+                    ChoiceState(c.index, TextStream(self.tok, self.body.stops())) for c in self.choices
+                ]
+        choices = [
+            self.choice(c, self.echo + text, c.finish, False)
+            for c, text in zip(self.choices, texts, strict=True)
+        ]
+        return {**self.head(False), "choices": choices, "usage": self.usage()}
+
+    async def _collect(self, max_tokens: int) -> list[str]:
         async def collect(run: AsyncIterator[tuple[ChoiceState, str, str | None]]) -> str:
             return "".join([delta async for _, delta, _ in run])
 
@@ -231,13 +254,12 @@ class _Answer:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(collect(run)) for run in self.runs(max_tokens)]
         except* ChainFailure as failures:
+            tainted = [e for e in failures.exceptions if isinstance(e, SessionTainted)]
+            if tainted:
+                raise tainted[0] from None
             exc = failures.exceptions[0]
             raise GatewayError(exc.status, exc.detail) from None
-        choices = [
-            self.choice(c, self.echo + t.result(), c.finish, False)
-            for c, t in zip(self.choices, tasks, strict=True)
-        ]
-        return {**self.head(False), "choices": choices, "usage": self.usage()}
+        return [t.result() for t in tasks]
 
     async def events(self, max_tokens: int) -> AsyncIterator[str]:
         head = self.head(True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
@@ -66,3 +67,25 @@ async def list_events(
 ) -> list[OrchestratorEvent]:
     """The decision log after event ``since``: deploys, keeps, remaps, re-splits, recoveries, measurements."""
     return await run_in_threadpool(request.app.state.store.events, since, deployment, limit)
+
+
+NodeName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+
+
+@router.get("/v1/spot-checks", tags=["events"])
+async def spot_checks(request: Request) -> dict:
+    """Spot checks of untrusted nodes: counts, the latest verdicts, and the nodes that failed one (suspect)."""
+    routes = request.app.state.routes
+    checker = routes.checker
+    recent = [] if checker is None else [asdict(v) for v in checker.verdicts[-20:]]
+    return {"enabled": checker is not None, "share": checker.share if checker else 0.0,
+            "counts": dict(checker.counts) if checker else {}, "recent": recent,
+            "suspects": dict(routes.distrusted)}  # fmt: skip
+
+
+@router.delete("/v1/spot-checks/suspects/{node}", status_code=204, tags=["events"], dependencies=[AdminAuth])
+async def trust_again(node: NodeName, request: Request) -> None:
+    """An operator's word that a suspect node is fixed: plans may use it again."""
+    if not request.app.state.routes.trust_again(node):
+        raise HTTPException(404, f"node {node!r} is not suspect")
+    request.app.state.controller.poke_all(f"{node} trusted again by an operator")

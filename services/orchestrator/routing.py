@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
 from edgeorch.orchestration.generation import ChainFailure, Route
 from edgeorch.orchestration.migration import MovePath
+from edgeorch.orchestration.spotcheck import SpotChecker, Verdict
 from edgeorch.schemas.orchestrator import MeasuredView
 from services.orchestrator.live import Live, measured
 from services.orchestrator.store import OrchestratorStore
@@ -29,6 +30,7 @@ RELOAD_WAIT_S = 2.0  # before replaying a session whose stage vanished on a live
 SUSPECT_S = 30.0  # a node a request saw die stays out of plans this long, or until the monitor re-sees it
 
 Replan = Callable[[Live, str, frozenset[str]], Awaitable[bool]]
+LogEvent = Callable[[str, str | None, str, dict], Awaitable[None]]
 
 
 class Routes:
@@ -43,12 +45,62 @@ class Routes:
         self.replan = replan
         self.metrics = metrics
         self.suspects: dict[str, float] = {}  # node -> when a request saw it die (monotonic)
+        # node -> why: it failed a spot check. Kept until an operator clears it (being alive proves nothing).
+        self.distrusted: dict[str, str] = {}
+        self.checker: SpotChecker | None = None  # set by the app when spot checks are on
+        self.log_event: LogEvent | None = None
 
     def excluded(self, extra: frozenset[str]) -> set[str]:
-        """Nodes a plan must avoid now: recent suspects and ``extra``."""
+        """Nodes a plan must avoid now: recent suspects, nodes that failed a spot check, and ``extra``."""
         now = time.monotonic()
         self.suspects = {n: t for n, t in self.suspects.items() if now - t < SUSPECT_S}
-        return set(self.suspects) | set(extra)
+        return set(self.suspects) | set(self.distrusted) | set(extra)
+
+    # ----- spot checks (edgeorch/orchestration/spotcheck.py) ------------------------------------
+
+    def spot_check(self, route: Route, tokens: list[int]) -> None:
+        """Maybe check the step that consumed ``tokens`` (RouteProvider; no I/O)."""
+        if self.checker is not None:
+            self.checker.after_step(route.deployment, route.version, route.stages,
+                                    route.headers(route.entry_stage), tokens)  # fmt: skip
+
+    def tainted(self, nodes: set[str]) -> str | None:
+        """Why tokens computed on ``nodes`` cannot be trusted, or None (RouteProvider)."""
+        for node in nodes:
+            if node in self.distrusted:
+                return f"node {node} computed part of this answer and failed a spot check: {self.distrusted[node]}"
+        return None
+
+    async def settle(self, route: Route, tokens: list[int], since: float) -> None:
+        """Hold a whole answer until its untrusted nodes passed a later check (RouteProvider)."""
+        if self.checker is not None:
+            await self.checker.settle(route.deployment, route.version, route.stages,
+                                      route.headers(route.entry_stage), tokens, since)  # fmt: skip
+
+    async def blame(self, verdict: Verdict) -> None:
+        """A check failed: its nodes are suspect, an event says why, the deployment is re-planned without them."""
+        live = self.live.get(verdict.deployment)
+        why = (f"v{verdict.version} of {verdict.deployment}: {verdict.detail} "
+               f"(a {verdict.tokens}-token step recomputed on a trusted node)")  # fmt: skip
+        new = [n for n in verdict.nodes if n not in self.distrusted]
+        if live is None or not new:
+            return
+        async with live.lock:  # sessions that meet a suspect route wait here for the re-plan
+            for node in new:
+                self.distrusted[node] = why
+            if self.log_event is not None:
+                await self.log_event("spot_check_failed", verdict.deployment,
+                                     f"{', '.join(new)} failed a spot check and is suspect: {why}",
+                                     {"nodes": new, "version": verdict.version, "detail": verdict.detail,
+                                      "tokens": verdict.tokens, "max_diff": verdict.max_diff,
+                                      "check_s": verdict.seconds})  # fmt: skip
+            await self.replan(live, f"spot check failed on {', '.join(new)}", frozenset(new))
+
+    def trust_again(self, node: str) -> bool:
+        """An operator's word that ``node`` is fixed; True when it was suspect."""
+        if self.checker is not None:
+            self.checker.failed_nodes.discard(node)
+        return self.distrusted.pop(node, None) is not None
 
     async def route(self, deployment: str) -> Route:
         """The active route (RouteProvider)."""
@@ -62,6 +114,12 @@ class Routes:
             raise ChainFailure(
                 503, f"deployment {deployment!r} is {row.state}: {row.reason or 'no plan yet'}"
             )
+        if self.tainted({s.node for s in live.route.stages}) is not None:
+            async with live.lock:  # a re-plan around a suspect node holds it
+                pass
+            why = self.tainted({s.node for s in live.route.stages}) if live.route else "no route"
+            if why is not None:
+                raise ChainFailure(503, f"no route of {deployment!r} without suspect nodes: {why}")
         return live.route
 
     async def from_broadcast(self, live: Live) -> Route | None:

@@ -88,3 +88,36 @@ def test_plain_http_is_not_served(served) -> None:
     except httpx.TransportError:
         return
     assert resp.status_code != 200
+
+
+def test_the_hop_clients_speak_tls_with_the_process_certificate(served) -> None:
+    import asyncio
+
+    from edgeorch.security.certs import tls_settings_for
+    from edgeorch.transport.hopclient import HopClient, HopError, SyncHopClient
+
+    url, root = served
+    ctx = tls_settings_for(root / "ours", "client").client_context()
+    sync = SyncHopClient(timeout_s=10, ssl_context=ctx)
+    try:
+        for _ in range(3):  # one connection, kept alive
+            assert sync.request("GET", f"{url}/healthz").json()["service"] == "splitter"
+        assert len(sync._conns) == 1
+    finally:
+        sync.close()
+
+    async def both() -> None:
+        hop = HopClient(timeout_s=10, ssl_context=ctx)
+        try:
+            assert (await hop.request("GET", f"{url}/healthz")).json()["service"] == "splitter"
+        finally:
+            await hop.aclose()
+        bare = HopClient(timeout_s=10, ssl_context=None)  # a process without EDGEORCH_TLS_*
+        with pytest.raises(HopError, match="no TLS settings"):
+            await bare.request("GET", f"{url}/healthz")
+        rogue = tls_settings_for(root / "rogue", "client").client_context()
+        refused = HopClient(timeout_s=10, ssl_context=rogue)  # verifies the server against the wrong CA
+        with pytest.raises(HopError):
+            await refused.request("GET", f"{url}/healthz")
+
+    asyncio.run(both())

@@ -186,8 +186,10 @@ def test_a_silent_peer_times_out_and_a_closed_port_is_unreachable():
         await srv.stop()
         with pytest.raises(HopError, match="cannot connect"):
             await client.post(f"http://127.0.0.1:{port}/", b"x")
-        with pytest.raises(HopError, match="plain http"):
-            await client.post("https://127.0.0.1/", b"x")
+        with pytest.raises(HopError, match=r"http\(s\)://host:port"):
+            await client.post("ftp://127.0.0.1/", b"x")
+        with pytest.raises(HopError, match="no TLS settings"):
+            await HopClient(ssl_context=None).post("https://127.0.0.1/", b"x")
         await client.aclose()
         with pytest.raises(HopError, match="closed"):
             await client.post(f"http://127.0.0.1:{port}/", b"x")
