@@ -101,11 +101,13 @@ def warm_engine(on_loader: Runner = _here, on_compute: Runner = _here) -> float:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgeorch-warm-") as tmp:
         for fmt, scales in WARM_VARIANTS:
-            model_dir = _write_model(Path(tmp), fmt, scales)
 
-            def load(model_dir: Path = model_dir, fmt: str = fmt):
+            def load(fmt: str = fmt, scales: str | None = scales):
                 from edgeorch.engine import load_adapter
 
+                # Written on the loader thread too: building modules patches torch globally for a
+                # moment (accelerate's init_empty_weights), which must not overlap a real load.
+                model_dir = _write_model(Path(tmp), fmt, scales)
                 load_adapter(model_dir, "lean", fmt).profile("warm-up")  # what a load's memory check does
                 return load_stage(model_dir, 0, 3, engine="lean", weight_format=fmt)
 
