@@ -101,7 +101,9 @@ def synth_units(model_dir: Path, fmt: str, seed: int = 0) -> dict:
         skeleton = adapter.skeleton_unit(u)
         tensors = {k: _random_like(k, p, gen) for k, p in skeleton.state_dict(keep_vars=True).items()}
         if f32_scales:
-            tensors = {k: t.float() if k.endswith("scales") and t.ndim == 3 else t for k, t in tensors.items()}
+            tensors = {
+                k: t.float() if k.endswith("scales") and t.ndim == 3 else t for k, t in tensors.items()
+            }
         sizes.append(write_unit_file(tmp / unit_file_name(u), tensors))
         del tensors
     record = {
