@@ -130,7 +130,9 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
         _wait_engine_imported(ws)
         bare_status = [proc_status(w.proc.pid) for w in ws.workers]
         bare = [b["VmRSS"] for b in bare_status]
-        bare_split = [resident_split(w.proc.pid, store.root) for w in ws.workers]
+        # The model's own directory, resolved: a store entry may be a link to another store.
+        model_root = store.path(model).resolve()
+        bare_split = [resident_split(w.proc.pid, model_root) for w in ws.workers]
         peak_reset = all([reset_peak(w.proc.pid) for w in ws.workers])
         opts = {"engine": "lean", "format": fmt, "kv_sessions": 1, "kv_context": context}
         ids = load_chain(ws, model, ranges, prefix=f"mem{os.getpid()}", options=opts, token=token)
@@ -143,7 +145,7 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
         for i, w in enumerate(ws.workers):
             info = httpx.get(f"{w.url}/v1/stages/{ids[i]}", timeout=30).json()
             st = proc_status(w.proc.pid)
-            split = resident_split(w.proc.pid, store.root)
+            split = resident_split(w.proc.pid, model_root)
             kv = int(info.get("kv_bytes") or 0)
             planned = info["param_bytes"] + kv
             share = info["param_bytes"]
@@ -157,7 +159,7 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
                 "ratio": (st["VmHWM"] - bare[i]) / planned,
                 "anon_growth": split["anon"] - bare_split[i]["anon"], "lib_growth": split["lib"] - bare_split[i]["lib"],
                 "read_over_share": int(info.get("bytes_read") or 0) / share,
-                "resident_over_share": store_resident(w.proc.pid, store.root) / share,
+                "resident_over_share": store_resident(w.proc.pid, model_root) / share,
                 "load_s": info["load_s"], "decode_tok_s": gen.decode_tokens_per_s,
             })  # fmt: skip
     return rows
