@@ -102,7 +102,10 @@ def serve(gguf: Path, threads: int, n_ctx: int) -> None:
             llm.reset()
         t0 = time.perf_counter()
         llm.eval(req["ids"])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last position's logits from the context itself: with logits_all off, llama-cpp-python
+        # 0.3.36 leaves llm.scores zero (its argmax was token 0 at every step).
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        token = int(np.argmax(logits))
         _say({"token": token, "seconds": time.perf_counter() - t0})
 
 
