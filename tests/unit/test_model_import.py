@@ -137,6 +137,10 @@ def test_gguf_int4_is_planned_as_held_and_decodes(smol_q4) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16, open: 2 of 5 prompts equal (the Q8_0 table is re-quantised per row; docs/results.md)",
+)
 def test_gguf_int4_writes_llama_cpps_greedy_text(smol_q4) -> None:
     """Issue 16: SmolLM2's own Q4_1 file, imported, writes what llama.cpp writes on it (greedy, 5 chat prompts)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make bench-peers`")
