@@ -9,13 +9,16 @@ reads from /proc per worker:
 - ``planner/held``: the planner's memory model for the stage (the unit
   profile's param bytes + KV bytes per token x ``--context``) over what the
   worker holds (``planned``);
-- ``peak``: ``VmHWM`` (peak RSS, anonymous and file pages), and
+- ``bare``: RSS of the fresh worker, which at startup has imported the
+  engine's code (:func:`edgeorch.engine.import_engine`) and run a tiny model
+  through every lean format (:mod:`edgeorch.engine.warmup`);
+- ``peak``: ``VmHWM`` (peak RSS, anonymous and file pages) since bare (the
+  peak is reset at bare through ``/proc/PID/clear_refs``), and
   ``(peak - bare) / planned``, the figure issue 16 targets at <= 1.15;
-- ``bare``: RSS of the fresh worker, which has imported the engine's code
-  at startup (:func:`edgeorch.engine.import_engine`);
-- ``ready``: RSS after the worker loaded, ran and dropped a one-unit stage
-  of a small model of the family (first-use state of the kernels, not
-  data), and ``(peak - ready) / planned``;
+- where the growth went, from ``/proc/PID/smaps`` at the end against bare:
+  ``+anon`` (KV, activations, per-session and per-thread state) and
+  ``+lib`` (file pages other than the model store's: code first touched
+  after bare, which the warm-up should have left at ~0);
 - ``read/share``: the bytes the worker's load read (unit files mapped, or
   checkpoint tensors read), over its ``param_bytes``; ``mapped/share``: the
   model-store file bytes resident in its mappings (``/proc/PID/smaps``);
@@ -39,7 +42,6 @@ from edgeorch.local.chain import load_chain
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.models import adapter_for, load_config
 from edgeorch.models.store import ModelStore
-from edgeorch.service.auth import admin_headers
 from edgeorch.service.settings import CommonSettings
 from edgeorch.transport.client import ChainClient
 
@@ -68,6 +70,36 @@ def store_resident(pid: int, root: Path) -> int:
     return total
 
 
+def resident_split(pid: int, root: Path) -> dict[str, int]:
+    """Resident bytes of a process by kind: ``store`` (files under ``root``), ``lib`` (other files), ``anon``."""
+    out, root_s, inside = {"store": 0, "lib": 0, "anon": 0}, str(root.resolve()), False
+    rss = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):
+            fields = line.split()
+            path = fields[5] if len(fields) >= 6 else ""
+            inside = path.startswith(root_s)
+            is_file = path.startswith("/")
+        elif first == "Rss:":
+            rss = int(line.split()[1]) * 1024
+        elif first == "Anonymous:":  # comes after Rss: in each mapping's block
+            anon = int(line.split()[1]) * 1024
+            out["anon"] += anon
+            if is_file:
+                out["store" if inside else "lib"] += rss - anon
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the process's ``VmHWM`` to its current RSS (Linux >= 4.0); False when not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def split_even(num_units: int, n: int) -> list[tuple[int, int]]:
     """``n`` contiguous ranges of about equal unit counts."""
     cuts = [round(i * num_units / n) for i in range(n + 1)]
@@ -75,7 +107,7 @@ def split_even(num_units: int, n: int) -> list[tuple[int, int]]:
 
 
 def _wait_engine_imported(ws: LocalWorkers, timeout_s: float = 600.0) -> None:
-    """Wait until every worker has imported the engine's code (it does at startup, on a thread)."""
+    """Wait until every worker has imported and warmed up the engine (it does at startup, on a thread)."""
     deadline = time.monotonic() + timeout_s
     for w in ws.workers:
         while not httpx.get(f"{w.url}/v1/memory", timeout=30).json().get("engine_imported"):
@@ -85,25 +117,8 @@ def _wait_engine_imported(ws: LocalWorkers, timeout_s: float = 600.0) -> None:
     time.sleep(1.0)
 
 
-def _ready_rss(ws: LocalWorkers, warmup: str, token: str) -> list[int]:
-    """RSS of each worker after it loaded, ran and dropped a one-unit stage of ``warmup``.
-
-    What that leaves is code, not data: the model family's modules imported
-    (transformers' modeling code, ~85 MB for Llama), the kernels' first-use
-    state. A worker pays it once, whatever it serves.
-    """
-    headers = admin_headers(token)
-    for i, w in enumerate(ws.workers):
-        sid = f"warm{os.getpid()}.{i}"
-        spec = {"model": warmup, "start": 0, "end": 1, "engine": "lean", "format": "int8"}
-        httpx.put(f"{w.url}/v1/stages/{sid}", json=spec, headers=headers, timeout=120).raise_for_status()
-        httpx.delete(f"{w.url}/v1/stages/{sid}", headers=headers, timeout=60).raise_for_status()
-    time.sleep(0.5)
-    return [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
-
-
 def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int, tokens: int,
-            warmup: str, memory: int | None = None) -> list[dict]:  # fmt: skip
+            memory: int | None = None) -> list[dict]:  # fmt: skip
     """One chain of ``n_stages`` workers for ``model`` in ``fmt``; one row per worker."""
     adapter = adapter_for(load_config(store.path(model)))
     ranges = split_even(adapter.num_units, n_stages)
@@ -113,8 +128,12 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
     # A generous start: on a shared, loaded machine a worker's imports alone took over 60 s.
     with LocalWorkers(n_stages, model_store=store.root, threads=1, extra_env=env, start_timeout_s=600) as ws:
         _wait_engine_imported(ws)
-        bare = [proc_status(w.proc.pid)["VmRSS"] for w in ws.workers]
-        ready = _ready_rss(ws, warmup, token)
+        bare_status = [proc_status(w.proc.pid) for w in ws.workers]
+        bare = [b["VmRSS"] for b in bare_status]
+        # The model's own directory, resolved: a store entry may be a link to another store.
+        model_root = store.path(model).resolve()
+        bare_split = [resident_split(w.proc.pid, model_root) for w in ws.workers]
+        peak_reset = all([reset_peak(w.proc.pid) for w in ws.workers])
         opts = {"engine": "lean", "format": fmt, "kv_sessions": 1, "kv_context": context}
         ids = load_chain(ws, model, ranges, prefix=f"mem{os.getpid()}", options=opts, token=token)
         client = ChainClient(ws.workers[0].url, ids[0])
@@ -126,6 +145,7 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
         for i, w in enumerate(ws.workers):
             info = httpx.get(f"{w.url}/v1/stages/{ids[i]}", timeout=30).json()
             st = proc_status(w.proc.pid)
+            split = resident_split(w.proc.pid, model_root)
             kv = int(info.get("kv_bytes") or 0)
             planned = info["param_bytes"] + kv
             share = info["param_bytes"]
@@ -134,11 +154,12 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
             rows.append({
                 "model": model, "format": fmt, "stage": f"{ranges[i][0]}:{ranges[i][1]}",
                 "param_bytes": share, "kv_bytes": kv, "planned": planned, "planner_over_held": model_bytes / planned,
-                "bare_rss": bare[i],
-                "ready_rss": ready[i], "peak_rss": st["VmHWM"], "rss_anon": st["RssAnon"], "rss_file": st["RssFile"],
-                "ratio": (st["VmHWM"] - bare[i]) / planned, "ratio_ready": (st["VmHWM"] - ready[i]) / planned,
+                "bare_rss": bare[i], "peak_reset_at_bare": peak_reset, "startup_peak_rss": bare_status[i]["VmHWM"],
+                "peak_rss": st["VmHWM"], "rss_anon": st["RssAnon"], "rss_file": st["RssFile"],
+                "ratio": (st["VmHWM"] - bare[i]) / planned,
+                "anon_growth": split["anon"] - bare_split[i]["anon"], "lib_growth": split["lib"] - bare_split[i]["lib"],
                 "read_over_share": int(info.get("bytes_read") or 0) / share,
-                "resident_over_share": store_resident(w.proc.pid, store.root) / share,
+                "resident_over_share": store_resident(w.proc.pid, model_root) / share,
                 "load_s": info["load_s"], "decode_tok_s": gen.decode_tokens_per_s,
             })  # fmt: skip
     return rows
@@ -147,13 +168,13 @@ def measure(store: ModelStore, model: str, fmt: str, n_stages: int, context: int
 def table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     mib = 1 << 20
-    head = ("| model | fmt | stage | planned MiB | bare MiB | ready MiB | peak MiB | (peak-bare)/planned "
-            "| (peak-ready)/planned | planner/held | read/share | mapped/share | load s | decode tok/s |")  # fmt: skip
+    head = ("| model | fmt | stage | planned MiB | bare MiB | peak MiB | (peak-bare)/planned | +anon MiB "
+            "| +lib MiB | planner/held | read/share | mapped/share | load s | decode tok/s |")  # fmt: skip
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['format']} | {r['stage']} | {r['planned'] / mib:.1f} | {r['bare_rss'] / mib:.0f} "
-            f"| {r['ready_rss'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | {r['ratio']:.2f} | {r['ratio_ready']:.2f} "
+            f"| {r['peak_rss'] / mib:.0f} | {r['ratio']:.2f} | {r['anon_growth'] / mib:.1f} | {r['lib_growth'] / mib:.1f} "
             f"| {r['planner_over_held']:.3f} | {r['read_over_share']:.2f} | {r['resident_over_share']:.2f} | {r['load_s']:.2f} "
             f"| {r['decode_tok_s']:.1f} |"
         )
@@ -169,18 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--memory", type=int, default=None, help="each worker's memory cap (EDGEORCH_MEMORY)")
-    p.add_argument(
-        "--warmup", default="tiny-llama", help="a small model of the same family, for the ready RSS"
-    )
     p.add_argument("--store", type=Path, default=None, help="model store (default: EDGEORCH_MODEL_STORE)")
     args = p.parse_args(argv)
     store = ModelStore(args.store or CommonSettings().model_store)
     rows: list[dict] = []
     for item in args.models.split(","):
         model, _, fmt = item.partition(":")
-        rows += measure(
-            store, model, fmt or "int8", args.stages, args.context, args.tokens, args.warmup, args.memory
-        )
+        rows += measure(store, model, fmt or "int8", args.stages, args.context, args.tokens, args.memory)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -87,6 +87,21 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) 
     return ((q.view(out_f, in_f // group, group).float() - 8.0) * scale + zero).view(out_f, in_f)
 
 
+def q8_round_trip(x: torch.Tensor, block: int = INT4_GROUP) -> torch.Tensor:
+    """``x`` as llama.cpp quantises a matmul's activation for Q4_0/Q4_1 weights (Q8_1, AVX2 path), in float32.
+
+    Per block of 32 values: codes ``round(x * 127 / amax)`` (half to even)
+    times the block's scale ``amax / 127`` rounded to fp16. Multiplying the
+    GGUF's own int4 weights by this (in float32) is llama.cpp's arithmetic up
+    to the order of float additions, which is what makes an imported GGUF
+    write llama.cpp's greedy text (bench/gguf_text.py).
+    """
+    xb = x.float().reshape(-1, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0).half().float()).view(x.shape)
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -187,9 +202,12 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # int4 takes its activation in its scales' dtype: bf16, or float32 for a GGUF's own blocks.
+        # int4 takes its activation in its scales' dtype: bf16, or float32 for a GGUF's own blocks,
+        # whose activation is then quantised as llama.cpp quantises it (q8_round_trip).
         dtype = self.scales.dtype if self.fmt == "int4" else self.dtype
-        if x.dtype != dtype:
+        if dtype == torch.float32 and self.fmt == "int4":
+            x = q8_round_trip(x)
+        elif x.dtype != dtype:
             x = x.to(dtype)
         if self.fmt == "fp32":
             return F.linear(x, self.weight, self.bias)

@@ -22,6 +22,7 @@ from torch import nn
 from edgeorch.engine import stage_adapter
 from edgeorch.models import load_config
 from edgeorch.models.checkpoint import CheckpointReader
+from edgeorch.models.formats import int4_scale_bytes
 from edgeorch.models.unitfile import PackedUnits, map_unit_file, unit_file_name, write_unit_file
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,10 @@ def _random_like(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tens
 def synth_units(model_dir: Path, fmt: str, seed: int = 0) -> dict:
     """Write random ``packed/<fmt>/`` units for the config in ``model_dir``, one unit in memory at a time."""
     t0 = time.monotonic()
-    adapter = stage_adapter(load_config(model_dir), "lean", fmt)
+    config = load_config(model_dir)
+    adapter = stage_adapter(config, "lean", fmt)
+    # int4 with float32 scales and zeros, as a GGUF's own Q4 blocks are held (engine/gguf_blocks.py).
+    f32_scales = fmt == "int4" and int4_scale_bytes(config) == 4
     gen = torch.Generator().manual_seed(seed)
     packed = PackedUnits(model_dir, fmt)
     tmp = packed.begin()
@@ -96,6 +100,10 @@ def synth_units(model_dir: Path, fmt: str, seed: int = 0) -> dict:
     for u in range(adapter.num_units):
         skeleton = adapter.skeleton_unit(u)
         tensors = {k: _random_like(k, p, gen) for k, p in skeleton.state_dict(keep_vars=True).items()}
+        if f32_scales:
+            tensors = {
+                k: t.float() if k.endswith("scales") and t.ndim == 3 else t for k, t in tensors.items()
+            }
         sizes.append(write_unit_file(tmp / unit_file_name(u), tensors))
         del tensors
     record = {

@@ -136,6 +136,16 @@ class StageHost:
         """Open the keep-alive client used to reach the next stages."""
         self.client = HopClient(timeout_s=self.forward_timeout_s, connect_timeout_s=5.0, max_idle_per_peer=32)
 
+    def warm_engine(self) -> float:
+        """Run engine/warmup.py's tiny model once on the loader and compute threads (blocking; at startup)."""
+        from edgeorch.engine.warmup import warm_engine
+
+        seconds = warm_engine(
+            lambda fn: self._loader.submit(fn).result(), lambda fn: self._executor.submit(fn).result()
+        )
+        return_memory()
+        return seconds
+
     async def close(self) -> None:
         """Close the client and stop the compute thread."""
         if self.client is not None:

@@ -114,7 +114,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         # On a thread: a loaded machine takes tens of seconds over these imports, and /healthz
         # must answer meanwhile (a first stage load waits for them on Python's import lock).
-        threading.Thread(target=_import_engine, args=(app.state.engine_imported,), daemon=True,
+        threading.Thread(target=_import_engine, args=(host, app.state.engine_imported), daemon=True,
                          name="engine-import").start()  # fmt: skip
         await host.start()
         sweeper = asyncio.create_task(_sweep_sessions(host, min(5.0, settings.session_ttl_s / 2)))
@@ -172,8 +172,14 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     return app
 
 
-def _import_engine(done: threading.Event) -> None:
+def _import_engine(host: StageHost, done: threading.Event) -> None:
+    """Import the engine's code, then run its kernels once on the host's own threads (engine/warmup.py)."""
     import_engine()
+    try:
+        seconds = host.warm_engine()
+        log.info("engine imported and warmed up in %.2fs", seconds)
+    except Exception:  # a warm-up is an optimisation of memory accounting: never a reason not to serve
+        log.exception("engine warm-up failed; the first stage will pay its first-use code")
     done.set()
 
 

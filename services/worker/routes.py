@@ -56,7 +56,7 @@ async def put_stage(stage_id: StageId, spec: StageSpec, host: Host, response: Re
 @router.get("/v1/memory", tags=["stages"])
 async def memory(host: Host, request: Request) -> dict[str, int | bool | None]:
     """Planned bytes (weights held + planned KV), the cap, and what /proc says this process holds
-    (``engine_imported``: the engine's code, imported at startup, is in already)."""
+    (``engine_imported``: the engine's code was imported and warmed up, at startup)."""
     return {"limit": host.memory_limit, "param_bytes": host.units.held_bytes(),
             "planned_bytes": host.planned_bytes(), "kv_held_bytes": host.sessions.total_bytes(),
             "engine_imported": request.app.state.engine_imported.is_set(), **proc_memory()}  # fmt: skip
