@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--idle-s", type=float, default=10.0, help="seconds of no traffic: background CPU")
     ap.add_argument(
         "--profile", default="", help="a py-spy binary: sample the orchestrator through one stream"
     )
@@ -183,6 +184,10 @@ def main() -> None:
         asyncio.run(_gateway(url, 4))
         print("\nms per decode token\n| round | " + " | ".join(PATHS)
               + " | fresh ÷ gateway | same ÷ gateway |\n|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+        c0, t0 = _cpu(procs), time.perf_counter()
+        time.sleep(args.idle_s)  # no traffic: what the stack burns by itself
+        idle = _cpu_per_token(c0, _cpu(procs), 1)
+        idle = {k: v / (time.perf_counter() - t0) for k, v in idle.items()}
         try:
             rows = _rounds(paths, procs, args.rounds)
         finally:
@@ -199,18 +204,15 @@ def main() -> None:
           f"{ratio['fresh chain']:.3f}x, ÷ same-worker chain {ratio['same-worker chain']:.3f}x; "
           f"load {load_before[0]:.1f} -> {load_after[0]:.1f}")  # fmt: skip
     roles = rows[0]["gateway cpu"].keys()
-    print("\nCPU ms per token by process (median over rounds)\n| process | " + " | ".join(PATHS)
-          + " |\n|---|---:|---:|---:|")  # fmt: skip
+    print("\nCPU ms per token by process (median over rounds), and per second with no traffic\n| process | "
+          + " | ".join(PATHS) + " | idle ms/s |\n|---|---:|---:|---:|---:|")  # fmt: skip
     for k in roles:
-        print(
-            f"| {k} | "
-            + " | ".join(f"{statistics.median(x[f'{p} cpu'][k] for x in rows):.1f}" for p in PATHS)
-            + " |"
-        )
+        cells = [f"{statistics.median(x[f'{p} cpu'][k] for x in rows):.1f}" for p in PATHS]
+        print(f"| {k} | {' | '.join(cells)} | {idle[k]:.1f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gateway_path.json").write_text(json.dumps({
         "rounds": rows, "median_ms": med, "gateway_over": ratio, "plan": ranges, "workers": args.workers,
-        "tokens": args.tokens, "load": [load_before, load_after]}, indent=1))  # fmt: skip
+        "tokens": args.tokens, "idle_cpu_ms_per_s": idle, "load": [load_before, load_after]}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# Fitted (fit_growth) to bench/batch_step.py on SmolLM2 fp32, one thread per process (stop 27:
+# 1.60x at 2, 3.71x at 4, 4.22x at 8). The planner's predictions use it for every model until the
+# workers' own per-batch step times are fitted per node (not built).
+BATCH_GROWTH = 0.114
+
 
 def fit_growth(step_s_by_batch: Mapping[int, float]) -> float:
     """Least-squares ``growth`` through the measured ``{batch: step seconds}`` (batch 1 required).
