@@ -32,6 +32,7 @@ import openai
 
 from edgeorch.local.scenario import parse_scenario
 from edgeorch.local.stack import LocalStack
+from edgeorch.planning.batching import BATCH_GROWTH, predict_serving
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
@@ -44,7 +45,13 @@ PROMPTS = [
     "Give me a tip for learning to cook.",
     "What is two plus two?",
 ]
-VARIANTS = {"batched": {}, "unbatched": {"EDGEORCH_MAX_BATCH": "1"}}
+VARIANTS = {
+    "batched": {},
+    "unbatched": {"EDGEORCH_MAX_BATCH": "1"},
+    # every decode step padded to 4 rows: each row's bits independent of its batch (not run by default)
+    "batched-exact": {"EDGEORCH_BATCH_ROW_BLOCK": "4"},
+}
+DEFAULT_VARIANTS = "batched,unbatched"
 
 
 @dataclass
@@ -75,6 +82,20 @@ class Level:
     same_as_solo: int
     replans: int
     load_avg: float = 0.0  # the machine's 1-minute load average as the level started
+    # The cost model's figures for this level (planning/batching.py on the plan's predicted step)
+    pred_tok_per_s: float = float("nan")
+    pred_x_one: float = float("nan")
+    pred_itl_s: float = float("nan")
+
+
+def _predict(level: Level, predicted: dict | None) -> Level:
+    """Fill in the cost model's prediction for the level (nothing when the plan has none)."""
+    if not predicted or predicted.get("compute_step_s") is None:
+        return level
+    compute = predicted["compute_step_s"]
+    p = predict_serving(compute, max(0.0, predicted["step_s"] - compute), level.streams, BATCH_GROWTH)
+    level.pred_tok_per_s, level.pred_x_one, level.pred_itl_s = p.tokens_per_s, p.x_one, p.cycle_s
+    return level
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -148,6 +169,8 @@ def run_variant(variant: str, env: dict[str, str], args: argparse.Namespace) -> 
         alone = [asyncio.run(_solo(url, p, args.max_tokens)) for p in range(len(PROMPTS))]
         solo = {s.prompt: s.text for s in alone}
         one = _summarise(variant, 1, alone, time.perf_counter() - t0, solo, None, _version(http, url) - v0)
+        predicted = http.get(f"{url}/v1/deployments/smol").json().get("predicted")
+        _predict(one, predicted)
         print(_row(one), flush=True)
         levels = [one]
         for n in (n for n in args.levels if n > 1):
@@ -155,6 +178,7 @@ def run_variant(variant: str, env: dict[str, str], args: argparse.Namespace) -> 
             streams, wall_s = asyncio.run(_level(url, n, args.max_tokens))
             level = _summarise(variant, n, streams, wall_s, solo, one.tok_per_s, _version(http, url) - v0)
             level.load_avg = load
+            _predict(level, predicted)
             levels.append(level)
             print(_row(level), flush=True)
     return levels
@@ -169,7 +193,9 @@ async def _solo(url: str, prompt: int, max_tokens: int) -> Stream:
 
 HEADER = (
     "| variant | streams | tokens | aggregate tok/s | x one stream | TTFT p50 / p95 ms "
-    "| inter-token p50 / p95 ms | same text as solo | re-plans | load avg |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| inter-token p50 / p95 ms | same text as solo | re-plans | load avg "
+    "| predicted tok/s | predicted x one | predicted inter-token ms |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -178,7 +204,8 @@ def _row(x: Level) -> str:
     return (
         f"| {x.variant} | {x.streams} | {x.tokens} | {x.tok_per_s:.1f} | {x.x_one:.2f} "
         f"| {x.ttft_p50_s * 1e3:.0f} / {x.ttft_p95_s * 1e3:.0f} | {x.itl_p50_s * 1e3:.0f} / {x.itl_p95_s * 1e3:.0f} "
-        f"| {same} | {x.replans} | {x.load_avg:.1f} |"
+        f"| {same} | {x.replans} | {x.load_avg:.1f} "
+        f"| {x.pred_tok_per_s:.1f} | {x.pred_x_one:.2f} | {x.pred_itl_s * 1e3:.0f} |"
     )
 
 
@@ -188,7 +215,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--levels", default="1,2,4,8,16", help="concurrent streams, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--quick", action="store_true", help="levels 1,4,8 and 24 tokens")
     args = ap.parse_args()
     if args.quick:

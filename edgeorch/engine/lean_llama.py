@@ -109,12 +109,14 @@ class LeanLlamaLayer(nn.Module):
         Attention runs per session against that session's own cache (each as
         long as its own context: nothing is padded to the longest one).
         """
-        n = h.shape[0]
+        n = h.shape[0]  # the sessions' rows, then any padding rows (no cache, no attention)
         q, k, v = self._project(h, n, 1, rows.cos, rows.sin)
         heads = []
         for i, cache in enumerate(rows.caches):
             k_i, v_i = cache.write(slot, k[i : i + 1], v[i : i + 1])
             heads.append(self._attend(q[i : i + 1], k_i, v_i, causal=False))
+        if n > len(heads):
+            heads.append(q.new_zeros((n - len(heads), *q.shape[1:])))
         return self._finish(h, torch.cat(heads), n)
 
     def _project(self, h: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor):
@@ -193,33 +195,46 @@ class LeanLlamaAdapter(LeanAdapterMixin, LlamaAdapter):
         return h if step is None else h.view(step.b, step.t, -1)
 
     def run_rows(
-        self, units: list[tuple[int, nn.Module]], inputs: list[StageInput], caches: list[LeanKVCache | None]
+        self,
+        units: list[tuple[int, nn.Module]],
+        inputs: list[StageInput],
+        caches: list[LeanKVCache | None],
+        row_block: int = 1,
     ) -> torch.Tensor:
         """One decode token of each of N sessions as one batch; returns [N, 1, hidden] (logits at the head).
 
         Each input's ``x`` is [1, 1] token ids or [1, 1, hidden]; ``caches[i]``
         is session i's own cache (None only on a stage without layers).
+        ``row_block`` > 1 pads the batch with zero rows to a multiple of it, so
+        that a row's result does not depend on how many others ran with it
+        (docs/design.md, "Batched rows, bit for bit").
         """
         n, h, rows = len(inputs), torch.cat([inp.x for inp in inputs]), None
+        padded = -(-n // row_block) * row_block
+        if padded > n:  # rows of zeros (token 0): every product runs over a multiple of row_block rows
+            h = torch.cat([h, h.new_zeros((padded - n, *h.shape[1:]))])
         first, last = self.layer_slots(units)[0], self.num_units - 1
         for u, module in units:
             if u == 0:
                 h = module(h)
             elif u == last:
-                return module(h.view(n, 1, -1), "last")
+                return module(h.view(padded, 1, -1), "last")[:n]
             else:
                 if rows is None:
-                    rows = self._rows(h, inputs, [check_cache(c) for c in caches])
-                    h = h.reshape(n, -1)
+                    rows = self._rows(h, inputs, [check_cache(c) for c in caches], padded)
+                    h = h.reshape(padded, -1)
                 h = module.forward_rows(h, rows, u - first)
-        return h.view(n, 1, -1)
+        return h.view(padded, 1, -1)[:n]
 
-    def _rows(self, h: torch.Tensor, inputs: list[StageInput], caches: list[LeanKVCache | None]) -> _Rows:
+    def _rows(
+        self, h: torch.Tensor, inputs: list[StageInput], caches: list[LeanKVCache | None], padded: int
+    ) -> _Rows:
         if any(c is None for c in caches):
             raise ValueError("a batch of decode tokens through layers needs every session's cache")
         for cache in caches:
             cache.reserve(1, cache.seq_len + 1)
-        position_ids = torch.tensor([[inp.position] for inp in inputs])
+        positions = [inp.position for inp in inputs]
+        position_ids = torch.tensor([[p] for p in positions + [0] * (padded - len(positions))])
         cos, sin = self.rotary(h, position_ids)
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)

@@ -81,8 +81,14 @@ class LoadedStage:
         return self.adapter.new_cache(self.start, self.end)
 
     @torch.inference_mode()
-    def run(self, inp: StageInput, cache=None) -> torch.Tensor:
-        """Run every unit of the stage on ``inp``."""
+    def run(self, inp: StageInput, cache=None, row_block: int = 1) -> torch.Tensor:
+        """Run every unit of the stage on ``inp``.
+
+        ``row_block`` > 1: a decode step (one token of one session) runs as a batch of one padded to
+        that many rows, as it would in any batch, so its bits do not depend on batching.
+        """
+        if row_block > 1 and self.batches_rows and inp.x.shape[:2] == (1, 1) and inp.attention_mask is None:
+            return self.run_rows([inp], [cache], row_block)[0]
         return self.adapter.run(self.units, inp, cache)
 
     @property
@@ -91,14 +97,15 @@ class LoadedStage:
         return hasattr(self.adapter, "run_rows")
 
     @torch.inference_mode()
-    def run_rows(self, inputs: list[StageInput], caches: list) -> list[torch.Tensor]:
+    def run_rows(self, inputs: list[StageInput], caches: list, row_block: int = 1) -> list[torch.Tensor]:
         """One decode token of each session: one batched forward where the engine can, else one by one.
 
-        Returns each session's output as ``run`` would shape it ([1, 1, ...]).
+        Returns each session's output as ``run`` would shape it ([1, 1, ...]). ``row_block`` > 1
+        pads the batch to a multiple of it (results independent of the batch; lean engine only).
         """
         if not self.batches_rows:
             return [self.adapter.run(self.units, inp, c) for inp, c in zip(inputs, caches, strict=True)]
-        return list(self.adapter.run_rows(self.units, inputs, caches).split(1))
+        return list(self.adapter.run_rows(self.units, inputs, caches, row_block).split(1))
 
 
 def load_stage(

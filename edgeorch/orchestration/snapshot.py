@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeorch.planning.api import problem_from_request
+from edgeorch.planning.batching import BATCH_GROWTH, predict_serving
 from edgeorch.planning.cost import evaluate, plan_formats
 from edgeorch.planning.problem import Stage
 from edgeorch.schemas.monitor import LinkView, NodeView
@@ -217,11 +218,22 @@ def predict(
         "current_plan": None,
     })  # fmt: skip
     step = evaluate(problem_from_request(one), plan_stages, formats)
+    compute = sum(c.compute_s for c in step.stages)
+    sessions = req.workload.max_sessions
+    batch = (
+        predict_serving(compute, step.latency_s - compute, sessions, BATCH_GROWTH)
+        if step.latency_s > 0
+        else None
+    )
     return PredictedView(
         latency_s=full.latency_s,
         throughput_tokens_per_s=full.throughput_tokens_per_s,
         energy_j=full.energy_j,
         step_s=step.latency_s,
+        compute_step_s=compute,
+        batch_sessions=sessions,
+        batch_tokens_per_s=batch.tokens_per_s if batch else None,
+        batch_step_s=batch.cycle_s if batch else None,
     )
 
 

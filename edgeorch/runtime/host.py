@@ -99,6 +99,7 @@ class StageHost:
         inline_max_tokens: int = 8,
         memory_limit: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        row_block: int = 1,
     ):
         self.store = store
         self.sessions = sessions
@@ -131,6 +132,7 @@ class StageHost:
         self.memory_limit = memory_limit  # planned weights + KV may not pass it (None: no cap)
         # Decode steps that arrive while the compute thread is busy run together (runtime/batching.py).
         self.batcher = DecodeBatcher(self._on_thread, self._compute_rows, max_batch)
+        self.row_block = row_block  # decode steps padded to a multiple of it rows (engine/stage.py)
 
     async def start(self) -> None:
         """Open the keep-alive client used to reach the next stages."""
@@ -372,7 +374,7 @@ class StageHost:
         t0 = time.perf_counter()
         loaded = hosted.loaded
         cache = self._session_cache(hosted, meta, inp)
-        h = loaded.run(inp, cache)
+        h = loaded.run(inp, cache, self.row_block if batchable(hosted, meta, inp) else 1)
         self._advance(hosted, meta, cache, inp.x.shape[1])
         compute_s = self.hold(t0)
         return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
@@ -397,7 +399,8 @@ class StageHost:
             except SessionError as exc:
                 results[i] = exc
         if ready:
-            outs = hosted.loaded.run_rows([steps[i][1] for i, _ in ready], [c for _, c in ready])
+            inputs, caches = [steps[i][1] for i, _ in ready], [c for _, c in ready]
+            outs = hosted.loaded.run_rows(inputs, caches, self.row_block)
             for (i, cache), h in zip(ready, outs, strict=True):
                 meta, inp = steps[i]
                 self._advance(hosted, meta, cache, 1)

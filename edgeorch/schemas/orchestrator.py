@@ -91,6 +91,12 @@ class PredictedView(BaseModel):
     throughput_tokens_per_s: float | None
     energy_j: float
     step_s: float = Field(description="one decode step through the chain (one token)")
+    compute_step_s: float | None = Field(default=None, description="of step_s, the stages' compute")
+    batch_sessions: int = Field(default=1, description="sessions generating at once (workload.max_sessions)")
+    batch_tokens_per_s: float | None = Field(
+        default=None, description="all batch_sessions together, each stage batching their steps"
+    )
+    batch_step_s: float | None = Field(default=None, description="inter-token latency at batch_sessions")
 
 
 class MeasuredView(BaseModel):

@@ -64,6 +64,12 @@ class WorkerSettings(CommonSettings):
         default=16, ge=1, le=256,
         description="decode steps of concurrent sessions run as one forward, up to this many; 1: no batching",
     )  # fmt: skip
+    batch_row_block: int = Field(
+        default=1, ge=1, le=64,
+        description="decode steps (alone or batched) run over a multiple of this many rows, zero-padded, so "
+        "a session's result does not depend on its batch (4 for MKL's fp32 kernels; costs the solo step); "
+        "1: no padding",
+    )  # fmt: skip
     emulation_slowdown: float = Field(default=1.0, ge=1.0)
     emulation_bandwidth_mbps: float | None = Field(default=None, gt=0)
     emulation_rtt_ms: float = Field(default=0.0, ge=0)
@@ -153,6 +159,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         forward_timeout_s=settings.forward_timeout_s,
         inline_max_tokens=settings.inline_max_tokens,
         max_batch=settings.max_batch,
+        row_block=settings.batch_row_block,
         memory_limit=settings.memory,
         emulation=Emulation(
             slowdown=settings.emulation_slowdown,

@@ -18,6 +18,7 @@ from edgeorch.orchestration.snapshot import (
 )
 from edgeorch.orchestration.text import TextStream
 from edgeorch.planning.api import problem_from_request
+from edgeorch.planning.batching import BATCH_GROWTH
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
 from edgeorch.schemas.plan import PlanStage
@@ -98,6 +99,12 @@ def test_predicted_step_is_one_token_through_the_chain_by_hand() -> None:
     # round trip, RTT_CHARGE_FACTOR) + bytes/bandwidth; entry is on a
     hops = (0.01 + 64 / 1e6) + (0.01 + 4 / 1e6)
     assert p.step_s == pytest.approx(compute + hops)
+    assert p.compute_step_s == pytest.approx(compute)
+    # The default policy's workload runs 4 sessions at once: each stage batches their steps, so
+    # one cycle costs compute * (1 + BATCH_GROWTH * 3) + hops and yields 4 tokens.
+    assert p.batch_sessions == 4
+    assert p.batch_step_s == pytest.approx(compute * (1 + BATCH_GROWTH * 3) + hops)
+    assert p.batch_tokens_per_s == pytest.approx(4 / p.batch_step_s)
     assert predict(req, _stages(("a", 0, 3), ("gone", 3, 6))) is None
 
 
