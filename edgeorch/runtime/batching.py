@@ -28,7 +28,7 @@ from edgeorch.schemas.stage import ForwardMeta
 from edgeorch.transport import wire
 
 if TYPE_CHECKING:
-    from edgeorch.runtime.host import HostedStage
+    from edgeorch.runtime.hosted import HostedStage
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +31,7 @@ from edgeorch.models.store import ModelStore
 from edgeorch.runtime.batching import DEFAULT_MAX_BATCH, BatchedStep, DecodeBatcher, batchable
 from edgeorch.runtime.checks import check_input
 from edgeorch.runtime.emulation import SlowdownHold, perturbed
+from edgeorch.runtime.hosted import HostedStage, StageConflict, StageNotFound, planned_cache
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
 from edgeorch.runtime.memory import check_budget, return_memory
 from edgeorch.runtime.metrics import WorkerMetrics
@@ -40,49 +40,10 @@ from edgeorch.runtime.sessions import PositionMismatch, SessionError, SessionSto
 from edgeorch.runtime.units import UnitCache
 from edgeorch.schemas.profile import profile_key
 from edgeorch.schemas.stage import Emulation, ForwardMeta, StageInfo, StageSpec
-from edgeorch.security.credentials import credential_headers
 from edgeorch.transport import compression, protocol, wire
 from edgeorch.transport.hopclient import HopClient, HopError, HopResponse
 
 log = logging.getLogger(__name__)
-
-
-class StageNotFound(LookupError):
-    """No stage with this id is loaded here."""
-
-
-class StageConflict(Exception):
-    """A stage id is already loaded with a different spec."""
-
-
-@dataclass
-class HostedStage:
-    """A loaded stage and the spec it was loaded from."""
-
-    stage_id: str
-    spec: StageSpec
-    loaded: LoadedStage
-    kv_bytes_per_token: float
-    units_shared: int = 0  # units this stage found already loaded by another stage
-
-    def next_headers(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """``base`` plus the next stage's data-plane credential, when it has one."""
-        nxt = self.spec.next
-        return {**(base or {}), **credential_headers(nxt.credential if nxt else None)}
-
-    def forward_url(self) -> str | None:
-        """Where this stage's output goes, or None for the last stage."""
-        if self.spec.next is None:
-            return None
-        return protocol.forward_url(str(self.spec.next.url), self.spec.next.stage_id)
-
-
-def planned_cache(hosted: HostedStage):
-    """A new session's cache; a lean one reserves the spec's whole planned context on its first step."""
-    cache = hosted.loaded.new_cache()
-    if hasattr(cache, "chunk_tokens") and hosted.spec.kv_context > cache.chunk_tokens:
-        cache.chunk_tokens = hosted.spec.kv_context
-    return cache
 
 
 class StageHost:

@@ -20,7 +20,8 @@ import torch
 
 from edgeorch.engine.kv import LeanKVCache
 from edgeorch.engine.stage import LoadedStage
-from edgeorch.runtime.host import HostedStage, StageHost, planned_cache
+from edgeorch.runtime.host import StageHost
+from edgeorch.runtime.hosted import HostedStage, planned_cache
 from edgeorch.runtime.sessions import UnknownSession
 from edgeorch.security.credentials import credential_headers
 from edgeorch.transport import kv_frames, wire

@@ -18,7 +18,8 @@ from starlette.routing import Route
 
 from edgeorch.models.store import ModelStoreError
 from edgeorch.runtime.checks import InputMismatch
-from edgeorch.runtime.host import StageConflict, StageHost, StageNotFound
+from edgeorch.runtime.host import StageHost
+from edgeorch.runtime.hosted import StageConflict, StageNotFound
 from edgeorch.runtime.memory import OverMemory, proc_memory
 from edgeorch.runtime.sessions import CacheFull, PositionMismatch, UnknownSession
 from edgeorch.schemas.stage import ID_PATTERN, Emulation, StageInfo, StageSpec

@@ -97,8 +97,11 @@ def test_kv_routes_answer_bad_requests_with_4xx(workers) -> None:
     assert httpx.post(f"{w0.url}/v1/stages/nostage/sessions/x/kv/pull", json=pull).status_code == 404
 
 
-class _KillAt:
-    """Route provider: ``first`` until ``kill_after`` steps, when ``kill`` runs; recovery answers ``second``."""
+class _KillAt(ScriptedRoutes):
+    """Route provider: ``first`` until ``kill_after`` steps, when ``kill`` runs; recovery answers ``second``.
+
+    No spot checks, nothing tainted (ScriptedRoutes' answers to the rest of RouteProvider).
+    """
 
     def __init__(self, first, second, kill_after: int, kill):
         self.first, self.second, self.kill_after, self.kill, self.steps = first, second, kill_after, kill, 0
