@@ -202,9 +202,9 @@ class MonitorAgent:
         probe = self.probes.get(model)
         if probe is None:
             engine_format = None if fmt == EXACT_FORMAT else fmt
-            probe, _ = await self.host.run_compute(
-                lambda: load_probe(model, model_dir, engine_format), emulate=False
-            )
+            # On the loader thread, not the compute thread: building the probe's modules while a
+            # load (or the worker's start-up warm-up) builds others gave them meta parameters.
+            probe = await self.host.on_loader(lambda: load_probe(model, model_dir, engine_format))
             self.probes[model] = probe
         report, _ = await self.host.run_compute(lambda: calibrate(probe, self.host.hold), emulate=False)
         # The window restarts from probes taken under the new calibration.

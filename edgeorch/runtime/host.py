@@ -147,10 +147,15 @@ class StageHost:
             )  # fmt: skip
             return self.info(stage_id), True
 
-    async def on_loader(self, fn) -> None:
-        """Run ``fn`` on the loader thread, between loads (the warm standby: edgeorch.runtime.standby)."""
+    async def on_loader(self, fn):
+        """Run ``fn`` on the loader thread, between loads, and return its result.
+
+        Whatever builds modules belongs there (the warm standby, a calibration's probe): while a
+        load builds, accelerate's ``init_empty_weights`` patches torch for every thread, and a
+        module built meanwhile on another thread gets meta parameters.
+        """
         async with self._load_lock:
-            await asyncio.get_running_loop().run_in_executor(self._loader, fn)
+            return await asyncio.get_running_loop().run_in_executor(self._loader, fn)
 
     def planned_bytes(self) -> int:
         """Weights held (shared units once) plus the KV every loaded stage plans for."""
