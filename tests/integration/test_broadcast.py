@@ -22,12 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import torch
 from transformers import AutoTokenizer
 
+from edgeorch.engine import load_adapter
+from edgeorch.engine.stage import unit_loader
 from edgeorch.local.launcher import LocalService
-from edgeorch.models import adapter_for, load_config
-from edgeorch.models.checkpoint import CheckpointReader
 from edgeorch.rollout.signing import new_message, sign
 from edgeorch.service import bus
 from tests.integration.rollout_helpers import (
@@ -127,9 +126,10 @@ def test_cutover_under_load_fails_nothing_and_changes_no_text(smol, tmp_path) ->
 
 
 def _unit_bytes(model_dir, u: int) -> int:
-    adapter = adapter_for(load_config(model_dir))
-    reader = CheckpointReader(model_dir)
-    adapter.load_unit(u, reader, torch.float32)
+    """The bytes a worker reads for unit ``u`` of a default (lean fp32) stage: its packed unit file
+    where `make models` packed fp32, else its tensors in the checkpoint."""
+    load, reader = unit_loader(model_dir, load_adapter(model_dir, "lean", "fp32"))
+    load(u)
     return reader.bytes_read
 
 
