@@ -124,19 +124,22 @@ compose-check:
 # store images (made from Debian packages where no registry answers), edgeorch:latest,
 # secrets into .env when absent, the stack, and a ready smollm2-135m deployment on
 # 127.0.0.1:8000. compose-down removes its containers, networks and volume.
+# `make compose-up TLS=1`: the same with mutual TLS everywhere (docker-compose.tls.yml;
+# certificates into .tls/, the host's client certificate is .tls/client.pem).
 image:
 	WHEELS=$(WHEELS) deploy/container.sh image
 
 compose-up:
-	WHEELS=$(WHEELS) deploy/container.sh up
+	WHEELS=$(WHEELS) deploy/container.sh up $(if $(filter 1,$(TLS)),--tls)
 
 compose-down:
 	deploy/container.sh down
 
-# The compose stack end to end (tests/e2e/test_compose_stack.py): builds, starts, chats,
-# kills a worker container mid-stream, brings it down. Needs a running Docker engine.
+# The compose stack end to end (tests/e2e/test_compose_*.py): builds, starts, chats, kills
+# a worker container mid-stream, brings it down; then the same stack with mutual TLS
+# (chat, and every service refuses a client without a certificate). Needs a Docker engine.
 test-compose: install models
-	$(BIN)/pytest -q -s -m compose --timeout=2400 tests/e2e/test_compose_stack.py
+	$(BIN)/pytest -q -s -m compose --timeout=2400 tests/e2e/test_compose_stack.py tests/e2e/test_compose_tls.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

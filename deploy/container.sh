@@ -10,6 +10,9 @@
 #          and build edgeorch:latest with the chosen base.
 #   up     image, secrets into .env when absent, `docker-compose up -d --wait`-like
 #          start, and a ready smollm2-135m deployment (the deploy service).
+#          `up --tls`: the same with mutual TLS everywhere (docker-compose.tls.yml): a CA
+#          and a certificate per service and node into .tls/ when absent, and
+#          COMPOSE_FILE in .env so that later docker-compose calls see the override.
 #   down   remove the stack's containers and networks (the database volume too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,9 @@ LOCAL_BASE=edgeorch-base:bookworm
 NICE=(nice -n 10)
 
 say() { echo "container: $*" >&2; }
+
+# Who gets a certificate under `up --tls`: every edgeorch container, and `client` for the host.
+TLS_NAMES=orchestrator,monitor,splitter,broadcast,jobs-worker,worker-a,worker-b,worker-c,deploy,client
 
 choose_base() {
     # The slim image when present or pullable; else the local Debian base, made once.
@@ -96,15 +102,35 @@ build_image() {
 }
 
 write_env() {
-    # Secrets once, into .env (git- and docker-ignored); image choices every time.
-    local base=$1 redis=$2 postgres=$3
+    # Secrets once, into .env (git- and docker-ignored); image choices and the compose
+    # files (the TLS override or not) every time.
+    local base=$1 redis=$2 postgres=$3 tls=$4
     touch .env && chmod 600 .env
     for key in EDGEORCH_ADMIN_TOKEN EDGEORCH_ROLLOUT_SECRET EDGEORCH_POSTGRES_PASSWORD; do
         grep -q "^$key=" .env || echo "$key=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" >> .env
     done
-    sed -i '/^EDGEORCH_\(BASE\|REDIS\|POSTGRES\)_IMAGE=/d' .env
+    sed -i '/^EDGEORCH_\(BASE\|REDIS\|POSTGRES\)_IMAGE=/d; /^COMPOSE_FILE=/d' .env
     printf 'EDGEORCH_BASE_IMAGE=%s\nEDGEORCH_REDIS_IMAGE=%s\nEDGEORCH_POSTGRES_IMAGE=%s\n' \
         "$base" "$redis" "$postgres" >> .env
+    if [ "$tls" = 1 ]; then echo "COMPOSE_FILE=docker-compose.yml:docker-compose.tls.yml" >> .env; fi
+}
+
+make_certs() {
+    # `edgeorch certs init` run in the image (the host needs no Python packages). The
+    # services run as uid 10001 and must read their own key (0600); the CA's key and the
+    # host's client key stay with the user who ran this. Kept when complete: a rerun
+    # does not rotate certificates under a running stack.
+    local missing="" n
+    for n in ca ${TLS_NAMES//,/ }; do
+        [ -f ".tls/$n.pem" ] && [ -f ".tls/$n.key" ] || missing="$missing $n"
+    done
+    [ -z "$missing" ] && return
+    say "certificates into .tls/ (missing:$missing)"
+    mkdir -p .tls && chmod 755 .tls
+    docker run --rm --user 0 --network none -v "$PWD/.tls:/tls" --entrypoint sh edgeorch:latest -c "
+        edgeorch certs init /tls --names $TLS_NAMES >/dev/null &&
+        chown $(id -u):$(id -g) /tls/* && chmod 0644 /tls/*.pem && chmod 0600 /tls/*.key &&
+        for n in ${TLS_NAMES//,/ }; do [ \$n = client ] || chown 10001:10001 /tls/\$n.key; done"
 }
 
 wait_deploy() {
@@ -117,7 +143,12 @@ wait_deploy() {
         say "the deploy step failed (exit $code); logs above"
         exit 1
     fi
-    say "ready: smollm2-135m answers on http://127.0.0.1:${EDGEORCH_GATEWAY_PORT:-8000}/v1 (token in .env)"
+    if grep -q '^COMPOSE_FILE=.*tls' .env 2>/dev/null; then
+        say "ready: smollm2-135m answers on https://127.0.0.1:${EDGEORCH_GATEWAY_PORT:-8000}/v1 to a client" \
+            "certificate (.tls/client.pem, .tls/client.key, CA .tls/ca.pem; token in .env)"
+    else
+        say "ready: smollm2-135m answers on http://127.0.0.1:${EDGEORCH_GATEWAY_PORT:-8000}/v1 (token in .env)"
+    fi
 }
 
 cmd=${1:-}
@@ -127,11 +158,18 @@ case "$cmd" in
         eval "$(choose_base)"
         build_image "$BASE" ;;
     up)
+        tls=0
+        case "${2:-}" in
+            --tls) tls=1 ;;
+            "") ;;
+            *) echo "usage: $0 up [--tls]" >&2; exit 2 ;;
+        esac
         eval "$(choose_base)"
         build_image "$BASE"
-        write_env "$BASE" "$REDIS" "$POSTGRES"
+        if [ "$tls" = 1 ]; then make_certs; fi
+        write_env "$BASE" "$REDIS" "$POSTGRES" "$tls"
         $COMPOSE up -d
         wait_deploy ;;
     down) $COMPOSE down --volumes --remove-orphans ;;
-    *) echo "usage: $0 base|image|up|down" >&2; exit 2 ;;
+    *) echo "usage: $0 base|image|up [--tls]|down" >&2; exit 2 ;;
 esac

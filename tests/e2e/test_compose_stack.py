@@ -7,100 +7,45 @@ dockerd). The stack is built and started by deploy/container.sh exactly as
 `make compose-up` does; the model answers from inside the containers and is
 compared with the unsplit model computed here from the host's model store.
 
-The published ports are free ones, chosen here (EDGEORCH_GATEWAY_PORT and
-friends, which `make compose-up` leaves at 8000-8003): a stack of `edgeorch up`
-may hold those on the same machine.
+The published ports are free ones (tests/e2e/compose_support.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from edgeorch.local.launcher import free_port
+from tests.e2e.compose_support import (
+    MODEL,
+    PORTS,
+    WORKERS,
+    container,
+    container_sh,
+    leftovers,
+    running_stack,
+    save_logs,
+)
 from tests.reference import greedy_chat_answers
-from tests.support import REPO, wait_for
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
-MODEL = "smollm2-135m"
-PORTS = {name: free_port() for name in ("GATEWAY", "MONITOR", "SPLITTER", "BROADCAST")}
 GATEWAY = f"http://127.0.0.1:{PORTS['GATEWAY']}"
 MONITOR = f"http://127.0.0.1:{PORTS['MONITOR']}"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
-WORKERS = ("worker-a", "worker-b", "worker-c")
-
-
-def _engine_missing() -> str | None:
-    for exe in ("docker", "docker-compose"):
-        if shutil.which(exe) is None:
-            return f"{exe} is not on PATH"
-    info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60, check=False)
-    return None if info.returncode == 0 else f"no Docker engine answers: {info.stderr.strip()[-200:]}"
-
-
-def _env() -> dict[str, str]:
-    """This process's environment with the stack's published ports."""
-    return {**os.environ, **{f"EDGEORCH_{name}_PORT": str(port) for name, port in PORTS.items()}}
-
-
-def _compose(*args: str, timeout: float = 120) -> str:
-    out = subprocess.run(["docker-compose", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=timeout, check=True, env=_env())  # fmt: skip
-    return out.stdout
-
-
-def _container_sh(command: str, check: bool, timeout: float = 300) -> subprocess.CompletedProcess:
-    """deploy/container.sh up|down, as `make compose-up` / `make compose-down` run it."""
-    return subprocess.run([str(REPO / "deploy" / "container.sh"), command], cwd=REPO, timeout=timeout,
-                          check=check, env=_env())  # fmt: skip
-
-
-def _container(service: str) -> str:
-    return _compose("ps", "-q", service).strip()
 
 
 @pytest.fixture(scope="module")
 def stack():
     """`deploy/container.sh up` (build, .env, up, deploy step); the project name for the final check."""
-    missing = _engine_missing()
-    if missing:
-        if os.environ.get("EDGEORCH_COMPOSE_REQUIRED"):
-            pytest.fail(f"compose e2e required but {missing}", pytrace=False)
-        pytest.skip(missing)
-    t0 = time.monotonic()
-    up = _container_sh("up", timeout=1800, check=False)
-    print(f"compose-up took {time.monotonic() - t0:.0f} s")
-    if up.returncode != 0:
-        _save_logs("failed-up")
-        _container_sh("down", check=False)
-        pytest.fail(f"deploy/container.sh up exited {up.returncode}", pytrace=False)
-    project = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.project"}}',
-                              _container("orchestrator")], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    yield project
-    _save_logs(project)
-    _container_sh("down", check=False)
-
-
-def _save_logs(project: str) -> None:
-    """Every service's log into a file before the stack goes (for a failure's post-mortem)."""
-    if not _compose("ps", "-q").strip():
-        return
-    logs = Path(tempfile.gettempdir()) / f"edgeorch-compose-{project}.log"
-    with logs.open("w", encoding="utf-8") as f:
-        subprocess.run(["docker-compose", "logs", "--no-color", "--timestamps"], cwd=REPO, stdout=f,
-                       stderr=subprocess.STDOUT, timeout=120, check=False, env=_env())  # fmt: skip
-    print(f"compose logs in {logs}")
+    yield from running_stack()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +76,7 @@ def test_cpu_limits_are_real_and_the_calibration_sees_them(stack) -> None:
     quota = {}
     for w in WORKERS:
         out = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.CpuQuota}}/{{.HostConfig.CpuPeriod}}",
-                              _container(w)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+                              container(w)], capture_output=True, text=True, check=True).stdout  # fmt: skip
         quota[w] = out.strip()
     assert quota == {"worker-a": "2000/2000", "worker-b": "1000/2000", "worker-c": "2000/2000"}, quota
     # The monitor's speed per node (live probes, rolling median), read ten times a second apart:
@@ -167,13 +112,13 @@ def _docker_kill(container: str) -> None:
 def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
     d = wait_for(lambda: (v := _deployment())["state"] == "ready" and v, 60, "ready")
     victim = d["stages"][1]["node"] if len(d["stages"]) > 1 else d["stages"][0]["node"]
-    container = _container(victim)  # resolved before the stream: `docker-compose ps` takes seconds
+    victim_id = container(victim)  # resolved before the stream: `docker-compose ps` takes seconds
     since = httpx.get(f"{GATEWAY}/v1/events", timeout=30).json()[-1]["id"]
     stream = _client().chat.completions.create(model=MODEL, messages=HAIKU, temperature=0, max_tokens=64,
                                                stream=True)  # fmt: skip
     # The kill runs beside the stream, not in its loop, so unread tokens never wait for it.
     killed_at: list[float] = []
-    killer = threading.Thread(target=lambda: (_docker_kill(container), killed_at.append(time.monotonic())))
+    killer = threading.Thread(target=lambda: (_docker_kill(victim_id), killed_at.append(time.monotonic())))
     text, stamps = "", []
     for chunk in stream:
         delta = chunk.choices[0].delta.content if chunk.choices else None
@@ -187,7 +132,7 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
     print(f"killed {victim}'s container {killed_at[0] - stamps[9]:.3f}s after the 10th token, "
           f"{stamps[-1] - killed_at[0]:.2f}s before the last; longest gap {max(gaps):.2f}s, "
           f"median {statistics.median(gaps):.3f}s")  # fmt: skip
-    assert subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", container],
+    assert subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", victim_id],
                           capture_output=True, text=True, check=True).stdout.strip() == "false"  # fmt: skip
     assert text == expected["haiku"]
     # The kill must have landed mid-stream and the stream must have been carried over:
@@ -206,13 +151,6 @@ def test_a_worker_container_killed_mid_stream(stack, expected) -> None:
 
 
 def test_compose_down_leaves_no_container(stack) -> None:
-    _save_logs(stack)
-    _container_sh("down", check=True)
-    label = f"label=com.docker.compose.project={stack}"
-    left = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", label], capture_output=True, text=True, check=True
-    )
-    assert left.stdout.strip() == ""
-    nets = subprocess.run(["docker", "network", "ls", "-q", "--filter", label], capture_output=True, text=True,
-                          check=True)  # fmt: skip
-    assert nets.stdout.strip() == ""
+    save_logs(stack)
+    container_sh("down", check=True)
+    assert leftovers(stack) == ("", "")
