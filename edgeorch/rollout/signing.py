@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgeorch.rollout.state import KIND_RANK
@@ -88,22 +88,34 @@ def bytes_signature_ok(data: bytes, signature: str | None, secret: str) -> bool:
 
 
 def new_message(
-    kind: str, deployment: str, version: int, rollout_id: str, secret: str, now: float | None = None
-) -> dict[str, Any]:
-    """A signed PREPARE/COMMIT/RELEASE/ABORT notification."""
+    kind: str, deployment: str, version: int, rollout_id: str, secret: str, now: float | None = None,
+    nodes: Sequence[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A signed PREPARE/COMMIT/RELEASE/ABORT notification.
+
+    ``nodes``: the workers whose desired state the rollout changes (both
+    versions' nodes); a worker not named has nothing to reconcile and stays
+    asleep (:func:`addressed_to`). None: every worker reconciles.
+    """
     if kind not in KIND_RANK:
         raise ValueError(f"unknown message kind {kind!r}")
-    return sign(
-        {
-            "kind": kind,
-            "deployment": deployment,
-            "version": version,
-            "rollout_id": rollout_id,
-            "issued_at": time.time() if now is None else now,
-            "nonce": secrets.token_hex(16),
-        },
-        secret,
-    )
+    body: dict[str, Any] = {
+        "kind": kind,
+        "deployment": deployment,
+        "version": version,
+        "rollout_id": rollout_id,
+        "issued_at": time.time() if now is None else now,
+        "nonce": secrets.token_hex(16),
+    }
+    if nodes is not None:
+        body["nodes"] = sorted(set(nodes))
+    return sign(body, secret)
+
+
+def addressed_to(msg: Mapping[str, Any], node_id: str) -> bool:
+    """Whether a verified notification concerns ``node_id``: it names the node, or names no nodes at all."""
+    nodes = msg.get("nodes")
+    return not isinstance(nodes, list) or node_id in nodes
 
 
 def signed_desired(node_id: str, deployments: list[dict[str, Any]], secret: str) -> dict[str, Any]:

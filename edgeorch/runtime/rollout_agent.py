@@ -26,7 +26,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from edgeorch.rollout.plan import parse_stage_id
-from edgeorch.rollout.signing import SIGNATURE_HEADER, MessageVerifier, sign_bytes
+from edgeorch.rollout.signing import SIGNATURE_HEADER, MessageVerifier, addressed_to, sign_bytes
 from edgeorch.runtime.host import StageHost
 from edgeorch.runtime.standby import keep_standby
 from edgeorch.schemas.stage import StageSpec
@@ -73,7 +73,7 @@ class RolloutAgent:
         self._prepared: dict[tuple[str, int], _Prepared] = {}
         self._acked: set[str] = set()
         self.messages = Counter(
-            "edgeorch_worker_rollout_messages", "Rollout notifications by result (accepted or why rejected)",
+            "edgeorch_worker_rollout_messages", "Rollout notifications by result (accepted, not_addressed: about other nodes only, or why rejected)",
             ["result"], registry=registry,
         )  # fmt: skip
         self.reconciles = Counter(
@@ -118,6 +118,10 @@ class RolloutAgent:
             self.messages.labels(reason.split(":")[0]).inc()
             log.warning("rejected rollout message %s: %s", summary, reason)
             return False
+        if not addressed_to(msg, self.cfg.node_id):
+            self.messages.labels("not_addressed").inc()
+            log.debug("rollout message %s accepted; not about this node", summary)
+            return True
         self.messages.labels("accepted").inc()
         log.info("rollout message %s accepted; reconciling", summary)
         self._wake.set()

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgeorch.rollout.signing import MessageVerifier
+from edgeorch.rollout.signing import MessageVerifier, addressed_to
 from edgeorch.service import bus
 from edgeorch.sim.node import BeatRecord, SimConfig, SimNode, SimNodeSpec
 
@@ -159,7 +159,7 @@ class SimFleet:
     # ----- notifications --------------------------------------------------------------------
 
     def on_message(self, data: bytes | str) -> bool:
-        """Verify one rollout notification; wake every running node when it passes."""
+        """Verify one rollout notification; wake the running nodes it concerns when it passes."""
         import json
 
         try:
@@ -171,8 +171,9 @@ class SimFleet:
             log.warning("rejected rollout message: %s", problem)
             return False
         self.notifications += 1
-        for node in self.nodes.values():
-            node.wake()
+        for node_id, node in self.nodes.items():
+            if addressed_to(msg, node_id):
+                node.wake()
         return True
 
     async def _follow_rollouts(self) -> None:

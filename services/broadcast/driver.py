@@ -30,7 +30,7 @@ from edgeorch.schemas.rollout import RolloutView
 from edgeorch.security.certs import client_verify
 from edgeorch.service import bus
 from services.broadcast.metrics import BroadcastMetrics
-from services.broadcast.store import RolloutStore
+from services.broadcast.store import NotFound, RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class RolloutDriver:
         self._dead: dict[tuple[str, str], str] = {}
         self._last_probe: dict[str, float] = {}
         self._last_drain_poll: dict[str, float] = {}
+        # The nodes of each plan version a notification was addressed for (plans never change).
+        self._plan_nodes: dict[tuple[str, int], frozenset[str]] = {}
 
     def poke(self) -> None:
         """Look at the rollouts now rather than at the next tick."""
@@ -114,9 +116,34 @@ class RolloutDriver:
                 log.exception("could not advance rollout %s", r.id)
 
     async def publish(self, kind: str, r: RolloutView) -> None:
-        """Publish a signed notification about rollout ``r`` (queued while Redis is away)."""
-        msg = new_message(kind, r.deployment, r.version, r.id, self.cfg.secret)
+        """Publish a signed notification about rollout ``r`` (queued while Redis is away).
+
+        It names the nodes whose desired state ``r`` changes, the new and the old
+        version's, and only those wake and pull: with a thousand workers, a rollout
+        touching ten of them no longer costs a thousand desired-state pulls per
+        message. Every worker still pulls on its own timer, so one that missed
+        a message converges anyway.
+        """
+        nodes = await asyncio.to_thread(self._touched, r)
+        msg = new_message(kind, r.deployment, r.version, r.id, self.cfg.secret, nodes=nodes)
         await self.publisher.publish(bus.ROLLOUTS, msg)
+
+    def _touched(self, r: RolloutView) -> list[str] | None:
+        """Both versions' nodes; None (every node) when the old version's plan cannot be read."""
+        nodes = set(r.nodes)
+        if r.from_version is not None:
+            key = (r.deployment, r.from_version)
+            old = self._plan_nodes.get(key)
+            if old is None:
+                try:
+                    old = frozenset(s.node for s in self.store.plan(*key).stages)
+                except NotFound:
+                    return None
+                if len(self._plan_nodes) >= 1024:
+                    self._plan_nodes.clear()
+                self._plan_nodes[key] = old
+            nodes |= old
+        return sorted(nodes)
 
     # ----- PREPARE ---------------------------------------------------------
 

@@ -293,6 +293,39 @@ def _capture(sub, deployment: str, out: list[dict]) -> None:
         pass
 
 
+def test_notifications_wake_only_the_nodes_a_rollout_touches(tiny) -> None:
+    """Each message names the new and the old version's nodes; any other worker verifies it and sleeps on."""
+    rig = tiny
+    a, b, c = rig.workers.workers[:3]
+    name = unique("addr")
+    captured: list[dict] = []
+    sub = redis.Redis.from_url(REDIS_URL).pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(bus.ROLLOUTS)
+    listener = threading.Thread(target=_capture, args=(sub, name, captured), daemon=True)
+    listener.start()
+    try:
+        accepted = metric(c, "edgeorch_worker_rollout_messages_total", result="accepted")
+        ignored = metric(c, "edgeorch_worker_rollout_messages_total", result="not_addressed")
+        assert rig.wait_phase(rig.rollout(name, TINY, [(a, 0, 2), (b, 2, 6)])["id"])["phase"] == "completed"
+        wait_for(lambda: len(captured) >= 3, 10, "prepare, commit and release of version 1")
+        assert [m["kind"] for m in captured] == ["prepare", "commit", "release"], captured
+        assert all(m["nodes"] == sorted([a.name, b.name]) for m in captured), captured
+        wait_for(lambda: metric(c, "edgeorch_worker_rollout_messages_total", result="not_addressed") >= ignored + 3,
+                 10, "the untouched worker verifying the three messages")  # fmt: skip
+        assert metric(c, "edgeorch_worker_rollout_messages_total", result="accepted") == accepted
+        assert held(c, name) == set()
+
+        # Version 2 leaves a: its messages name a too, or a would keep version 1 until its next timed pull.
+        del captured[:]
+        assert rig.wait_phase(rig.rollout(name, TINY, [(b, 0, 3), (c, 3, 6)])["id"])["phase"] == "completed"
+        wait_for(lambda: len(captured) >= 3, 10, "prepare, commit and release of version 2")
+        assert all(m["nodes"] == sorted([a.name, b.name, c.name]) for m in captured), captured
+        wait_for(lambda: rig.converged(name, 2), 10, "version 2 everywhere, version 1 released on a")
+        assert metric(c, "edgeorch_worker_rollout_messages_total", result="accepted") >= accepted + 3
+    finally:
+        sub.close()
+
+
 def test_workers_that_missed_messages_or_restarted_converge_by_pulling(tiny, tmp_path) -> None:
     rig = tiny
     a, b = rig.workers.workers[:2]

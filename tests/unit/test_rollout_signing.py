@@ -8,6 +8,7 @@ from edgeorch.rollout.signing import (
     DEV_SECRET,
     InsecureSecretError,
     MessageVerifier,
+    addressed_to,
     bytes_signature_ok,
     canonical,
     new_message,
@@ -151,3 +152,15 @@ def test_an_empty_secret_is_refused_beyond_loopback() -> None:
     for host in ("0.0.0.0", "10.0.0.5", "worker.example"):
         with pytest.raises(InsecureSecretError, match="EDGEORCH_ROLLOUT_SECRET"):
             resolve_secret("", host)
+
+
+def test_a_message_names_the_nodes_it_concerns_under_its_signature() -> None:
+    msg = new_message("commit", "d", 3, "r1", SECRET, now=NOW, nodes=["n2", "n1", "n2"])
+    assert msg["nodes"] == ["n1", "n2"]
+    assert MessageVerifier(SECRET).check_message(msg, now=NOW + 1) is None
+    assert addressed_to(msg, "n1") and addressed_to(msg, "n2") and not addressed_to(msg, "n3")
+    # Widening the list after signing breaks the signature: a relay cannot wake other nodes.
+    widened = {**msg, "nodes": ["n1", "n2", "n3"], "nonce": msg["nonce"]}
+    assert MessageVerifier(SECRET).check_message(widened, now=NOW + 1) == "bad signature"
+    # A message that names no nodes (an older broadcast) concerns every node.
+    assert addressed_to(_msg(), "n3")
