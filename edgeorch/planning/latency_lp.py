@@ -143,8 +143,15 @@ class _Columns:
         return coo_matrix((vals[keep], (remap[rows[keep]], cols[keep])), shape=shape).tocsr()
 
 
-def latency_lp(problem: Problem, allowed: np.ndarray, deadline: float) -> LatencyLp | None:
-    """Solve the bound's LP; None when it does not apply, fails, or the deadline passes first."""
+def latency_lp(
+    problem: Problem, allowed: np.ndarray, deadline: float, candidates_only: bool = True
+) -> LatencyLp | None:
+    """Solve the bound's LP; None when it does not apply, fails, or the deadline passes first.
+
+    ``candidates_only``: over the nodes that can hold a unit (a valid and slightly
+    tighter bound, and far smaller at 1,000 nodes); else over every node, as
+    before 2026-12-03, which gives another node order (see ``_latency_lp``).
+    """
     t0 = time.monotonic()
     p = problem
     groups = unit_groups(p, allowed)
@@ -152,7 +159,7 @@ def latency_lp(problem: Problem, allowed: np.ndarray, deadline: float) -> Latenc
         return None
     # Only nodes that can hold a unit can host a stage: the LP is over those alone (exact, and at
     # 1,000 nodes of which a few hundred hold a layer, much smaller). Indices below are into them.
-    cand = np.flatnonzero(allowed.any(axis=0))
+    cand = np.flatnonzero(allowed.any(axis=0)) if candidates_only else np.arange(p.num_nodes)
     n_count = len(cand)
     if n_count == 0:
         return None

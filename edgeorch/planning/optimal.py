@@ -48,6 +48,11 @@ HEURISTIC_SHARE = 0.6
 # Latency on this many nodes or more gets the LP bound and its plan (latency_lp.py). Below,
 # the exact search alone proves optimality within its limit (bench/planner.py, 4-16 nodes).
 LP_MIN_NODES = 24
+# Up to this many nodes the LP is solved twice, over the nodes that can hold a unit and over
+# every node: the two optima lead to different node orders, and neither order is always the
+# better one (200 x 80, bench/planner.py seeds 0-1: the second's plans 2-3 % shorter). Past it
+# the second LP does not fit the limit (1,000 nodes). Each LP takes ~0.1 s at 200 nodes.
+BOTH_LPS_MAX_NODES = 400
 # The LP may end at this share of the time limit; the order search at the next.
 LP_SHARE = 0.8
 ORDER_SHARE = 0.88
@@ -160,23 +165,29 @@ def _latency_lp(search: Search, t0: float, limit: float) -> list[int] | None:
     p, r = search.p, search.r
     if p.objective != "latency" or p.num_nodes < LP_MIN_NODES:
         return None
-    lp = latency_lp(p, r.base_allowed, t0 + LP_SHARE * limit)
-    if lp is None:
-        return None
-    search.extra_bound = max(search.extra_bound, lp.bound)
-    order = lp_order(lp, t0 + ORDER_SHARE * limit)
-    if not order:
-        return None
-    # The LP's nodes alone, then every other node after them (fastest first) should they not hold it.
-    rest = sorted(set(range(p.num_nodes)) - set(order), key=lambda n: -p.flops_per_s[n])
-    for slots in (order, order + rest):
-        # As ordered, and with the source first and last (the LP may put both ends there).
-        for stages in (ordered_plan(r, slots), u_shaped(r, slots)):
-            if stages is not None:
-                search.offer(stages)
-        if np.isfinite(search.best_value):
-            return slots
-    return None
+    best: tuple[float, list[int]] | None = None
+    for candidates_only in (True, False) if p.num_nodes <= BOTH_LPS_MAX_NODES else (True,):
+        lp = latency_lp(p, r.base_allowed, t0 + LP_SHARE * limit, candidates_only)
+        if lp is None:
+            continue
+        search.extra_bound = max(search.extra_bound, lp.bound)
+        order = lp_order(lp, t0 + ORDER_SHARE * limit)
+        if not order:
+            continue
+        # The LP's nodes alone, then every other node after them (fastest first) should they not hold it.
+        rest = sorted(set(range(p.num_nodes)) - set(order), key=lambda n: -p.flops_per_s[n])
+        for slots in (order, order + rest):
+            # As ordered, and with the source first and last (the LP may put both ends there).
+            before = search.best_value
+            for stages in (ordered_plan(r, slots), u_shaped(r, slots)):
+                if stages is not None:
+                    search.offer(stages)
+            if np.isfinite(search.best_value):
+                # The order to improve on: the one whose plan is the best so far.
+                if best is None or search.best_value < before:
+                    best = (search.best_value, slots)
+                break
+    return best[1] if best is not None else None
 
 
 def _fastest_first(search: Search) -> None:
