@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from edgeorch.rollout.plan import desired_for_node
 from edgeorch.rollout.signing import SIGNATURE_HEADER, bytes_signature_ok, signed_desired
 from edgeorch.schemas.rollout import (
     DEPLOYMENT_PATTERN,
@@ -124,8 +123,8 @@ async def desired_state(
     node_id: Annotated[str, Path(pattern=ID_PATTERN)], request: Request, store: Store
 ) -> dict:
     """The stages this node must hold now and any PREPARE it must ack, signed."""
-    snapshots = await run_in_threadpool(store.snapshots)
-    return signed_desired(node_id, desired_for_node(node_id, snapshots), request.app.state.secret)
+    desired = await run_in_threadpool(store.desired, node_id)
+    return signed_desired(node_id, desired, request.app.state.secret)
 
 
 @router.get("/v1/deployments", response_model=list[PlacementView], tags=["deployments"])

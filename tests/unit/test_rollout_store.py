@@ -100,6 +100,8 @@ def test_illegal_transitions_are_refused_and_change_nothing(store) -> None:
 def test_snapshots_feed_the_desired_state_through_a_whole_rollout(store) -> None:
     def stages(node: str) -> list[str]:
         [entry] = desired_for_node(node, store.snapshots())
+        # What a pull serves (cached until the next write) is always what the tables say now.
+        assert store.desired(node) == [entry]
         return [s["stage_id"] for s in entry["stages"]]
 
     store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
@@ -167,3 +169,19 @@ def test_plans_stored_in_the_old_format_are_still_read(tmp_path) -> None:
         assert [s["stage_id"] for s in entry["stages"]] == ["d.v1.s1"]
     finally:
         engine.dispose()
+
+
+def test_a_pull_is_served_from_the_cache_until_the_next_write(store) -> None:
+    store.create_rollout(_req(), "r1", now=0, prepare_timeout_s=30)
+    first = store.desired("a")
+    reads, real = [], store.snapshots
+
+    def counted():  # the database reads behind the pulls
+        reads.append(1)
+        return real()
+
+    store.snapshots = counted
+    assert store.desired("a") is first and store.desired("b") and reads == []  # b: computed, no read
+    store.add_ack(_ack("r1", "a"), now=1)
+    assert store.desired("a") == first and reads == [1]  # a write: read once more
+    assert store.desired("b") and reads == [1]
