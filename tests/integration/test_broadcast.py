@@ -224,10 +224,7 @@ def test_forged_and_replayed_messages_change_nothing(tiny) -> None:
     a, b, c = workers
     name = unique("sig")
     captured: list[dict] = []
-    sub = redis.Redis.from_url(REDIS_URL).pubsub(ignore_subscribe_messages=True)
-    sub.subscribe(bus.ROLLOUTS)
-    listener = threading.Thread(target=_capture, args=(sub, name, captured), daemon=True)
-    listener.start()
+    sub = _listen(name, captured)
     for plan in ([(a, 0, 2), (b, 2, 4), (c, 4, 6)], [(b, 0, 3), (c, 3, 5), (a, 5, 6)]):
         assert rig.wait_phase(rig.rollout(name, TINY, plan)["id"])["phase"] == "completed"
     wait_for(lambda: rig.converged(name, 2), 10, "version 2 everywhere")
@@ -283,6 +280,14 @@ def _logged_rejections(worker: LocalService, reasons: tuple[str, ...]) -> bool:
     return all(any(f": {r}" in line for line in lines) for r in reasons)
 
 
+def _listen(deployment: str, out: list[dict]):
+    """Subscribe to the rollout channel; a thread appends ``deployment``'s messages to ``out``. Close it after."""
+    sub = redis.Redis.from_url(REDIS_URL).pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(bus.ROLLOUTS)
+    threading.Thread(target=_capture, args=(sub, deployment, out), daemon=True).start()
+    return sub
+
+
 def _capture(sub, deployment: str, out: list[dict]) -> None:
     try:
         for raw in sub.listen():
@@ -299,10 +304,7 @@ def test_notifications_wake_only_the_nodes_a_rollout_touches(tiny) -> None:
     a, b, c = rig.workers.workers[:3]
     name = unique("addr")
     captured: list[dict] = []
-    sub = redis.Redis.from_url(REDIS_URL).pubsub(ignore_subscribe_messages=True)
-    sub.subscribe(bus.ROLLOUTS)
-    listener = threading.Thread(target=_capture, args=(sub, name, captured), daemon=True)
-    listener.start()
+    sub = _listen(name, captured)
     try:
         accepted = metric(c, "edgeorch_worker_rollout_messages_total", result="accepted")
         ignored = metric(c, "edgeorch_worker_rollout_messages_total", result="not_addressed")
