@@ -69,23 +69,37 @@ def _rows_step(url: str, rows: list[tuple[str, int, int]]) -> tuple[list[dict], 
     return wire.decode_frame(resp.content).meta["rows"], json.loads(resp.headers[protocol.HOPS_HEADER])
 
 
-def test_rows_of_several_sessions_in_one_hop_get_their_solo_tokens(workers, chain) -> None:
-    ids, solo = chain
-    url = _url(workers, 0, ids[0])
-    lengths = [NEW_TOKENS, NEW_TOKENS - 3, NEW_TOKENS, NEW_TOKENS - 5]  # sessions leave the frame early
-    got = {f"r{i}": [_prefill(url, f"r{i}", p)] for i, p in enumerate(PROMPTS)}
-    position = {f"r{i}": len(p) for i, p in enumerate(PROMPTS)}
+def _decode_in_rows(url: str, stages: list[str], prefix: str, lengths: list[int]) -> list[list[int]]:
+    """Every prompt prefilled alone, then decoded in multi-session frames until its length."""
+    got = {f"{prefix}{i}": [_prefill(url, f"{prefix}{i}", p)] for i, p in enumerate(PROMPTS)}
+    position = {f"{prefix}{i}": len(p) for i, p in enumerate(PROMPTS)}
     while running := [s for i, s in enumerate(got) if len(got[s]) < lengths[i]]:
         rows, hops = _rows_step(url, [(s, position[s], got[s][-1]) for s in running])
         # One hop per stage for the whole frame, every row computed in one batch.
-        assert [h["stage"] for h in hops] == ids and all(h["rows"] == len(running) for h in hops)
+        assert [h["stage"] for h in hops] == stages and all(h["rows"] == len(running) for h in hops)
         assert all(h["batch"] >= len(running) for h in hops)
         for s, row in zip(running, rows, strict=True):
             assert row["session"] == s and "error" not in row, row
             assert row["position"] == position[s] + 1
             got[s].append(row["token"])
             position[s] += 1
-    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == [s[:n] for s, n in zip(solo, lengths, strict=True)]
+    return list(got.values())
+
+
+def test_rows_of_several_sessions_in_one_hop_get_their_solo_tokens(workers, chain) -> None:
+    ids, solo = chain
+    lengths = [NEW_TOKENS, NEW_TOKENS - 3, NEW_TOKENS, NEW_TOKENS - 5]  # sessions leave the frame early
+    got = _decode_in_rows(_url(workers, 0, ids[0]), ids, "r", lengths)
+    assert got == [s[:n] for s, n in zip(solo, lengths, strict=True)]
+
+
+def test_rows_cross_an_int8_hop_as_each_would_alone(workers) -> None:
+    # int8 scales are per token, so a row's bytes on the hop do not depend on its neighbours.
+    ids = load_chain(workers, MODEL, [(0, 2), (2, 4), (4, 6)], prefix="bh8",
+                     options=[{"activation_format": "int8"}, {}, {}])  # fmt: skip
+    with ChainClient(workers.workers[0].url, ids[0]) as client:
+        solo = [client.generate(p, NEW_TOKENS, stop_ids=set()).token_ids for p in PROMPTS]
+    assert _decode_in_rows(_url(workers, 0, ids[0]), ids, "q", [NEW_TOKENS] * len(PROMPTS)) == solo
 
 
 def test_a_failed_row_fails_only_its_session(workers, chain) -> None:
