@@ -1,7 +1,8 @@
 """Serving many users: N concurrent OpenAI streams through a local split stack.
 
-For each variant (a worker setting, e.g. ``EDGEORCH_MAX_BATCH=1`` for no
-batching against the default), a fresh local stack of ``--workers`` workers
+For each variant (worker and gateway settings: ``batched`` sends concurrent
+sessions' steps as one frame per hop, ``own-hops`` sends each alone,
+``unbatched`` also runs each alone in every stage), a fresh local stack of ``--workers`` workers
 serves SmolLM2 fp32 split over all of them (each capped so the model spans
 them). Every stream is a greedy chat through the official ``openai`` client;
 its text is compared with the same prompt's solo run on the same stack, so
@@ -9,7 +10,7 @@ the table also says whether batching changed a single token. Per level:
 aggregate tok/s, the ratio to one stream, time to first token and
 inter-token latency (p50/p95), the plan version changes during the level.
 
-    python -m bench.serving                # levels 1,2,4,8,16; batching on and off
+    python -m bench.serving                # levels 1,2,4,8,16; batched, own-hops and unbatched
     python -m bench.serving --quick        # levels 1,4,8; 24 tokens
 
 Level 1 is every prompt alone, one after the other (their texts are the
@@ -45,13 +46,19 @@ PROMPTS = [
     "Give me a tip for learning to cook.",
     "What is two plus two?",
 ]
-VARIANTS = {
-    "batched": {},
-    "unbatched": {"EDGEORCH_MAX_BATCH": "1"},
+# name -> (worker environment, gateway environment)
+VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    # batched decode in each stage, concurrent sessions' steps sent as one frame per hop
+    "batched": ({}, {}),
+    # the same, two multi-session frames in flight per entry stage (the sessions pipeline in two groups)
+    "pipelined": ({}, {"EDGEORCH_HOP_BATCHES_IN_FLIGHT": "2"}),
+    # batched decode in each stage, but every session's step crosses each hop alone
+    "own-hops": ({}, {"EDGEORCH_HOP_BATCH_ROWS": "1"}),
+    "unbatched": ({"EDGEORCH_MAX_BATCH": "1"}, {"EDGEORCH_HOP_BATCH_ROWS": "1"}),
     # every decode step padded to 4 rows: each row's bits independent of its batch (not run by default)
-    "batched-exact": {"EDGEORCH_BATCH_ROW_BLOCK": "4"},
+    "batched-exact": ({"EDGEORCH_BATCH_ROW_BLOCK": "4"}, {}),
 }
-DEFAULT_VARIANTS = "batched,unbatched"
+DEFAULT_VARIANTS = "batched,own-hops,unbatched"
 
 
 @dataclass
@@ -148,11 +155,14 @@ def _summarise(variant: str, n: int, streams: list[Stream], wall_s: float, solo:
     )  # fmt: skip
 
 
-def run_variant(variant: str, env: dict[str, str], args: argparse.Namespace) -> list[Level]:
-    """A fresh stack with ``env`` on its workers: solo texts first, then each level."""
+def run_variant(
+    variant: str, envs: tuple[dict[str, str], dict[str, str]], args: argparse.Namespace
+) -> list[Level]:
+    """A fresh stack with ``envs`` (workers', gateway's): solo texts first, then each level."""
     scenario = parse_scenario({"workers": [{"id": f"n{i}", "memory": "400MB"} for i in range(args.workers)]})
     http = httpx.Client(timeout=300)
-    with LocalStack(scenario, private_redis=True, jobs_worker=False, worker_env=env) as stack:
+    with LocalStack(scenario, private_redis=True, jobs_worker=False, worker_env=envs[0],
+                    service_env=envs[1]) as stack:  # fmt: skip
         url = stack.orchestrator_url
         body = {"name": "smol", "model": "smollm2-135m", "policy": {"workload": {"max_sessions": 16}}}
         r = http.post(
@@ -174,14 +184,24 @@ def run_variant(variant: str, env: dict[str, str], args: argparse.Namespace) -> 
         print(_row(one), flush=True)
         levels = [one]
         for n in (n for n in args.levels if n > 1):
-            v0, load = _version(http, url), os.getloadavg()[0]
+            v0, load, t_level = _version(http, url), os.getloadavg()[0], time.time()
             streams, wall_s = asyncio.run(_level(url, n, args.max_tokens))
             level = _summarise(variant, n, streams, wall_s, solo, one.tok_per_s, _version(http, url) - v0)
             level.load_avg = load
+            if level.replans:
+                _print_replans(http, url, t_level)
             _predict(level, predicted)
             levels.append(level)
             print(_row(level), flush=True)
     return levels
+
+
+def _print_replans(http: httpx.Client, url: str, since_ts: float) -> None:
+    """Say why the plan changed during a level (the decision log's remaps and re-splits)."""
+    events = http.get(f"{url}/v1/events", params={"deployment": "smol", "limit": 10000}).json()
+    for e in events:
+        if e["ts"] >= since_ts and e["kind"] in ("remap", "resplit", "recover"):
+            print(f"  re-plan during the level: {e['kind']}: {e['message'][:300]}", flush=True)
 
 
 async def _solo(url: str, prompt: int, max_tokens: int) -> Stream:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from edgeorch.orchestration.batched_steps import StepBatcher
 from edgeorch.orchestration.migration import MovePath, try_migrate
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import Sampling
@@ -164,6 +165,22 @@ async def _step(http: HopClient, route: Route, tensors: dict[str, torch.Tensor],
     return frame
 
 
+async def _batched_step(
+    batcher: StepBatcher, route: Route, stream: object, tensors: dict[str, torch.Tensor], **meta
+) -> wire.Frame:
+    """Like :func:`_step`, the step sent in a multi-session frame with other sessions' (batched_steps.py)."""
+    try:
+        return await batcher.step(route, stream, tensors["x"], meta)
+    except HopError as exc:
+        url = protocol.forward_url(route.entry_url, route.entry_stage)
+        failure = protocol.unreachable(
+            exc, "entry stage", route.entry_stage, url, route.node_of(route.entry_stage)
+        )
+        raise _classify(route, failure) from exc
+    except HopFailure as failure:
+        raise _classify(route, failure) from None
+
+
 async def generate(
     http: HopClient,
     routes: RouteProvider,
@@ -179,6 +196,7 @@ async def generate(
     on_result: Callable[[wire.Frame], None] | None = None,
     migrate_kv: bool = True,
     settle: bool = False,
+    batcher: StepBatcher | None = None,
 ) -> AsyncIterator[int]:
     """Yield generated token ids one by one, carrying the session over failed stages.
 
@@ -194,7 +212,40 @@ async def generate(
     ``migrate_kv`` moves a session's KV caches to a newer plan's stages
     (:mod:`edgeorch.orchestration.migration`) instead of replaying its
     tokens; a replay remains the fallback.
+
+    ``batcher`` sends this session's decode tokens together with other
+    sessions' (one frame per hop for all of them); prefills, replays and
+    steps that ask for log-probabilities still go alone.
     """
+    stream = object()  # this generation, to the batcher (its session id changes on a replay)
+    try:
+        async for token in _generate(http, routes, deployment, prompt_ids, max_new_tokens, sampling,
+                                     stop_ids, stats, max_recoveries, on_step, logprobs, on_result,
+                                     migrate_kv, settle, batcher, stream):  # fmt: skip
+            yield token
+    finally:
+        if batcher is not None:
+            batcher.leave(stream)
+
+
+async def _generate(
+    http: HopClient,
+    routes: RouteProvider,
+    deployment: str,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_ids: set[int],
+    stats: SessionStats,
+    max_recoveries: int,
+    on_step: Callable[[int, float], None] | None,
+    logprobs: int | None,
+    on_result: Callable[[wire.Frame], None] | None,
+    migrate_kv: bool,
+    settle: bool,
+    batcher: StepBatcher | None,
+    stream: object,
+) -> AsyncIterator[int]:
     extra = {} if logprobs is None else {"logprobs": {"top": logprobs}}
     route = await routes.route(deployment)
     tokens = list(prompt_ids)
@@ -218,9 +269,13 @@ async def generate(
             used |= {s.node for s in route.stages}
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
         t0, step_began = time.perf_counter(), time.monotonic()
+        meta = {"session": session, "position": sent, "mode": "generate", "sampling": sampling.model_dump(),
+                "release": last, **extra}  # fmt: skip
         try:
-            frame = await _step(http, route, {"x": x}, session=session, position=sent, mode="generate",
-                                sampling=sampling.model_dump(), release=last, **extra)  # fmt: skip
+            if batcher is not None and sent > 0 and x.shape[1] == 1 and not extra:
+                frame = await _batched_step(batcher, route, stream, {"x": x}, **meta)
+            else:
+                frame = await _step(http, route, {"x": x}, **meta)
         except StepFailure as failure:
             if not failure.replayable or stats.recoveries >= max_recoveries:
                 raise ChainFailure(failure.status if failure.status < 500 else 502, failure.detail) from None

@@ -92,12 +92,23 @@ class DecodeBatcher:
         self, hosted: HostedStage, meta: ForwardMeta, inp: StageInput, t_queued: float
     ) -> BatchedStep:
         """Queue one decode step and wait for the batch it runs in."""
-        waiting = _Waiting(meta, inp, t_queued)
-        self._queues.setdefault(hosted.stage_id, []).append(waiting)
+        (done,) = self.submit_many(hosted, [(meta, inp)], t_queued)
+        return await done
+
+    def submit_many(
+        self, hosted: HostedStage, steps: list[tuple[ForwardMeta, StageInput]], t_queued: float
+    ) -> list[asyncio.Future]:
+        """Queue several decode steps at once (a multi-session frame's rows); one future per step.
+
+        They are queued together, so they run in one batch (with whatever else waits) unless
+        they are more than ``max_batch``.
+        """
+        waiting = [_Waiting(meta, inp, t_queued) for meta, inp in steps]
+        self._queues.setdefault(hosted.stage_id, []).extend(waiting)
         if hosted.stage_id not in self._draining:
             self._draining.add(hosted.stage_id)
             asyncio.get_running_loop().create_task(self._drain(hosted))
-        return await waiting.done
+        return [w.done for w in waiting]
 
     async def _drain(self, hosted: HostedStage) -> None:
         """Run the stage's queue batch after batch until it is empty."""

@@ -35,6 +35,7 @@ from edgeorch.runtime.hosted import HostedStage, StageConflict, StageNotFound, p
 from edgeorch.runtime.logprobs import LOGPROBS_FORMAT, logprob_tensors
 from edgeorch.runtime.memory import check_budget, return_memory
 from edgeorch.runtime.metrics import WorkerMetrics
+from edgeorch.runtime.rows import forward_rows
 from edgeorch.runtime.sampling import sample_token
 from edgeorch.runtime.sessions import PositionMismatch, SessionError, SessionStore
 from edgeorch.runtime.units import UnitCache
@@ -92,7 +93,7 @@ class StageHost:
         self.inline_steps = 0  # forwards computed on the event loop (each hop also says "inline")
         self.memory_limit = memory_limit  # planned weights + KV may not pass it (None: no cap)
         # Decode steps that arrive while the compute thread is busy run together (runtime/batching.py).
-        self.batcher = DecodeBatcher(self._on_thread, self._compute_rows, max_batch)
+        self.batcher = DecodeBatcher(self._on_thread, self.compute_rows_now, max_batch)
         self.row_block = row_block  # decode steps padded to a multiple of it rows (engine/stage.py)
 
     async def start(self) -> None:
@@ -235,9 +236,11 @@ class StageHost:
         hosted = self._get(stage_id)
         frame = wire.decode_frame(body, max_frame_bytes)
         compression.restore(frame.tensors)  # a lossy hop's activations, float32 again
+        self.metrics.bytes_in.labels(stage_id).inc(len(body))
+        if protocol.is_rows(frame.meta):  # several sessions' tokens in one frame (runtime/rows.py)
+            return await forward_rows(self, hosted, frame, t_start)
         meta = ForwardMeta.model_validate(frame.meta)
         inp = check_input(hosted.loaded, meta, frame)
-        self.metrics.bytes_in.labels(stage_id).inc(len(body))
         t_queued = time.perf_counter()
         can_batch = batchable(hosted, meta, inp)
         if can_batch and self.in_flight == 1:
@@ -264,7 +267,7 @@ class StageHost:
         if url is None:
             answer = wire.encode_frame(out)
             hop["handler_s"] = time.perf_counter() - t_start
-            self._notify(sample)
+            self.notify(sample)
             return answer, [hop]
         if hosted.spec.activation_format != "fp32" and "x" in out.tensors:
             out.tensors.update(compression.pack(out.tensors["x"], hosted.spec.activation_format))
@@ -272,13 +275,13 @@ class StageHost:
         hop["bytes_out"] = len(payload)
         self.metrics.bytes_out.labels(stage_id).inc(len(payload))
         t0 = time.perf_counter()
-        answer, downstream_hops = await self._send(hosted, url, payload)
+        answer, downstream_hops = await self.send(hosted, url, payload)
         hop["downstream_s"] = time.perf_counter() - t0
         hop["handler_s"] = time.perf_counter() - t_start
         if downstream_hops and "handler_s" in downstream_hops[0]:
             sample.update(next_url=str(hosted.spec.next.url), bytes_out=len(payload),
                           hop_s=hop["downstream_s"] - downstream_hops[0]["handler_s"])  # fmt: skip
-        self._notify(sample)
+        self.notify(sample)
         return answer, [hop, *downstream_hops]
 
     def _may_inline(self, inp: StageInput) -> bool:
@@ -296,6 +299,16 @@ class StageHost:
             and self.emulation.slowdown <= 1.0
         )
 
+    def may_inline_rows(self, rows: int) -> bool:
+        """Whether a multi-session frame's ``rows`` decode tokens may compute on the event loop (as above)."""
+        return (
+            rows <= self.inline_max_tokens
+            and self.in_flight == 1
+            and self._jobs == 0
+            and self.emulation.slowdown <= 1.0
+            and not self.batcher.queued()
+        )
+
     async def _on_thread(self, fn: Callable, *args):
         self._jobs += 1
         try:
@@ -303,7 +316,7 @@ class StageHost:
         finally:
             self._jobs -= 1
 
-    def _notify(self, sample: dict) -> None:
+    def notify(self, sample: dict) -> None:
         for observer in self.observers:
             try:
                 observer(sample)
@@ -345,10 +358,12 @@ class StageHost:
         compute_s = self.hold(t0)
         return self._output(loaded, meta, inp, h), compute_s, t0 - t_queued
 
-    def _compute_rows(
+    def compute_rows_now(
         self, hosted: HostedStage, steps: list[tuple[ForwardMeta, StageInput]]
     ) -> tuple[list, float]:
-        """Runs on the compute thread: one decode token of each session as one batch (runtime/batching.py).
+        """One decode token of each session as one batch (runtime/batching.py, runtime/rows.py).
+
+        Runs on the compute thread, or inline when :meth:`may_inline_rows` allows.
 
         Returns each step's output frame or its own error, and the batch's seconds.
         """
@@ -409,7 +424,7 @@ class StageHost:
             result.tensors.update(logprob_tensors(h, token, meta.logprobs.top))
         return result
 
-    async def _send(self, hosted: HostedStage, url: str, payload: bytes) -> tuple[bytes, list[dict]]:
+    async def send(self, hosted: HostedStage, url: str, payload: bytes) -> tuple[bytes, list[dict]]:
         """Post the output to the next stage; a failure keeps the failing stage's fields."""
         next_id = hosted.spec.next.stage_id if hosted.spec.next else "?"
         try:

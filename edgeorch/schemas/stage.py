@@ -134,3 +134,24 @@ class Emulation(BaseModel):
         "is added to every output of every stage here (hidden states, or the logits a last stage samples "
         "from); 0: honest",
     )  # fmt: skip
+
+
+class RowsMeta(BaseModel):
+    """Metadata of a multi-session frame: one decode token of each of several sessions (batched hops)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows_version: Literal[1]
+    rows: list[ForwardMeta] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _decode_rows(self) -> RowsMeta:
+        sessions = [row.session for row in self.rows]
+        if len(set(sessions)) != len(sessions):
+            raise ValueError("a session appears in two rows of one frame")
+        for row in self.rows:
+            if row.mode != "generate" or row.logits != "last" or row.logprobs is not None:
+                raise ValueError(
+                    f"row {row.session!r}: a multi-session frame carries generate steps without logprobs"
+                )
+        return self

@@ -126,3 +126,61 @@ def read_raw_answer(resp: HopResponse, stage_id: str) -> tuple[bytes, list[dict]
     if resp.status_code != 200:
         raise failure_of(resp, stage_id)
     return resp.content, json.loads(resp.headers.get(HOPS_HEADER, "[]"))
+
+
+# ----- multi-session frames (batched hops) -------------------------------------------------
+#
+# One frame may carry one decode token of several sessions, so a batch formed at
+# the gateway or at a stage crosses each hop as one POST. Its metadata is
+# ``{"rows_version": 1, "rows": [ForwardMeta, ...]}`` and its tensor "x" stacks
+# the rows' inputs along dimension 0 (row i is session i's [1, 1] token or
+# [1, 1, hidden] state). The answer's metadata is ``{"rows_version": 1, "rows":
+# [...]}`` in the same order: a result (``session``, ``token``, ``position``) or
+# ``{"session": ..., "error": HopFailure.body() + "status"}`` for a row that
+# failed, so one session's failure never fails the others'. A frame whose
+# metadata has no "rows" key is a single-session frame, as before.
+
+ROWS_VERSION = 1
+MAX_ROWS = 64  # schemas.stage.RowsMeta's bound
+
+
+def is_rows(meta: dict[str, Any]) -> bool:
+    """Whether a frame's metadata is a multi-session frame's (it has the "rows" key)."""
+    return "rows" in meta or "rows_version" in meta
+
+
+def rows_body(x: torch.Tensor, metas: list[dict[str, Any]]) -> bytes:
+    """The frame of several sessions' decode steps: ``x`` stacks their inputs, ``metas`` their ForwardMeta."""
+    if x.shape[0] != len(metas):
+        raise ValueError(f"{len(metas)} rows of metadata for {x.shape[0]} rows of input")
+    return wire.encode_frame(wire.Frame(meta={"rows_version": ROWS_VERSION, "rows": metas}, tensors={"x": x}))
+
+
+def row_error(failure: HopFailure, session: str) -> dict[str, Any]:
+    """An answer row that says ``session``'s step failed, and how."""
+    return {"session": session, "error": {**failure.body(), "status": failure.status}}
+
+
+def read_rows(frame: wire.Frame, sessions: list[str], stage_id: str) -> list[dict[str, Any] | HopFailure]:
+    """Each row's result meta or its :class:`HopFailure`, from a multi-session answer for ``sessions``."""
+    rows = frame.meta.get("rows")
+    if (
+        frame.meta.get("rows_version") != ROWS_VERSION
+        or not isinstance(rows, list)
+        or len(rows) != len(sessions)
+    ):
+        raise HopFailure(502, f"{stage_id!r} answered a multi-session frame without {len(sessions)} rows",
+                         "error", stage_id)  # fmt: skip
+    out: list[dict[str, Any] | HopFailure] = []
+    for session, row in zip(sessions, rows, strict=True):
+        if not isinstance(row, dict) or row.get("session") != session:
+            out.append(HopFailure(502, f"{stage_id!r} answered row {row!r:.200} for session {session!r}",
+                                  "error", stage_id))  # fmt: skip
+        elif isinstance(err := row.get("error"), dict):
+            kind = err.get("kind") if err.get("kind") in FAILURE_KINDS else "error"
+            status = err.get("status") if isinstance(err.get("status"), int) else 502
+            out.append(HopFailure(status, str(err.get("detail", "")), kind, err.get("failed_stage"),
+                                  err.get("failed_node")))  # fmt: skip
+        else:
+            out.append(row)
+    return out

@@ -20,6 +20,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.models.store import ModelStore
+from edgeorch.orchestration.batched_steps import StepBatcher
 from edgeorch.orchestration.clients import ControlPlane
 from edgeorch.orchestration.spotcheck import DEFAULT_SHARE, DEFAULT_TOLERANCE, Shadows, SpotChecker
 from edgeorch.security.certs import client_verify
@@ -92,6 +93,18 @@ class OrchestratorSettings(ServiceSettings):
     max_waiting_sessions: int = Field(
         default=64, ge=0, description="sessions that may wait for a slot; past that a request gets 429"
     )
+    hop_batch_rows: int = Field(
+        default=16, ge=0, le=64, description="concurrent sessions' decode steps sent as one frame per hop, "
+        "up to this many (edgeorch/orchestration/batched_steps.py); 0 or 1: every step alone",
+    )  # fmt: skip
+    hop_batches_in_flight: int = Field(
+        default=1, ge=1, le=16, description="multi-session frames one entry stage may have in flight at once "
+        "(more than 1: the sessions split into groups that pipeline through the stages)",
+    )  # fmt: skip
+    hop_batch_window_s: float = Field(
+        default=0.005, ge=0, le=1, allow_inf_nan=False,
+        description="longest a gathered batch waits for a running session's next step",
+    )  # fmt: skip
     spot_check_share: float = Field(
         default=DEFAULT_SHARE, ge=0, le=1, allow_inf_nan=False,
         description="share of the steps on routes with untrusted nodes that a trusted node recomputes "
@@ -160,6 +173,11 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
         app.state.routes = controller.routes  # the gateway's route provider
         # The data plane's own client: the entry hop is paid on every token (docs/design.md, the hop transport).
         app.state.data_http = HopClient(timeout_s=settings.request_timeout_s, max_idle_per_peer=64)
+        app.state.step_batcher = (
+            StepBatcher(app.state.data_http, settings.hop_batch_rows, settings.hop_batches_in_flight,
+                        settings.hop_batch_window_s)
+            if settings.hop_batch_rows > 1 else None
+        )  # fmt: skip
         app.state.gateway_url = settings.public_url or bind_url or "http://127.0.0.1:8000"
         shadows_http = httpx.AsyncClient(timeout=300.0, headers=admin_headers(settings.admin_token),
                                          verify=client_verify())  # fmt: skip

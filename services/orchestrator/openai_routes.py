@@ -149,7 +149,8 @@ async def _tokens(request: Request, name: str, ids: list[int], max_tokens: int, 
     async for token in generate(state.data_http, state.routes, name, ids, max_tokens,
                                 body.sampling(choice.index), stop_ids, stats,
                                 on_step=_step_seen(request, name), logprobs=top,
-                                on_result=_logprob_reader(top, got), settle=not body.stream):  # fmt: skip
+                                on_result=_logprob_reader(top, got), settle=not body.stream,
+                                batcher=state.step_batcher):  # fmt: skip
         lp = got.pop() if got else None
         if token in stop_ids:
             choice.finish = "stop"
