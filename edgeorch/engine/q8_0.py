@@ -154,7 +154,6 @@ class Q8_0Linear(nn.Module):
         blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
-        self.fmt = "int4"  # only int4 units of a GGUF import hold Q8_0 tables
         self.out_features, self.in_features = weight.shape
         if _SKELETON.get():
             self.weight = _meta((self.out_features, self.in_features), torch.int8)
