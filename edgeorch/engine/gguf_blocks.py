@@ -23,12 +23,13 @@ are matched against the dequantised checkpoint the import wrote (identity,
 or the inverse permutation over query or KV heads), and only an exact match
 of every value is taken.
 
-Q8_0 (32 int8 values and one fp16 scale per block) is not taken as it is:
-the engine's int8 kernel (``_weight_int8pack_mm``) has one scale per output
-row, and torch has no grouped int8 matmul on CPU; a grouped int8 layout would
-have to be dequantised to bf16 at every step (twice the bytes read) or need
-a kernel of our own. Q8_0 tensors (SmolLM2's token table, which is also its
-tied LM head) are dequantised and requantised per row, as before.
+Q8_0 tables (32 int8 values and one fp16 scale per block; SmolLM2's token
+table, which is also its tied LM head) are taken as they are too, into the
+Q8_0 layout of :mod:`edgeorch.engine.q8_0` (the engine's int8 format has one
+scale per row, so they cannot be int8 without re-quantising): the config
+lists them (:data:`edgeorch.models.formats.INT4_Q8_0_TABLES_KEY`), so the
+skeleton and the profile hold them so. A table of another type stays per-row
+int8, re-quantised from the checkpoint.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ import torch
 from edgeorch.engine import stage_adapter
 from edgeorch.engine.formats import PackedLinear, skeleton
 from edgeorch.engine.pack import unit_tensors
+from edgeorch.engine.q8_0 import Q8_0Embedding, Q8_0Linear, dequantize_q8_0, parse_q8_0
 from edgeorch.models import load_config
 from edgeorch.models.checkpoint import CheckpointReader
-from edgeorch.models.formats import INT4_GROUP
+from edgeorch.models.formats import INT4_GROUP, int4_q8_0_tables
 from edgeorch.models.unitfile import PackedUnits, unit_file_name, write_unit_file
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,25 @@ def q4_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)  # byte j: value j low, j+16 high
     sz = np.stack([d, zero], axis=-1).astype(np.float32).reshape(out_f, in_f // INT4_GROUP, 2)
     return torch.from_numpy(codes.reshape(out_f, in_f)), torch.from_numpy(sz)
+
+
+def q8_0_tables(gguf_path: Path) -> list[str]:
+    """The tables (``embed``, ``lm_head``) a GGUF file holds as Q8_0 blocks."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    head = tensors.get("output.weight", tensors.get("token_embd.weight"))  # no output: tied to the table
+    kinds = {"embed": tensors.get("token_embd.weight"), "lm_head": head}
+    return [k for k, t in kinds.items() if t is not None and t.tensor_type.name == "Q8_0"]
+
+
+def _q8_0_table(tensor, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 tensor's (codes, scales) as they are; NotExact unless they dequantise to ``want`` exactly."""
+    cols, rows = (int(n) for n in tensor.shape)
+    codes, scales = parse_q8_0(np.asarray(tensor.data).reshape(-1), rows, cols)  # MalformedBlocks: refused
+    if not torch.equal(dequantize_q8_0(codes, scales), want.float()):
+        raise NotExact(f"{tensor.name}'s Q8_0 blocks do not dequantise to the checkpoint's table")
+    return codes, scales
 
 
 def dequantize_blocks(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -143,10 +164,12 @@ def _fused(reader, cfg, block: int, names: tuple[str, ...], state: dict[str, tor
 def pack_gguf_int4(gguf_path: Path, model_dir: Path) -> dict:
     """Write ``packed/int4/`` of ``model_dir`` with the layers' matrices taken from the GGUF's Q4 blocks.
 
-    ``model_dir`` holds the checkpoint dequantised from the same file; its
-    embedding, head and norms are packed from it as usual (tables are int8).
-    NotExact (nothing written) when a layer matrix is not Q4_0/Q4_1 or does
-    not dequantise exactly to the checkpoint's.
+    ``model_dir`` holds the checkpoint dequantised from the same file, and
+    its config lists the tables to take as Q8_0 blocks (:func:`q8_0_tables`;
+    the others are per-row int8, packed from the checkpoint as usual).
+    NotExact (nothing written) when a layer matrix is not Q4_0/Q4_1, or a
+    matrix or table does not dequantise exactly to the checkpoint's;
+    MalformedBlocks for Q8_0 blocks that are not well formed.
     """
     from gguf import GGUFReader
 
@@ -154,6 +177,8 @@ def pack_gguf_int4(gguf_path: Path, model_dir: Path) -> dict:
     by_name = {t.name: t for t in gguf_file.tensors}
     cfg = load_config(model_dir)
     adapter = stage_adapter(cfg, "lean", "int4")
+    tables = int4_q8_0_tables(cfg)
+    head_name = "output.weight" if "output.weight" in by_name else "token_embd.weight"
     reader = CheckpointReader(model_dir)
     packed = PackedUnits(model_dir, "int4")
     tmp = packed.begin()
@@ -165,13 +190,19 @@ def pack_gguf_int4(gguf_path: Path, model_dir: Path) -> dict:
             if 1 <= u <= adapter.num_layers:
                 for attr, names in _FUSED.items():
                     setattr(module, attr, _fused(by_name, cfg, u - 1, names, state))
+            elif u == 0 and "embed" in tables:  # the unit was built so (the config lists it): fill it
+                table = state["embed_tokens.weight"]
+                module.embed = Q8_0Embedding(table, _q8_0_table(by_name["token_embd.weight"], table))
+            elif u == adapter.num_units - 1 and "lm_head" in tables:
+                w = state["lm_head.weight"]
+                module.lm_head = Q8_0Linear(w, state.get("lm_head.bias"), _q8_0_table(by_name[head_name], w))
             tensors, mods = unit_tensors(module)
             sizes.append(write_unit_file(tmp / unit_file_name(u), tensors, mods))
     except (NotExact, KeyError) as exc:  # KeyError: a layer matrix the file does not have
         shutil.rmtree(tmp, ignore_errors=True)
         raise NotExact(str(exc)) from exc
     record = {"num_units": adapter.num_units, "unit_bytes": sizes, "torch": torch.__version__,
-              "source": f"GGUF Q4 blocks of {gguf_path.name}, taken as they are"}  # fmt: skip
+              "source": f"GGUF Q4 blocks of {gguf_path.name}, taken as they are", "q8_0_tables": sorted(tables)}  # fmt: skip
     packed.commit(tmp, record)
     log.info("packed %s as int4 from its GGUF blocks: %d bytes", model_dir, sum(sizes))
     return record

@@ -7,8 +7,9 @@ entry (the next one starts over), and a refused one leaves the store as it
 was.
 
 GGUF files are checked before anything is written: the architecture must be
-one the Llama adapter runs (llama, qwen2, mistral), and every tensor's data
-must lie inside the file (a truncated download is refused, not half read).
+one the Llama adapter runs (llama, qwen2, mistral), every tensor's data
+must lie inside the file (a truncated download is refused, not half read),
+and every Q8_0 tensor's blocks must be well formed (finite scales).
 Their weights are then dequantised to fp32 by transformers (as `models
 prepare` does for SmolLM2) into the entry's checkpoint. int4 takes the
 layers' Q4_0/Q4_1 blocks as they are (:mod:`edgeorch.engine.gguf_blocks`:
@@ -16,8 +17,9 @@ llama.cpp's weights, bit for bit, with float32 scales and zeros) when every
 layer matrix is Q4_0/Q4_1 and maps exactly; otherwise, and for every other
 format, the units are packed from the checkpoint (int4 then re-quantises,
 recovering a 4-bit grid up to the bf16 rounding of each group's scale and
-zero). Q8_0 blocks are never taken as they are: the int8 format has one
-scale per row, Q8_0 one per 32 values (see gguf_blocks for why).
+zero). With int4 taken so, a token table or LM head the file holds as Q8_0
+is taken as it is too (:mod:`edgeorch.engine.q8_0`); the int8 format itself
+stays per row (one scale per row, Q8_0 has one per 32 values).
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgeorch.engine.gguf_blocks import NotExact, pack_gguf_int4
+import numpy as np
+
+from edgeorch.engine.gguf_blocks import NotExact, pack_gguf_int4, q8_0_tables
+from edgeorch.engine.q8_0 import MalformedBlocks, q8_0_scales
 from edgeorch.engine.synth import pack_dir
 from edgeorch.models import adapter_for, load_config
-from edgeorch.models.formats import INT4_SCALES_KEY
+from edgeorch.models.formats import INT4_Q8_0_TABLES_KEY, INT4_SCALES_KEY
 from edgeorch.models.store import MARKER, ModelStore, ModelStoreError, checkpoint_from_gguf
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,13 @@ def check_gguf(path: Path) -> str:
             raise ModelStoreError(
                 f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, the file has {size}"
             )
+    for t in reader.tensors:  # Q8_0 tables may be taken as they are: their blocks must be well formed
+        if t.tensor_type.name == "Q8_0":
+            cols, rows = int(t.shape[0]), int(t.n_elements // t.shape[0])
+            try:
+                q8_0_scales(np.asarray(t.data).reshape(-1), rows, cols)
+            except MalformedBlocks as exc:
+                raise ModelStoreError(f"{path}: tensor {t.name} has malformed Q8_0 blocks: {exc}") from exc
     return arch
 
 
@@ -85,15 +97,20 @@ def _set_config(model_dir: Path, **values) -> None:
 
 
 def _gguf_int4(gguf: Path, model_dir: Path) -> str:
-    """Pack int4 from the GGUF's own Q4 blocks when they map exactly; returns how int4 was made."""
-    _set_config(model_dir, **{INT4_SCALES_KEY: "float32"})  # before packing: the profile counts fp32 scales
+    """Pack int4 from the GGUF's own Q4 (and Q8_0 table) blocks when they map exactly; how int4 was made."""
+    tables = q8_0_tables(gguf)
+    # Before packing: the skeleton and the profile hold fp32 scales and these tables as Q8_0 blocks.
+    _set_config(model_dir, **{INT4_SCALES_KEY: "float32", INT4_Q8_0_TABLES_KEY: tables or None})
     try:
         pack_gguf_int4(gguf, model_dir)
     except NotExact as exc:
-        _set_config(model_dir, **{INT4_SCALES_KEY: None})
+        _set_config(model_dir, **{INT4_SCALES_KEY: None, INT4_Q8_0_TABLES_KEY: None})
         log.warning("%s: its blocks are not taken as int4 (%s); int4 is re-quantised from fp32", gguf, exc)
         return f"re-quantised from the dequantised checkpoint ({exc})"
-    return "the GGUF's Q4_0/Q4_1 blocks, taken as they are (float32 scales and zeros)"
+    except MalformedBlocks as exc:
+        raise ModelStoreError(f"{gguf} has malformed Q8_0 blocks: {exc}") from exc
+    held = f"; its Q8_0 {' and '.join(tables)} as they are (int8, fp16 scale per 32)" if tables else ""
+    return f"the GGUF's Q4_0/Q4_1 blocks, taken as they are (float32 scales and zeros){held}"
 
 
 def import_model(store: ModelStore, path: Path, name: str, formats: list[str]) -> Path:

@@ -21,8 +21,9 @@ from torch import nn
 from edgeorch.engine.base import LeanAdapterMixin, check_cache
 from edgeorch.engine.formats import PackedEmbedding, PackedLinear, address_mod, packed_vector
 from edgeorch.engine.kv import LeanKVCache
+from edgeorch.engine.q8_0 import Q8_0Embedding, Q8_0Linear
 from edgeorch.models.adapter import StageInput, causal_mask
-from edgeorch.models.formats import table_format
+from edgeorch.models.formats import int4_q8_0_tables, table_format
 from edgeorch.models.llama import LlamaAdapter
 
 
@@ -51,9 +52,11 @@ class _Rows:
 class LeanEmbed(nn.Module):
     """Unit 0: the token embedding."""
 
-    def __init__(self, state: dict[str, torch.Tensor], fmt: str):
+    def __init__(self, state: dict[str, torch.Tensor], fmt: str, q8_0: bool = False):
         super().__init__()
-        self.embed = PackedEmbedding(state["embed_tokens.weight"], fmt)
+        table = state["embed_tokens.weight"]
+        # q8_0: a GGUF's own Q8_0 blocks (int4 units of an import; edgeorch.engine.q8_0).
+        self.embed = Q8_0Embedding(table) if q8_0 else PackedEmbedding(table, fmt)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
@@ -154,8 +157,11 @@ class LeanLlamaHead(nn.Module):
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
         self.norm = packed_vector(state["norm.weight"], fmt)
-        w = state["lm_head.weight"]
-        self.lm_head = PackedLinear(w, state.get("lm_head.bias"), table_format(fmt), address_mod(w))
+        w, bias = state["lm_head.weight"], state.get("lm_head.bias")
+        if fmt == "int4" and "lm_head" in int4_q8_0_tables(config):
+            self.lm_head = Q8_0Linear(w, bias)  # a GGUF's own Q8_0 blocks (edgeorch.engine.q8_0)
+        else:
+            self.lm_head = PackedLinear(w, bias, table_format(fmt), address_mod(w))
 
     def forward(self, h: torch.Tensor, logits: str) -> torch.Tensor:
         if logits == "last":
@@ -168,7 +174,8 @@ class LeanLlamaAdapter(LeanAdapterMixin, LlamaAdapter):
 
     def build_lean_unit(self, u: int, state: dict[str, torch.Tensor]) -> nn.Module:
         if u == 0:
-            return LeanEmbed(state, self.weight_format)
+            q8_0 = self.weight_format == "int4" and "embed" in int4_q8_0_tables(self.config)
+            return LeanEmbed(state, self.weight_format, q8_0)
         if u == self.num_units - 1:
             return LeanLlamaHead(state, self.config, self.weight_format)
         return LeanLlamaLayer(state, self.config, self.weight_format)

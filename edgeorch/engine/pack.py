@@ -79,8 +79,8 @@ def _random_like(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tens
         sz = torch.zeros(shape, dtype=torch.bfloat16)
         sz[..., 0] = _SYNTH_STD / 4.6
         return sz
-    if name.endswith("scales"):  # int8 per-row scales: codes uniform in ±127 have std ~73
-        return torch.full(shape, _SYNTH_STD / 73.0, dtype=torch.bfloat16)
+    if name.endswith("scales"):  # int8 per-row (or Q8_0 per-block, fp16) scales: codes in ±127 have std ~73
+        return torch.full(shape, _SYNTH_STD / 73.0, dtype=dtype)
     if p.ndim == 1:  # norm weights (ones) and biases (zeros)
         return torch.ones(shape, dtype=dtype) if "bias" not in name else torch.zeros(shape, dtype=dtype)
     return (torch.randn(shape, generator=gen) * _SYNTH_STD).to(dtype)

