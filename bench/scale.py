@@ -72,6 +72,25 @@ class Run:
         return {s["node"] for v in views for s in v.get("stages", [])}
 
 
+async def settle(run: Run, quiet_s: float = 5.0, timeout_s: float = 180.0) -> float:
+    """Seconds until the monitor has seen every running node alive for ``quiet_s`` in a row (the
+    join's and the first calibrations' storms over), or ``timeout_s``; the window opens then."""
+    t0 = time.monotonic()
+    since = None
+    while time.monotonic() - t0 < timeout_s:
+        alive = len(
+            (await run.client.get(f"{run.stack.monitor_url}/v1/nodes", params={"state": "alive"})).json()
+        )
+        if alive >= len(run.fleet.nodes):
+            since = since or time.monotonic()
+            if time.monotonic() - since >= quiet_s:
+                break
+        else:
+            since = None
+        await asyncio.sleep(0.5)
+    return time.monotonic() - t0
+
+
 async def wait_committed(run: Run, name: str, after_version: int | None, gone: str | None) -> float | None:
     """Seconds until ``name`` has a version newer than ``after_version`` (without ``gone``); None on timeout."""
     t0 = time.monotonic()
@@ -190,12 +209,13 @@ async def measure(run: Run, n: int, args: argparse.Namespace) -> dict:
             "name": name, "model": model, "policy": {"weight_format": FORMAT}})  # fmt: skip
         resp.raise_for_status()
     first = {name: await wait_committed(run, name, None, None) for name in DEPLOYMENTS}
+    settled_s = await settle(run)
     views = [await run.deployment(name) for name in DEPLOYMENTS]
     pids = {name: s.proc.pid for name, s in run.stack.services.items()}
     if run.stack.redis_server is not None:
         pids["redis"] = run.stack.redis_server.proc.pid
     pids["simulator"] = os.getpid()
-    window, counters = ProcWindow(pids), RedisCounters(run.stack.redis_url)
+    window, counters = ProcWindow(pids, flat=frozenset({"simulator"})), RedisCounters(run.stack.redis_url)
     window.start()
     await counters.start()
     stop = asyncio.Event()
@@ -227,7 +247,7 @@ async def measure(run: Run, n: int, args: argparse.Namespace) -> dict:
     return {
         # CPU per heartbeat does not depend on how many other processes share the cores, unlike CPU %.
         "monitor_cpu_ms_per_beat": 1e3 * cpu_s["monitor"] / max(1, beats["beats"]),
-        "nodes": n, "join_s": joined_s, "first_commit_s": first, "window_s": t1 - t0,
+        "nodes": n, "join_s": joined_s, "first_commit_s": first, "settle_s": settled_s, "window_s": t1 - t0,
         "beats": beats,
         "cpu_percent": cpu, "peak_rss_bytes": window.peak_rss, "bus_msgs_per_s": bus_rate,
         "redis_cmds_per_s": redis_rate, "notifications": run.fleet.notifications,
@@ -240,6 +260,8 @@ async def measure(run: Run, n: int, args: argparse.Namespace) -> dict:
 async def run_size(n: int, args: argparse.Namespace, root: Path, profiles: dict) -> dict:
     """Start a fresh control plane, measure size ``n``, stop everything."""
     stack = await asyncio.to_thread(_start_stack, root, Path(tempfile.mkdtemp(prefix=f"scale-{n}-")))
+    # `kill -USR1 <pid>` prints where every task of the simulator waits (a stalled fleet, diagnosed live).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     try:
         sim = SimConfig(stack.monitor_url, stack.broadcast_url, stack.rollout_secret)
         fleet = SimFleet(FleetConfig(sim, stack.redis_url))
@@ -256,6 +278,21 @@ async def run_size(n: int, args: argparse.Namespace, root: Path, profiles: dict)
                 await fleet.stop()
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+def _dump_tasks() -> None:
+    """Every task's innermost frame, counted (a thousand nodes' tasks print as a few lines)."""
+    import collections
+    import sys
+
+    where = collections.Counter()
+    for task in asyncio.all_tasks():
+        stack = task.get_stack()
+        where[
+            " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(stack[-3:])) or "(no frame)"
+        ] += 1
+    for line, count in where.most_common(20):
+        print(f"{count:6d} {line}", file=sys.stderr, flush=True)
 
 
 def _measure_sizes(sizes: list[int], args: argparse.Namespace) -> list[dict]:

@@ -13,10 +13,10 @@ import redis.asyncio as aioredis
 from edgeorch.sim.node import BeatRecord
 
 
-def _tree(pid: int) -> list[psutil.Process]:
+def _tree(pid: int, children: bool = True) -> list[psutil.Process]:
     try:
         proc = psutil.Process(pid)
-        return [proc, *proc.children(recursive=True)]
+        return [proc, *proc.children(recursive=True)] if children else [proc]
     except psutil.NoSuchProcess:  # a child that exited between two looks
         return []
 
@@ -26,13 +26,16 @@ class ProcWindow:
     """CPU share (of one core) and peak resident memory of named processes over a window."""
 
     pids: dict[str, int]
+    # Names counted without their child processes: the simulator is this process, and the
+    # control plane it started are its children (counted once, under their own names).
+    flat: frozenset[str] = frozenset()
     cpu0: dict[str, float] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
     t0: float = 0.0
 
-    def _cpu(self, pid: int) -> float:
+    def _cpu(self, name: str, pid: int) -> float:
         total = 0.0
-        for p in _tree(pid):
+        for p in _tree(pid, name not in self.flat):
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
@@ -40,9 +43,9 @@ class ProcWindow:
                 pass
         return total
 
-    def _rss(self, pid: int) -> int:
+    def _rss(self, name: str, pid: int) -> int:
         total = 0
-        for p in _tree(pid):
+        for p in _tree(pid, name not in self.flat):
             try:
                 total += p.memory_info().rss
             except psutil.NoSuchProcess:
@@ -52,22 +55,22 @@ class ProcWindow:
     def start(self) -> None:
         """Open the window now."""
         self.t0 = time.monotonic()
-        self.cpu0 = {n: self._cpu(p) for n, p in self.pids.items()}
+        self.cpu0 = {n: self._cpu(n, p) for n, p in self.pids.items()}
         self.sample()
 
     def sample(self) -> None:
         """Record each process's resident memory now (the window keeps the peak)."""
         for n, p in self.pids.items():
-            self.peak_rss[n] = max(self.peak_rss.get(n, 0), self._rss(p))
+            self.peak_rss[n] = max(self.peak_rss.get(n, 0), self._rss(n, p))
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds each process used since start()."""
-        return {n: self._cpu(p) - self.cpu0[n] for n, p in self.pids.items()}
+        return {n: self._cpu(n, p) - self.cpu0[n] for n, p in self.pids.items()}
 
     def cpu_percent(self) -> dict[str, float]:
         """Percent of one core each process used since start()."""
         wall = max(1e-9, time.monotonic() - self.t0)
-        return {n: 100.0 * (self._cpu(p) - self.cpu0[n]) / wall for n, p in self.pids.items()}
+        return {n: 100.0 * (self._cpu(n, p) - self.cpu0[n]) / wall for n, p in self.pids.items()}
 
 
 async def sample_until(window: ProcWindow, stop: asyncio.Event, every_s: float = 1.0) -> None:
