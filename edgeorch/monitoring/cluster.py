@@ -246,17 +246,23 @@ class ClusterState:
 
     def link_views(self, alive_only: bool = True) -> list[LinkView]:
         """Every directed link estimate (between live nodes, by default)."""
+        return [LinkView.model_construct(**d) for d in self.link_dicts(alive_only)]
+
+    def link_dicts(self, alive_only: bool = True) -> list[dict]:
+        """:meth:`link_views` as plain dicts (LinkView's fields), for a route that serialises them
+        itself: at 1,000 nodes there are 16,000 of them, and building and re-validating that many
+        models was a sixth of the monitor's CPU."""
+        alive = {n for n, r in self.nodes.items() if r.state == "alive"} if alive_only else None
         out = []
         for (src, dst), rec in sorted(self.links.items()):
-            if alive_only and any(
-                self.nodes.get(n) is None or self.nodes[n].state != "alive" for n in (src, dst)
-            ):
+            if alive is not None and (src not in alive or dst not in alive):
                 continue
             s = rec.sample
-            out.append(LinkView(
-                src=src, dst=dst, bandwidth_bytes_per_s=s.bandwidth_bytes_per_s, rtt_s=s.rtt_s,
-                resolvable_bytes_per_s=s.resolvable_bytes_per_s, samples=s.samples, updated_at=rec.updated_at,
-            ))  # fmt: skip
+            out.append({
+                "src": src, "dst": dst, "bandwidth_bytes_per_s": s.bandwidth_bytes_per_s, "rtt_s": s.rtt_s,
+                "resolvable_bytes_per_s": s.resolvable_bytes_per_s, "samples": s.samples,
+                "updated_at": rec.updated_at,
+            })  # fmt: skip
         return out
 
 

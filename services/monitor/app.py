@@ -14,11 +14,20 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.monitoring.cluster import ClusterState, EventDraft, Thresholds
-from edgeorch.schemas.monitor import Heartbeat, HeartbeatReply, MonitorEvent, Peer, Registration
+from edgeorch.schemas.monitor import (
+    Heartbeat,
+    HeartbeatReply,
+    MonitorEvent,
+    Peer,
+    ProfileReport,
+    Registration,
+)
 from edgeorch.service import bus
 from edgeorch.service.http_app import base_app
+from edgeorch.service.limits import DEFAULT_MAX_BODY_BYTES
 from edgeorch.service.settings import ServiceSettings
 from edgeorch.service.storage import default_database_url, make_engine
+from services.monitor.fast_path import HeartbeatFastPath
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.routes import router
 from services.monitor.store import Base, MonitorStore
@@ -60,6 +69,11 @@ class Monitor:
         # Nodes whose live state changed since the sweep last wrote it to Redis (one pipeline
         # per sweep instead of a round trip per heartbeat).
         self._dirty: set[str] = set()
+        # What heartbeats found, written and published by the next sweep in one transaction each
+        # (at most 0.25 s later): a wave of 1,000 calibrations or returns used to be 2,000 SQL
+        # transactions, one per heartbeat, and delayed the heartbeats behind them.
+        self._queued_events: list[EventDraft] = []
+        self._queued_profiles: list[tuple[str, ProfileReport, float]] = []
 
     async def restore(self) -> None:
         """Reload registrations and calibrations after a restart."""
@@ -96,11 +110,28 @@ class Monitor:
         now = time.time()
         drafts = self.cluster.heartbeat(node_id, hb, now)
         self.metrics.heartbeats.inc()
-        for report in hb.profiles:
-            await run_in_threadpool(self.store.save_profile, node_id, report, now)
-        await self.emit(drafts)
+        self._queued_profiles.extend((node_id, report, now) for report in hb.profiles)
+        self._queued_events.extend(drafts)
         self._dirty.add(node_id)
         return self.reply(node_id)
+
+    async def flush_queued(self, more: list[EventDraft] = ()) -> None:
+        """Store the calibrations and emit the events heartbeats queued, then ``more`` (the
+        sweep's); what fails to be written stays queued for the next sweep."""
+        profiles, self._queued_profiles = self._queued_profiles, []
+        drafts, self._queued_events = [*self._queued_events, *more], []
+        try:
+            if profiles:
+                await run_in_threadpool(self.store.save_profiles, profiles)
+        except Exception:
+            self._queued_profiles[:0] = profiles
+            self._queued_events[:0] = drafts
+            raise
+        try:
+            await self.emit(drafts)
+        except Exception:
+            self._queued_events[:0] = drafts
+            raise
 
     def reply(self, node_id: str) -> bytes:
         """The heartbeat reply's JSON for ``node_id``, rebuilt only when something it lists changed."""
@@ -155,7 +186,7 @@ class Monitor:
         while True:
             await asyncio.sleep(every_s)
             try:
-                await self.emit(self.cluster.sweep(time.time()))
+                await self.flush_queued(self.cluster.sweep(time.time()))
                 await self.write_live()
                 self.metrics.nodes_alive.set(sum(r.state == "alive" for r in self.cluster.nodes.values()))
                 if not self.publisher.connected:
@@ -200,4 +231,10 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     app.state.admin_token = settings.admin_token
     metrics = MonitorMetrics(registry)
     app.include_router(router)
+    # Outermost: a heartbeat skips FastAPI's layers (services/monitor/fast_path.py).
+    app.add_middleware(
+        HeartbeatFastPath,
+        monitor=lambda: getattr(app.state, "monitor", None),
+        max_bytes=DEFAULT_MAX_BODY_BYTES,
+    )
     return app

@@ -73,18 +73,18 @@ class MonitorStore:
                 for r in rows
             ]
 
-    def save_profile(self, node_id: str, report: ProfileReport, now: float) -> None:
-        """Keep the latest calibration of a model on a node."""
+    def save_profiles(self, reports: list[tuple[str, ProfileReport, float]]) -> None:
+        """Keep the latest calibration of each (node, model) of the (node id, report, time) triples,
+        in one transaction."""
         with self.sessions.begin() as s:
-            row = s.get(ProfileRow, (node_id, report.model))
-            if row is None:
-                s.add(
-                    ProfileRow(
-                        node_id=node_id, model=report.model, report=report.model_dump(), measured_at=now
-                    )
-                )
-            else:
-                row.report, row.measured_at = report.model_dump(), now
+            for node_id, report, now in reports:
+                row = s.get(ProfileRow, (node_id, report.model))
+                if row is None:
+                    s.add(ProfileRow(node_id=node_id, model=report.model, report=report.model_dump(),
+                                     measured_at=now))  # fmt: skip
+                else:
+                    row.report, row.measured_at = report.model_dump(), now
+                s.flush()  # a node may report the same model twice in one batch
 
     def profiles(self) -> list[tuple[str, ProfileReport]]:
         """(node id, report) for every stored calibration."""
