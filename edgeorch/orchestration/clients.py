@@ -52,7 +52,8 @@ class ControlPlane:
         """Close the connection pool."""
         await self.http.aclose()
 
-    async def _call(self, service: str, method: str, url: str, **kw) -> Any:
+    async def _call(self, service: str, method: str, url: str, raw: bool = False, **kw) -> Any:
+        """The answer's JSON (``raw``: its bytes); ServiceError for a 4xx/5xx or no answer."""
         try:
             resp = await self.http.request(method, url, **kw)
         except httpx.HTTPError as exc:
@@ -65,18 +66,24 @@ class ControlPlane:
             if not isinstance(body, dict):
                 raise ServiceError(service, resp.status_code, resp.text)
             raise ServiceError(service, resp.status_code, body.get("detail", resp.text), body.get("kind"))
-        return resp.json()
+        return resp.content if raw else resp.json()
 
     # ----- monitor -----------------------------------------------------------
 
     async def nodes(self, model: str) -> list[NodeView]:
         """Every node the monitor knows, with its speed on ``model``."""
-        body = await self._call("monitor", "GET", f"{self.monitor_url}/v1/nodes", params={"model": model})
-        return _NODES.validate_python(body)
+        # Parsed and validated in one pass by pydantic's JSON parser: at 1,000 nodes (16,000 links)
+        # json.loads followed by validate_python was a quarter of the orchestrator's CPU.
+        body = await self._call(
+            "monitor", "GET", f"{self.monitor_url}/v1/nodes", raw=True, params={"model": model}
+        )
+        return _NODES.validate_json(body)
 
     async def links(self) -> list[LinkView]:
         """Measured links between live nodes."""
-        return _LINKS.validate_python(await self._call("monitor", "GET", f"{self.monitor_url}/v1/links"))
+        return _LINKS.validate_json(
+            await self._call("monitor", "GET", f"{self.monitor_url}/v1/links", raw=True)
+        )
 
     async def request_profile(self, model: str) -> None:
         """Have every node calibrate ``model`` (idempotent)."""

@@ -19,7 +19,7 @@ from edgeorch.planning.cost import evaluate, plan_formats
 from edgeorch.planning.problem import Stage
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
-from edgeorch.schemas.plan import DefaultLink, LinkSpec, NodeSpec, PlanRequest, PlanStage, Workload
+from edgeorch.schemas.plan import MAX_NODES, DefaultLink, LinkSpec, NodeSpec, PlanRequest, PlanStage, Workload
 from edgeorch.schemas.profile import ModelProfile
 
 # A link the monitor has not measured yet (a node that joined a second ago)
@@ -73,16 +73,42 @@ def trusted_units(policy: QosPolicy, num_units: int) -> list[int]:
     return sorted(u for u in units if 0 <= u < num_units)
 
 
+def plan_candidates(specs: list[NodeSpec], keep: set[str], limit: int = MAX_NODES) -> list[NodeSpec]:
+    """At most ``limit`` nodes for one plan request, in their given order.
+
+    A fleet can hold more live nodes than one request may name (a splitter's
+    bound, :data:`~edgeorch.schemas.plan.MAX_NODES`). Then the nodes in
+    ``keep`` (the plan in force) stay, a quarter of the room goes to the
+    fastest trusted nodes (so a privacy policy keeps its candidates), and the
+    rest to the fastest others. The nodes left out are the slowest: a plan
+    over a thousand nodes uses a few dozen of them.
+    """
+    if len(specs) <= limit:
+        return specs
+    rank = sorted(specs, key=lambda n: (-n.flops_per_s, -n.memory_bytes, n.id))
+    chosen = {n.id for n in specs if n.id in keep}
+    trusted = [n.id for n in rank if n.trusted and n.id not in chosen]
+    chosen.update(trusted[: max(0, min(limit // 4, limit - len(chosen)))])
+    for n in rank:
+        if len(chosen) >= limit:
+            break
+        chosen.add(n.id)
+    return [n for n in specs if n.id in chosen]
+
+
 def cluster_from_monitor(
     nodes: list[NodeView],
     links: list[LinkView],
     allowed: list[str] | None,
     exclude: set[str],
     model: str | None = None,
+    keep: set[str] | None = None,
+    limit: int = MAX_NODES,
 ) -> Cluster:
     """Nodes that are alive, calibrated and allowed, and the measured links between two of them
     (every other pair is :data:`UNMEASURED_LINK`, the request's default). With ``model`` (the
-    profile key), also each node's measured prefill speed on it."""
+    profile key), also each node's measured prefill speed on it. Past ``limit`` nodes, only
+    :func:`plan_candidates` (``keep``: the plan in force) are named."""
     specs, urls, prefill = [], {}, {}
     for n in nodes:
         nid = n.node_id
@@ -103,14 +129,22 @@ def cluster_from_monitor(
     if not specs:
         raise NoNodesError("no live node calibrated on this model" + (f" (excluded {sorted(exclude)})"
                                                                        if exclude else ""))  # fmt: skip
+    if len(specs) > limit:
+        specs = plan_candidates(specs, keep or set(), limit)
+        urls = {n.id: urls[n.id] for n in specs}
+        prefill = {k: v for k, v in prefill.items() if k in urls}
     ids = set(urls)
     specs_links = []
     for lk in links:
         if lk.src == lk.dst or lk.src not in ids or lk.dst not in ids:
             continue
-        bandwidth = lk.bandwidth_bytes_per_s or UNMEASURED_BANDWIDTH_BYTES_PER_S
-        rtt = RTT_CHARGE_FACTOR * (lk.rtt_s if lk.rtt_s is not None else UNMEASURED_RTT_S)
-        specs_links.append(LinkSpec(src=lk.src, dst=lk.dst, bandwidth_bytes_per_s=bandwidth, rtt_s=rtt))
+        # Kept inside LinkSpec's bounds here, so the LinkSpec can be built unvalidated: at 1,000
+        # nodes validating 16,000 of them on every look cost a tenth of the orchestrator's CPU.
+        bandwidth = min(max(lk.bandwidth_bytes_per_s or UNMEASURED_BANDWIDTH_BYTES_PER_S, 1.0), 1e15)
+        rtt = min(RTT_CHARGE_FACTOR * (lk.rtt_s if lk.rtt_s is not None else UNMEASURED_RTT_S), 3600.0)
+        specs_links.append(
+            LinkSpec.model_construct(src=lk.src, dst=lk.dst, bandwidth_bytes_per_s=bandwidth, rtt_s=rtt)
+        )
     return Cluster(specs, specs_links, urls, prefill)
 
 

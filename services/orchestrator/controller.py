@@ -175,7 +175,7 @@ class Controller:
             if active is None:
                 await self.plane.request_profile(live.profile_key)
             cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude),
-                                           live.profile_key)  # fmt: skip
+                                           live.profile_key, keep={s.node for s in current or ()})  # fmt: skip
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
             plan_s = time.perf_counter() - t_plan  # measurements and the splitter's answer

@@ -21,7 +21,7 @@ from edgeorch.planning.api import problem_from_request
 from edgeorch.planning.batching import BATCH_GROWTH
 from edgeorch.schemas.monitor import LinkView, NodeView
 from edgeorch.schemas.orchestrator import PredictedView, QosPolicy
-from edgeorch.schemas.plan import PlanStage
+from edgeorch.schemas.plan import MAX_NODES, PlanStage
 from edgeorch.schemas.profile import ModelProfile, UnitProfile
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.transport.protocol import HopFailure
@@ -78,6 +78,21 @@ def test_cluster_keeps_live_calibrated_allowed_nodes_and_fills_unmeasured_links(
     assert [n.id for n in cluster_from_monitor(nodes, links, ["b"], set()).nodes] == ["b"]
     with pytest.raises(NoNodesError, match="excluded"):
         cluster_from_monitor(nodes, links, allowed=["c", "e"], exclude={"e"})
+
+
+def test_a_fleet_larger_than_a_request_keeps_the_plan_in_force_trusted_and_fastest_nodes() -> None:
+    # 12 nodes, room for 6: the plan's slow node stays, a quarter of the room goes to the fastest
+    # trusted nodes, the rest to the fastest; the request is valid and the links follow the nodes.
+    nodes = [_node(f"n{i:02d}", flops=1e9 * (i + 1), trusted=i in (0, 1, 2)) for i in range(12)]
+    links = [_link("n00", "n11", 5e6, 0.004), _link("n03", "n04", 5e6, 0.004)]
+    cl = cluster_from_monitor(nodes, links, None, set(), keep={"n03"}, limit=6)
+    assert [n.id for n in cl.nodes] == ["n02", "n03", "n08", "n09", "n10", "n11"]
+    assert set(cl.urls) == {n.id for n in cl.nodes} and cl.links == []
+    assert len(cluster_from_monitor(nodes, links, None, set(), limit=12).nodes) == 12
+    # At the real bound a fleet past it still yields a request the splitter accepts.
+    big = [_node(f"s{i:04d}", flops=1e9 + i) for i in range(MAX_NODES + 30)]
+    req = plan_request(_profile(), cluster_from_monitor(big, [], None, set()), QosPolicy(), None)
+    assert len(req.nodes) == MAX_NODES and "s0000" not in {n.id for n in req.nodes}
 
 
 def test_source_is_the_policys_node_else_a_trusted_one_else_the_first() -> None:
