@@ -231,7 +231,8 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     app.state.admin_token = settings.admin_token
     metrics = MonitorMetrics(registry)
     app.include_router(router)
-    # Outermost: a heartbeat skips FastAPI's layers (services/monitor/fast_path.py).
+    # Outside the body limit and the routing (inside only Starlette's error middleware): a heartbeat
+    # skips FastAPI's layers (services/monitor/fast_path.py).
     app.add_middleware(
         HeartbeatFastPath,
         monitor=lambda: getattr(app.state, "monitor", None),
