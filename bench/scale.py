@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -282,9 +284,6 @@ async def run_size(n: int, args: argparse.Namespace, root: Path, profiles: dict)
 
 def _dump_tasks() -> None:
     """Every task's innermost frame, counted (a thousand nodes' tasks print as a few lines)."""
-    import collections
-    import sys
-
     where = collections.Counter()
     for task in asyncio.all_tasks():
         stack = task.get_stack()

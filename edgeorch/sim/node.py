@@ -207,15 +207,13 @@ class SimNode:
                 await self.beat_once()
                 backoff = self.cfg.heartbeat_interval_s
                 await asyncio.sleep(max(0.0, self.cfg.heartbeat_interval_s - (time.monotonic() - started)))
-            except HttpError as exc:
+            except Exception as exc:  # noqa: BLE001 - a simulated node must not go silent on an odd answer
                 self.beats.append(BeatRecord(time.time(), time.monotonic() - started, False))
-                log.debug("%s: heartbeat failed (%s); retrying in %.1fs", self.spec.node_id, exc, backoff)
+                if isinstance(exc, HttpError):
+                    log.debug("%s: heartbeat failed (%s); retrying in %.1fs", self.spec.node_id, exc, backoff)
+                else:
+                    log.warning("%s: heartbeat failed unexpectedly", self.spec.node_id, exc_info=True)
                 await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))
-                backoff = min(backoff * 2, 10.0)
-            except Exception:  # noqa: BLE001 - a simulated node must not go silent on an odd answer
-                self.beats.append(BeatRecord(time.time(), time.monotonic() - started, False))
-                log.warning("%s: heartbeat failed unexpectedly", self.spec.node_id, exc_info=True)
-                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
     # ----- broadcast ---------------------------------------------------------------

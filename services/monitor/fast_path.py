@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 
 import orjson
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgeorch.monitoring.cluster import UnknownNode
 from edgeorch.schemas.monitor import Heartbeat
 from edgeorch.schemas.stage import ID_PATTERN
+from edgeorch.service.limits import BodyLimit
 
 _PATH = re.compile(r"/v1/nodes/([^/]+)/heartbeat")
 _NODE_ID = re.compile(ID_PATTERN)
@@ -47,21 +49,18 @@ class HeartbeatFastPath:
         if match is None or monitor is None or _NODE_ID.fullmatch(match.group(1)) is None:
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._answer(send, 413, {"detail": f"request body of {declared[:40].decode('latin-1')} "
-                                                     f"bytes exceeds this service's limit of {self.max_bytes} bytes"})  # fmt: skip
-            return
+        # The shared body limit (edgeorch/service/limits.py) answers 413 for a body over it.
+        await BodyLimit(partial(self._heartbeat, monitor, match.group(1)), self.max_bytes)(
+            scope, receive, send
+        )
+
+    async def _heartbeat(self, monitor, node_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = bytearray()
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect":  # gone, or refused by the body limit
                 return
             body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._answer(send, 413, {"detail": f"request body of more than {len(body)} bytes "
-                                                         f"exceeds this service's limit of {self.max_bytes} bytes"})  # fmt: skip
-                return
             if not message.get("more_body", False):
                 break
         try:
@@ -71,7 +70,7 @@ class HeartbeatFastPath:
             await self._answer(send, 422, {"detail": errors})
             return
         try:
-            reply = await monitor.heartbeat(match.group(1), hb)
+            reply = await monitor.heartbeat(node_id, hb)
         except UnknownNode as exc:
             await self._answer(send, 404, {"detail": str(exc)})
             return
