@@ -32,6 +32,7 @@ MODEL, DEPLOYMENT = "smollm2-135m", "smol"
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 FAILED_BACKOFF_S = 0.5  # a client pauses after an error instead of hammering a broken chain
 POLL_S = 0.5
+LINK_POLL_S = 1.0
 REQUEST_TIMEOUT_S = 120.0
 
 
@@ -53,6 +54,8 @@ class Run:
         self.active_sessions = sessions
         self.requests: list[dict] = []
         self.plan_samples: list[dict] = []  # (t_s, version, state, stages) every POLL_S
+        # [t_s, src, dst, bandwidth B/s, rtt s, samples] of every link the monitor reports, every LINK_POLL_S
+        self.link_samples: list[list] = []
         self.timeline: list[dict] = []
 
     def now(self) -> float:
@@ -79,6 +82,19 @@ class Run:
             except (httpx.HTTPError, ValueError) as exc:
                 log(f"  plan poll failed: {exc!r}")
             self.stop.wait(POLL_S)
+
+    def poll_links(self) -> None:
+        """The monitor's link estimates every LINK_POLL_S: what each plan decision was made on."""
+        while not self.stop.is_set():
+            try:
+                links = httpx.get(f"{self.stack.monitor_url}/v1/links", timeout=10).json()
+                t = round(self.now(), 2)
+                with self.lock:
+                    self.link_samples.extend([t, lk["src"], lk["dst"], lk["bandwidth_bytes_per_s"], lk["rtt_s"],
+                                              lk["samples"]] for lk in links)  # fmt: skip
+            except (httpx.HTTPError, ValueError) as exc:
+                log(f"  link poll failed: {exc!r}")
+            self.stop.wait(LINK_POLL_S)
 
     def session(self, index: int, max_tokens: int, messages: list[dict] = MESSAGES) -> None:
         """One closed-loop chat session: the next request as soon as the last one is answered."""
@@ -220,7 +236,10 @@ def run_strategy(
         run = Run(stack, scenario.sessions)
         run.plan_samples.append({"t_s": 0.0, "version": d.get("version"), "state": d["state"],
                                  "stages": d["stages"]})  # fmt: skip
-        threads = [threading.Thread(target=run.poll_plan, daemon=True)]
+        threads = [
+            threading.Thread(target=run.poll_plan, daemon=True),
+            threading.Thread(target=run.poll_links, daemon=True),
+        ]
         messages = prompt_messages(scenario.prompt_tokens)
         threads += [threading.Thread(target=run.session, args=(i, scenario.max_tokens, messages), daemon=True)
                     for i in range(scenario.max_sessions())]  # fmt: skip
@@ -235,6 +254,7 @@ def run_strategy(
                            params={"deployment": DEPLOYMENT, "limit": 10000}).json()  # fmt: skip
         out["bytes_out"] = stage_bytes_out(stack)
         out.update(requests=sorted(run.requests, key=lambda r: r["start_s"]), plan_samples=run.plan_samples,
+                   link_samples=run.link_samples,
                    timeline=run.timeline, plan_changes=plan_changes(events, run.t0),
                    events=[{**e, "t_s": e["ts"] - run.t0} for e in events], t0=run.t0)  # fmt: skip
         ok = [r for r in run.requests if r["ok"]]

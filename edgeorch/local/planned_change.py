@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from edgeorch.local.chain import load_chain
 from edgeorch.orchestration.generation import ChainFailure, Route
+from edgeorch.orchestration.move_cost import MoveEstimate
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import NextHop
 
@@ -47,6 +48,8 @@ class ScriptedRoutes:
     switch_after: int | None = None  # None: never switch
     on_switch: Callable[[], None] | None = None
     ready: Callable[[], bool] | None = None  # also wait for this (e.g. every session past its prefill)
+    # Prices a move (RouteProvider.move_estimate); None: no prediction, the gateway migrates.
+    estimate: Callable[[Route, Route, int], MoveEstimate | None] | None = None
     steps: int = 0
     switched: bool = field(default=False, init=False)
 
@@ -69,6 +72,10 @@ class ScriptedRoutes:
 
     async def settle(self, route: Route, tokens: list[int], since: float) -> None:
         """Nothing to wait for here (RouteProvider)."""
+
+    def move_estimate(self, old: Route, new: Route, position: int) -> MoveEstimate | None:
+        """What ``estimate`` says (RouteProvider)."""
+        return self.estimate(old, new, position) if self.estimate is not None else None
 
     def newer(self, route: Route) -> Route | None:
         """The second route once the switch point has passed (called once per step)."""

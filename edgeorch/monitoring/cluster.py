@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeorch.monitoring.estimators import bandwidth_changed, relative_change, rtt_changed
+from edgeorch.monitoring.estimators import RTT_JUMP_MIN_S, bandwidth_changed, relative_change, rtt_changed
 from edgeorch.schemas.monitor import (
     Heartbeat,
     LinkSample,
@@ -33,6 +33,10 @@ class Thresholds:
     speed_rel: float = 0.3
     bandwidth_rel: float = 0.3
     rtt_rel: float = 0.5
+    # A node whose last heartbeat is older than this (but not yet lost) reports figures that may be
+    # stale: its links are provisional. Heartbeats share the node's uplink and queue behind its
+    # activations when that uplink is capped (measured: figures 10 s late, issue 21).
+    late_after_s: float = 1.5
 
 
 @dataclass
@@ -75,6 +79,42 @@ class LinkRecord:
     baseline_rtt: float | None = None
 
 
+# After one of a node's links drops to half or less (or its RTT doubles), every other link is
+# provisional until its bandwidth estimate has seen this many new transfers (a majority of the
+# estimator's window of 5), or for PROVISIONAL_MAX_S at most (a peer no probe
+# reaches, or an older worker that does not count its bandwidth samples).
+PROVISIONAL_SAMPLES = 3
+PROVISIONAL_MAX_S = 30.0
+# Only a drop to half or less starts this (and only a rise to twice or more ends a node's drop).
+PROVISIONAL_FACTOR = 2.0
+
+
+@dataclass
+class UplinkDrop:
+    """One of a node's links dropped: the node's other links, until each is re-measured.
+
+    A node's links to its peers share its uplink. When the uplink degrades,
+    the links that carry traffic are re-measured at once (every hop is a
+    sample) and the others only by the next probes, seconds later; meanwhile
+    a planner that believes their old figures moves stages onto them
+    (measured, issue 21: a re-split predicted 3.15 s whose four fp32 hops
+    alone took ~3.7 s at the new cap, and a KV migration predicted 0.12 s
+    that took 12.9 s). So until re-measured they are reported at most at the
+    dropped link's new bandwidth.
+
+    Other nodes' links are marked too (:attr:`ClusterState.settling`), with
+    their own figures: a drop on one node is evidence that the network
+    changed (a shared WAN uplink or switch), and every uplink of a site
+    capped at once reports node by node over ~10 s. The controller does not
+    move stages onto any provisional link, so a plan cannot flee onto the
+    links that have merely not reported yet.
+    """
+
+    bandwidth: float  # the lowest new estimate among the node's dropped links (inf: only its RTT rose)
+    at: float
+    marks: dict[str, int]  # dst -> that link's bandwidth_samples when the drop was seen
+
+
 class ClusterState:
     """Nodes and links as last measured; the rules that turn measurements into events."""
 
@@ -82,6 +122,10 @@ class ClusterState:
         self.t = thresholds or Thresholds()
         self.nodes: dict[str, NodeRecord] = {}
         self.links: dict[tuple[str, str], LinkRecord] = {}
+        self.drops: dict[str, UplinkDrop] = {}  # src node -> its links still to re-measure after a drop
+        # Every other node's links since the first drop of an episode: (src, dst) -> bandwidth_samples then.
+        self.settling: dict[tuple[str, str], int] = {}
+        self.settling_since = 0.0
         self._ring: list[tuple[bytes, str]] | None = None  # live nodes by hash; None: rebuild
         # Bumped whenever the live set (so anyone's peers) may have changed: what a cached reply keys on.
         self.ring_version = 0
@@ -159,6 +203,16 @@ class ClusterState:
             self.links[key] = LinkRecord(s, now, s.bandwidth_bytes_per_s, s.rtt_s)
             return []
         rec.sample, rec.updated_at = s, now
+        drop = self.drops.get(src)
+        if (
+            drop is not None
+            and s.dst in drop.marks
+            and s.bandwidth_samples >= drop.marks[s.dst] + PROVISIONAL_SAMPLES
+        ):
+            del drop.marks[s.dst]  # re-measured since the drop: its own figure stands
+        mark = self.settling.get(key)
+        if mark is not None and s.bandwidth_samples >= mark + PROVISIONAL_SAMPLES:
+            del self.settling[key]
         changes: dict[str, Any] = {}
         bw, rtt = s.bandwidth_bytes_per_s, s.rtt_s
         if bw is not None and rec.baseline_bw is None:
@@ -167,18 +221,61 @@ class ClusterState:
             rec.baseline_bw, bw, self.t.bandwidth_rel, s.resolvable_bytes_per_s
         ):
             changes.update(old_bandwidth_bytes_per_s=rec.baseline_bw, new_bandwidth_bytes_per_s=bw)
+            self._uplink_changed(src, s.dst, rec.baseline_bw, bw, now)
             rec.baseline_bw = bw
         if rtt is not None and rec.baseline_rtt is None:
             rec.baseline_rtt = rtt
         elif rtt is not None and rtt_changed(rec.baseline_rtt, rtt, self.t.rtt_rel):
             changes.update(old_rtt_s=rec.baseline_rtt, new_rtt_s=rtt)
+            self._rtt_changed(src, s.dst, rec.baseline_rtt, rtt, now)
             rec.baseline_rtt = rtt
         if not changes:
             return []
         return [EventDraft("link_changed", src, {"src": src, "dst": s.dst, **changes})]
 
+    def _uplink_changed(self, src: str, dst: str, old: float, new: float, now: float) -> None:
+        """A link of ``src`` changed bandwidth. A drop to half or less makes its other links, and every
+        other node's, provisional (:meth:`_mark`); a rise to twice or more ends ``src``'s drop (its other
+        links keep their own, lower, figures until re-measured). Smaller moves are the estimates' noise
+        (at 5 Mbit/s they swing by a third between heartbeats) and change nothing here."""
+        if new >= PROVISIONAL_FACTOR * old:
+            self.drops.pop(src, None)
+        elif new * PROVISIONAL_FACTOR <= old:
+            self._mark(src, dst, new, now)
+
+    def _rtt_changed(self, src: str, dst: str, old: float, new: float, now: float) -> None:
+        """A link of ``src`` changed RTT. A rise to twice or more (and by 10 ms) is how a capped uplink
+        shows first (probes and decode steps queue behind its traffic; bandwidth follows seconds later):
+        the links are marked as after a drop, but no figure is lowered (the new bandwidth is unknown)."""
+        if new >= PROVISIONAL_FACTOR * old and new - old >= RTT_JUMP_MIN_S:
+            self._mark(src, dst, None, now)
+
+    def _mark(self, src: str, dst: str, bandwidth: float | None, now: float) -> None:
+        """Every link but ``src``->``dst`` waits to be re-measured (:class:`UplinkDrop`); ``src``'s other
+        links are reported at most at ``bandwidth``."""
+        drop = self.drops.get(src)
+        if drop is None:
+            drop = self.drops[src] = UplinkDrop(float("inf"), now, {})
+        if bandwidth is not None:
+            drop.bandwidth = min(drop.bandwidth, bandwidth)
+        if not self.settling:
+            self.settling_since = now
+        # A link already waiting keeps its mark (and its deadline): it needs re-measuring since the
+        # first drop, not since every later one.
+        for (a, d), rec in self.links.items():
+            if a == src:
+                if d != dst:
+                    drop.marks.setdefault(d, rec.sample.bandwidth_samples)
+            else:
+                self.settling.setdefault((a, d), rec.sample.bandwidth_samples)
+        drop.marks.pop(dst, None)  # the link that changed was just measured
+
     def sweep(self, now: float) -> list[EventDraft]:
-        """Mark nodes silent for longer than ``lost_after_s`` as lost."""
+        """Mark nodes silent for longer than ``lost_after_s`` as lost; end provisional links past their time."""
+        for src in [src for src, d in self.drops.items() if not d.marks or now - d.at > PROVISIONAL_MAX_S]:
+            del self.drops[src]
+        if self.settling and now - self.settling_since > PROVISIONAL_MAX_S:
+            self.settling.clear()
         events = []
         for rec in self.nodes.values():
             if (
@@ -244,24 +341,35 @@ class ClusterState:
             registered_at=rec.registered_at, last_seen=rec.last_seen,
         )  # fmt: skip
 
-    def link_views(self, alive_only: bool = True) -> list[LinkView]:
-        """Every directed link estimate (between live nodes, by default)."""
-        return [LinkView.model_construct(**d) for d in self.link_dicts(alive_only)]
+    def link_views(self, alive_only: bool = True, now: float | None = None) -> list[LinkView]:
+        """Every directed link estimate (between live nodes, by default); with ``now``, a late node's
+        links are provisional."""
+        return [LinkView.model_construct(**d) for d in self.link_dicts(alive_only, now)]
 
-    def link_dicts(self, alive_only: bool = True) -> list[dict]:
+    def link_dicts(self, alive_only: bool = True, now: float | None = None) -> list[dict]:
         """:meth:`link_views` as plain dicts (LinkView's fields), for a route that serialises them
         itself: at 1,000 nodes there are 16,000 of them, and building and re-validating that many
         models was a sixth of the monitor's CPU."""
         alive = {n for n, r in self.nodes.items() if r.state == "alive"} if alive_only else None
+        late = set() if now is None else {
+            n for n, r in self.nodes.items() if r.last_seen is not None and now - r.last_seen > self.t.late_after_s
+        }  # fmt: skip
         out = []
         for (src, dst), rec in sorted(self.links.items()):
             if alive is not None and (src not in alive or dst not in alive):
                 continue
             s = rec.sample
+            bw, provisional = s.bandwidth_bytes_per_s, False
+            drop = self.drops.get(src)
+            if drop is not None and dst in drop.marks:
+                provisional = True
+                if drop.bandwidth < float("inf"):
+                    bw = min(bw, drop.bandwidth) if bw is not None else drop.bandwidth
+            provisional = provisional or src in late or (src, dst) in self.settling
             out.append({
-                "src": src, "dst": dst, "bandwidth_bytes_per_s": s.bandwidth_bytes_per_s, "rtt_s": s.rtt_s,
+                "src": src, "dst": dst, "bandwidth_bytes_per_s": bw, "rtt_s": s.rtt_s,
                 "resolvable_bytes_per_s": s.resolvable_bytes_per_s, "samples": s.samples,
-                "updated_at": rec.updated_at,
+                "updated_at": rec.updated_at, "provisional": provisional,
             })  # fmt: skip
         return out
 

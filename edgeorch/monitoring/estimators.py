@@ -56,6 +56,7 @@ class LinkEstimator:
     bandwidth: RollingMedian = field(init=False)
     resolvable_bytes_per_s: float | None = None
     samples: int = 0
+    bandwidth_samples: int = 0  # of ``samples``, those that measured bandwidth (large transfers)
 
     def __post_init__(self) -> None:
         self.rtt = RollingMedian(self.window)
@@ -74,6 +75,7 @@ class LinkEstimator:
         transfer = max(t_large - t_small, MIN_RESOLVABLE_TRANSFER_S)
         self.resolvable_bytes_per_s = (b_large - b_small) / MIN_RESOLVABLE_TRANSFER_S
         self.bandwidth.add((b_large - b_small) / transfer)
+        self.bandwidth_samples += 1
 
     def add(self, nbytes: int, seconds: float) -> None:
         """Record one transfer of ``nbytes`` that took ``seconds`` end to end."""
@@ -85,6 +87,7 @@ class LinkEstimator:
         transfer = max(seconds - rtt, MIN_RESOLVABLE_TRANSFER_S)
         self.resolvable_bytes_per_s = nbytes / MIN_RESOLVABLE_TRANSFER_S
         self.bandwidth.add(nbytes / transfer)
+        self.bandwidth_samples += 1
 
 
 # One RTT sample this far from the link's median says the link itself changed,

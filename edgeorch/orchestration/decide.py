@@ -86,6 +86,26 @@ def decide(
     return Decision(revision_kind, True, f"{trigger}: {figures}", gain)
 
 
+def unverified_hops(
+    current: Iterable[PlanStage], candidate: Iterable[PlanStage], provisional: set[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The candidate's new hops whose link figures the monitor marks provisional (stale), in order.
+
+    A voluntary move onto such a link trusts a figure nobody has checked
+    since the node's uplink changed or since its heartbeats fell behind: when
+    an uplink is capped, the links that carry traffic are re-measured first,
+    and a plan that flees onto the others flees onto old figures (measured,
+    issue 21: a re-split predicted at 3.15 s whose hops alone took 3.7 s;
+    moves onto 524 Mbit/s figures of links capped at 5 Mbit/s ten seconds
+    earlier). Hops the current plan already uses are measured by its traffic.
+    """
+    cur = list(current)
+    used = {(a.node, b.node) for a, b in zip(cur, cur[1:], strict=False)}
+    cand = list(candidate)
+    hops = [(a.node, b.node) for a, b in zip(cand, cand[1:], strict=False) if a.node != b.node]
+    return [h for h in dict.fromkeys(hops) if h in provisional and h not in used]
+
+
 def quality_loss(stages: Iterable[PlanStage]) -> float:
     """Predicted share of greedy tokens that differ from an all-fp32 chain (the last stage sends no hop)."""
     stages = list(stages)

@@ -26,6 +26,7 @@ import torch
 
 from edgeorch.orchestration.batched_steps import StepBatcher
 from edgeorch.orchestration.migration import MovePath, try_migrate
+from edgeorch.orchestration.move_cost import MoveEstimate
 from edgeorch.schemas.rollout import PlacedStage
 from edgeorch.schemas.stage import Sampling
 from edgeorch.security.credentials import credential_headers, stage_credential
@@ -82,6 +83,10 @@ class RouteProvider(Protocol):
 
     def newer(self, route: Route) -> Route | None:
         """The deployment's committed route if it is newer than ``route`` (no I/O), else None."""
+
+    def move_estimate(self, old: Route, new: Route, position: int) -> MoveEstimate | None:
+        """Predicted seconds to migrate or to replay a session moving from ``old`` to ``new``
+        (no I/O); None: no prediction, migrate when it can."""
 
     def spot_check(self, route: Route, tokens: list[int]) -> None:
         """Maybe check the step that consumed ``tokens`` on a trusted node (no I/O; spotcheck.py)."""
@@ -264,7 +269,7 @@ async def _generate(
             # A new plan was committed while this session ran on the old one:
             # move it now rather than finish on a plan the orchestrator has
             # just judged worse, and let the old one drain.
-            session, sent = await _move(http, route, moved, session, sent, stats, migrate_kv)
+            session, sent = await _move(http, routes, route, moved, session, sent, stats, migrate_kv)
             route = moved
             used |= {s.node for s in route.stages}
         x = torch.tensor([tokens[sent:]], dtype=torch.int64)
@@ -325,14 +330,26 @@ async def _generate(
 
 
 async def _move(
-    http: HopClient, old: Route, new: Route, session: str, sent: int, stats: SessionStats, migrate_kv: bool
+    http: HopClient,
+    routes: RouteProvider,
+    old: Route,
+    new: Route,
+    session: str,
+    sent: int,
+    stats: SessionStats,
+    migrate_kv: bool,
 ) -> tuple[str, int]:
     """Carry a session to ``new``: its KV pulled there, or a replay; returns (session id, tokens held)."""
-    if migrate_kv:
+    estimate = routes.move_estimate(old, new, sent) if migrate_kv else None
+    if not migrate_kv:
+        move = MovePath(old.version, new.version, "replay", sent, reason="migration is off")
+    elif estimate is not None and estimate.path == "replay":
+        move = MovePath(old.version, new.version, "replay", sent, reason=f"cheaper: {estimate.describe()}")
+    else:
         move = await try_migrate(http, old.version, old.stages, new.version, new.stages, session, sent,
                                  credential_of=lambda stage_id: old.credential(stage_id) or new.credential(stage_id))  # fmt: skip
-    else:
-        move = MovePath(old.version, new.version, "replay", sent, reason="migration is off")
+    if estimate is not None:
+        move.predicted_migrate_s, move.predicted_replay_s = estimate.migrate_s, estimate.replay_s
     stats.moves += 1
     stats.move_paths.append(move)
     log.info("session moved %s v%d -> v%d by %s at %d tokens (%d bytes over the network, %d copied "

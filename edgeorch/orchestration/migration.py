@@ -42,7 +42,9 @@ class MovePath:
     bytes_remote: int = 0  # KV bytes that crossed the network
     bytes_local: int = 0  # KV bytes copied inside a worker (units that stayed on their node)
     seconds: float = 0.0  # how long the migration (or the failed attempt) took
-    reason: str = ""  # why a replay: migration off, nothing to move, or the failure
+    reason: str = ""  # why a replay: migration off, predicted cheaper, or the migration's failure
+    predicted_migrate_s: float | None = None  # the cost model's figures when the gateway had them
+    predicted_replay_s: float | None = None
 
     def as_dict(self) -> dict:
         """The move as JSON-safe fields (for events and logs)."""

@@ -199,6 +199,21 @@ def local_problem(req: PlanRequest, prefill: Mapping[str, float] | None = None):
     return dataclasses.replace(problem, prefill_flops_per_s=speeds)
 
 
+def move_basis(req: PlanRequest, prefill: Mapping[str, float] | None, nodes: set[str]):
+    """The look's measurements restricted to ``nodes`` (the old and new routes' and the source):
+    what the gateway prices a session's move with (:mod:`edgeorch.orchestration.move_cost`).
+
+    Restricted so that a deployment keeps a few nodes' figures between looks,
+    not a 1,000-node fleet's link matrices."""
+    keep = nodes | {req.source}
+    sub = req.model_copy(update={
+        "nodes": [n for n in req.nodes if n.id in keep],
+        "links": [link for link in req.links if link.src in keep and link.dst in keep],
+        "current_plan": None,
+    })  # fmt: skip
+    return local_problem(sub, prefill)
+
+
 def stage_formats(stages: Sequence[PlanStage]) -> dict[int, str]:
     """Activation format per boundary unit: the hop out of each stage leads into the next one's start."""
     return {nxt.start: cur.activation_format for cur, nxt in zip(stages, stages[1:], strict=False)}

@@ -145,6 +145,7 @@ class MonitorAgent:
                     bandwidth_bytes_per_s=e.bandwidth.value(),
                     resolvable_bytes_per_s=e.resolvable_bytes_per_s,
                     samples=e.samples,
+                    bandwidth_samples=e.bandwidth_samples,
                 )
                 for dst, e in self.links.items()
                 if dst in self.peers

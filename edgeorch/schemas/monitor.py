@@ -55,6 +55,7 @@ class LinkSample(BaseModel):
         default=None, gt=0, **_F, description="above this the probes cannot tell bandwidths apart"
     )
     samples: int = Field(default=0, ge=0)
+    bandwidth_samples: int = Field(default=0, ge=0, description="transfers the bandwidth estimate has seen")
 
 
 class UnitProfileTiming(BaseModel):
@@ -144,6 +145,12 @@ class LinkView(BaseModel):
     resolvable_bytes_per_s: float | None
     samples: int
     updated_at: float
+    provisional: bool = Field(
+        default=False,
+        description="its figure may be stale: another link of src dropped and this one has not been "
+        "re-measured since (its bandwidth is then reported as at most the dropped link's), or src's last "
+        "heartbeat is late",
+    )
 
 
 class MonitorEvent(BaseModel):

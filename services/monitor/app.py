@@ -60,6 +60,7 @@ class Monitor:
         self.metrics = metrics
         self.cluster = ClusterState(Thresholds(
             settings.lost_after_s, settings.speed_change, settings.bandwidth_change, settings.rtt_change,
+            late_after_s=0.75 * settings.lost_after_s,
         ))  # fmt: skip
         self.profile_models: list[str] = []
         # Per node: (what its reply depends on, the reply's JSON). A reply changes only when the

@@ -20,11 +20,19 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
-from edgeorch.orchestration.decide import decide, measured_slowdown, quality_loss, reformat_candidate
+from edgeorch.orchestration.decide import (
+    Decision,
+    decide,
+    measured_slowdown,
+    quality_loss,
+    reformat_candidate,
+    unverified_hops,
+)
 from edgeorch.orchestration.generation import Route
 from edgeorch.orchestration.snapshot import (
     NoNodesError,
     cluster_from_monitor,
+    move_basis,
     objective_value,
     plan_request,
     predict,
@@ -206,6 +214,17 @@ class Controller:
         decision = decide(revision_kind=revision_kind, current_feasible=current_feasible,
                           current=cur_pred, candidate=cand_pred, policy=live.policy, now=time.time(),
                           last_change_at=last_change_at, trigger=trigger, slowed=slowed)  # fmt: skip
+        # A move onto links the monitor has not re-measured since they may have changed waits for
+        # fresh figures (decide.unverified_hops); the reformat below may still be taken meanwhile.
+        stale = unverified_hops(current, stages, {(lk.src, lk.dst) for lk in links if lk.provisional}) \
+            if decision.change and current_feasible and not exclude and live.policy.adaptive else []  # fmt: skip
+        if stale:
+            live.pending = None  # the gain must be seen again on fresh figures
+            asyncio.get_running_loop().call_later(self.settings.confirm_s, self.poke, live.name,
+                                                  "links re-measured?")  # fmt: skip
+            decision = Decision(decision.kind, False, f"{decision.reason}; waiting for fresh figures of "
+                                f"{', '.join(f'{a}->{b}' for a, b in stale)} (provisional at the monitor)",
+                                decision.gain)  # fmt: skip
         # The same stages with each hop's format chosen anew: taken when it predicts at least as
         # well as the splitter's candidate, or when that candidate does not pass (a format change
         # has its own, smaller threshold: no weights move).
@@ -241,6 +260,8 @@ class Controller:
                 return False
             reason = f"{reason}; {confirmation}"
         kind = "recover" if exclude else decision.kind
+        # Sessions moved by this change are priced on this look's figures (migrate or replay).
+        live.move_basis = move_basis(req, prefill, {s.node for s in (*current, *stages)})
         return await self._roll_out(live, kind, reason, stages, cluster.urls, cand_pred, answer, plan_s)
 
     def _confirmation(self, live: Live, slowed: float | None) -> str | None:

@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from edgeorch.orchestration.generation import Route
+from edgeorch.planning.problem import Problem
 from edgeorch.schemas.orchestrator import MeasuredView, PredictedView, QosPolicy
 from edgeorch.schemas.profile import ModelProfile, profile_key
 
@@ -35,6 +36,9 @@ class Live:
     last_periodic: float = field(default_factory=time.monotonic)
     pending: float | None = None  # since when a change has been predicted to pay off (monotonic)
     task: asyncio.Task | None = None
+    # The measurements of the look that chose the committed plan, restricted to its routes' nodes:
+    # what the gateway prices moving a session with (edgeorch/orchestration/move_cost.py). None: none yet.
+    move_basis: Problem | None = None
 
     @property
     def profile_key(self) -> str:

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from edgeorch.orchestration.clients import ControlPlane, ServiceError
 from edgeorch.orchestration.generation import ChainFailure, Route
 from edgeorch.orchestration.migration import MovePath
+from edgeorch.orchestration.move_cost import MoveEstimate, estimate_move
 from edgeorch.orchestration.spotcheck import SpotChecker, Verdict
 from edgeorch.schemas.orchestrator import MeasuredView
 from services.orchestrator.live import Live, measured
@@ -139,6 +140,14 @@ class Routes:
         if live is None or live.route is None or live.route.version <= route.version:
             return None
         return live.route if live.policy.adaptive else None
+
+    def move_estimate(self, old: Route, new: Route, position: int) -> MoveEstimate | None:
+        """Migrate or replay: the cost model's seconds for both, on the figures of the look that
+        chose ``new`` (RouteProvider; no I/O). None when that look's figures do not cover both routes."""
+        live = self.live.get(new.deployment)
+        if live is None or live.move_basis is None:
+            return None
+        return estimate_move(live.move_basis, old.stages, new.stages, position)
 
     async def recover(self, route: Route, failed_node: str | None, error: str) -> Route:
         """A route that avoids ``failed_node`` (RouteProvider): re-plan now if nobody has yet."""

@@ -18,6 +18,7 @@ import pytest
 from edgeorch.local.launcher import LocalWorkers
 from edgeorch.local.planned_change import ScriptedRoutes, load_version
 from edgeorch.orchestration.generation import SessionStats, generate
+from edgeorch.orchestration.move_cost import MoveEstimate
 from edgeorch.schemas.stage import Sampling
 from edgeorch.transport.hopclient import HopClient
 
@@ -65,6 +66,39 @@ def test_a_resplit_moves_kv_and_keeps_the_greedy_text(workers, engine) -> None:
     assert move.bytes_remote >= 6 * per_layer_token * move.position
     assert move.bytes_local == 24 * per_layer_token * move.position
     assert [m.path for m in replay_stats.move_paths] == ["replay"]
+
+
+def test_the_gateway_replays_when_the_cost_model_prices_a_replay_below_the_migration(workers) -> None:
+    w0, w1, _ = workers.workers
+    v1 = load_version("mprice", 1, MODEL, [("n0", w0.url, 0, 16), ("n1", w1.url, 16, 32)])
+    v2 = load_version("mprice", 2, MODEL, [("n0", w0.url, 0, 10), ("n1", w1.url, 10, 32)])
+    expected, _ = _run(ScriptedRoutes(v1, v2, switch_after=None), migrate_kv=True)
+    asked: list[tuple[int, int, int]] = []
+
+    def priced(replay_s: float, migrate_s: float):
+        def estimate(old, new, position):
+            asked.append((old.version, new.version, position))
+            return MoveEstimate(position, migrate_s=migrate_s, replay_s=replay_s, bytes_remote=1)
+
+        return estimate
+
+    slow_link = ScriptedRoutes(
+        v1, v2, switch_after=SWITCH_AFTER, estimate=priced(replay_s=1.0, migrate_s=9.0)
+    )
+    replayed, stats = _run(slow_link, migrate_kv=True)
+    fast_link = ScriptedRoutes(
+        v1, v2, switch_after=SWITCH_AFTER, estimate=priced(replay_s=9.0, migrate_s=1.0)
+    )
+    migrated, migrate_stats = _run(fast_link, migrate_kv=True)
+
+    assert replayed == expected and migrated == expected
+    position = len(PROMPT_IDS) + SWITCH_AFTER
+    assert asked == [(1, 2, position), (1, 2, position)]
+    [move] = stats.move_paths
+    assert move.path == "replay" and move.reason.startswith("cheaper: migration predicted 9.00s")
+    assert (move.predicted_migrate_s, move.predicted_replay_s, move.bytes_remote) == (9.0, 1.0, 0)
+    [move] = migrate_stats.move_paths
+    assert move.path == "migrate" and move.bytes_remote > 0 and move.predicted_replay_s == 9.0
 
 
 def test_a_source_killed_mid_migration_falls_back_to_replay(workers) -> None:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from edgeorch.local.launcher import LocalService, free_port
-from edgeorch.schemas.monitor import HeartbeatReply
+from edgeorch.schemas.monitor import HeartbeatReply, LinkView
 from edgeorch.service.limits import DEFAULT_MAX_BODY_BYTES
 from tests.integration.rollout_helpers import REDIS_URL
 
@@ -94,5 +94,5 @@ def test_links_are_served_with_linkviews_fields(monitor) -> None:
     assert _beat(monitor, "n1", json={**BEAT, "links": [sample]}).status_code == 200
     links = httpx.get(f"{monitor}/v1/links", timeout=30).json()
     assert [(lk["src"], lk["dst"], lk["bandwidth_bytes_per_s"]) for lk in links] == [("n1", "n2", 5e6)]
-    assert set(links[0]) == {"src", "dst", "bandwidth_bytes_per_s", "rtt_s", "resolvable_bytes_per_s",
-                             "samples", "updated_at"}  # fmt: skip
+    assert set(links[0]) == set(LinkView.model_fields)
+    assert links[0]["provisional"] is False

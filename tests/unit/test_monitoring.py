@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeorch.monitoring.cluster import ClusterState, Thresholds, UnknownNode
+from edgeorch.monitoring.cluster import PROVISIONAL_MAX_S, ClusterState, Thresholds, UnknownNode
 from edgeorch.monitoring.estimators import (
     LinkEstimator,
     RollingMedian,
@@ -125,6 +125,112 @@ def test_link_change_and_views() -> None:
     assert c.peers_of("a") == [("b", "http://b")]
     c.sweep(now=100)  # both lost: their links are no longer offered to planners
     assert c.link_views() == [] and len(c.link_views(alive_only=False)) == 1
+
+
+def test_after_one_link_drops_the_nodes_other_links_are_provisional_until_re_measured() -> None:
+    c = ClusterState()
+    for n in ("a", "b", "c", "d"):
+        c.register(Registration(node_id=n, url=f"http://{n}", capacity=CAP), now=0)
+
+    def beat(now: float, bandwidths: dict[str, tuple[float, int]]) -> list:
+        links = [LinkSample(dst=d, rtt_s=0.001, bandwidth_bytes_per_s=bw, bandwidth_samples=n, samples=n)
+                 for d, (bw, n) in bandwidths.items()]  # fmt: skip
+        for n in ("b", "c", "d"):  # the others stay alive
+            c.heartbeat(n, _hb(), now=now)
+        return c.heartbeat("a", _hb(links=links), now=now)
+
+    def views() -> dict[str, tuple[float, bool]]:
+        return {lv.dst: (lv.bandwidth_bytes_per_s, lv.provisional) for lv in c.link_views() if lv.src == "a"}
+
+    fast = 100e6
+    assert beat(1, {"b": (fast, 5), "c": (fast, 5), "d": (fast, 5)}) == []
+    # a's uplink is capped: the hop a->b carries traffic and sees it first; c and d are not re-measured yet.
+    events = beat(2, {"b": (0.6e6, 9), "c": (fast, 5), "d": (fast, 5)})
+    assert [(e.kind, e.data["dst"]) for e in events] == [("link_changed", "b")]
+    assert views() == {"b": (0.6e6, False), "c": (0.6e6, True), "d": (0.6e6, True)}
+    # Two new samples on a->d are not a majority of the window yet; three on a->c are.
+    beat(3, {"b": (0.6e6, 10), "c": (40e6, 8), "d": (fast, 7)})
+    assert views() == {"b": (0.6e6, False), "c": (40e6, False), "d": (0.6e6, True)}
+    # The drop ends once every link was re-measured, or at the latest PROVISIONAL_MAX_S after it
+    # (a peer no probe reaches).
+    later = 3 + PROVISIONAL_MAX_S
+    beat(later, {"b": (0.6e6, 11), "c": (40e6, 9), "d": (fast, 7)})
+    c.sweep(now=later)
+    assert views()["d"] == (fast, False)
+    # A rise ends the drop at once: the other links go back to their own figures.
+    beat(later + 1, {"b": (fast, 14), "c": (0.5e6, 12), "d": (fast, 7)})
+    assert views() == {"b": (0.5e6, True), "c": (0.5e6, False), "d": (0.5e6, True)}
+    beat(later + 2, {"b": (fast, 14), "c": (40e6, 15), "d": (fast, 7)})
+    assert views() == {"b": (fast, False), "c": (40e6, False), "d": (fast, False)}
+
+
+def test_a_drop_anywhere_marks_every_other_nodes_links_until_re_measured_with_their_own_figures() -> None:
+    c = ClusterState()
+    for n in ("a", "b", "c"):
+        c.register(Registration(node_id=n, url=f"http://{n}", capacity=CAP), now=0)
+
+    def beat(node: str, now: float, dst: str, bw: float, n: int) -> None:
+        link = LinkSample(dst=dst, rtt_s=0.001, bandwidth_bytes_per_s=bw, bandwidth_samples=n, samples=n)
+        c.heartbeat(node, _hb(links=[link]), now=now)
+
+    def views() -> dict[str, tuple[float, bool]]:
+        return {lv.src: (lv.bandwidth_bytes_per_s, lv.provisional) for lv in c.link_views()}
+
+    beat("a", 0.5, "c", 160e6, 4)
+    beat("b", 1, "c", 100e6, 5)
+    beat("a", 1, "c", 100e6, 5)  # a change of 0.6x: an event, but estimates swing that much
+    assert [lv.provisional for lv in c.link_views()] == [False, False]
+    beat("a", 2, "c", 0.6e6, 8)  # a's uplink dropped; b's has not reported any change (yet)
+    assert views() == {"a": (0.6e6, False), "b": (100e6, True)}
+    beat("b", 3, "c", 100e6, 7)
+    assert views()["b"] == (100e6, True)  # two new samples are not a majority of the window
+    beat("b", 4, "c", 100e6, 8)
+    assert views()["b"] == (100e6, False)  # re-measured: its own figure, confirmed
+    beat("a", 5, "c", 0.3e6, 9)  # a new drop: b's link needs new samples again, or PROVISIONAL_MAX_S
+    assert views()["b"] == (100e6, True)
+    c.heartbeat("b", _hb(), now=5 + PROVISIONAL_MAX_S)
+    c.heartbeat("a", _hb(), now=5 + PROVISIONAL_MAX_S)
+    c.heartbeat("c", _hb(), now=5 + PROVISIONAL_MAX_S)
+    c.sweep(now=5.1 + PROVISIONAL_MAX_S)
+    assert views()["b"] == (100e6, False)
+
+
+def test_an_rtt_that_doubles_marks_the_links_without_lowering_any_figure() -> None:
+    c = ClusterState()
+    for n in ("a", "b", "c"):
+        c.register(Registration(node_id=n, url=f"http://{n}", capacity=CAP), now=0)
+
+    def beat(node: str, now: float, dst: str, rtt: float, n: int) -> None:
+        link = LinkSample(dst=dst, rtt_s=rtt, bandwidth_bytes_per_s=60e6, bandwidth_samples=n, samples=n)
+        c.heartbeat(node, _hb(links=[link]), now=now)
+
+    def views() -> dict[tuple[str, str], tuple[float, bool]]:
+        return {(lv.src, lv.dst): (lv.bandwidth_bytes_per_s, lv.provisional) for lv in c.link_views()}
+
+    beat("a", 1, "b", 0.002, 5)
+    beat("a", 1, "c", 0.002, 5)
+    beat("b", 1, "c", 0.002, 5)
+    beat("a", 2, "b", 0.005, 6)  # 2.5x but only 3 ms more: host noise, not a capped uplink
+    assert not any(p for _, p in views().values())
+    beat("a", 3, "b", 0.300, 7)  # queueing behind a capped uplink's traffic
+    assert views() == {("a", "b"): (60e6, False), ("a", "c"): (60e6, True), ("b", "c"): (60e6, True)}
+
+
+def test_a_late_nodes_links_are_provisional_until_its_next_heartbeat() -> None:
+    c = ClusterState(Thresholds(lost_after_s=2.0, late_after_s=1.5))
+    for n in ("a", "b"):
+        c.register(Registration(node_id=n, url=f"http://{n}", capacity=CAP), now=0)
+    c.heartbeat("a", _hb(links=[LinkSample(dst="b", bandwidth_bytes_per_s=60e6, rtt_s=0.001)]), now=1)
+    c.heartbeat("b", _hb(links=[LinkSample(dst="a", bandwidth_bytes_per_s=60e6, rtt_s=0.001)]), now=1)
+    c.heartbeat("b", _hb(), now=2.6)  # a's heartbeat is 1.6 s old: its figures may be stale
+
+    def provisional(now: float | None) -> dict[str, bool]:
+        return {lv.src: lv.provisional for lv in c.link_views(now=now)}
+
+    assert provisional(now=2.6) == {"a": True, "b": False}
+    assert provisional(now=None) == {"a": False, "b": False}  # no clock, no lateness
+    c.heartbeat("a", _hb(), now=2.7)
+    assert provisional(now=2.7) == {"a": False, "b": False}
 
 
 def test_paired_probes_cancel_shared_overhead() -> None:

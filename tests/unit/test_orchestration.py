@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeorch.orchestration.decide import decide, measured_slowdown
+from edgeorch.orchestration.decide import decide, measured_slowdown, unverified_hops
 from edgeorch.orchestration.generation import Route, _classify
 from edgeorch.orchestration.snapshot import (
     UNMEASURED_BANDWIDTH_BYTES_PER_S,
@@ -247,3 +247,18 @@ def test_more_sessions_of_the_deployments_own_are_not_a_slowdown_but_a_slower_no
     assert measured_slowdown(slowed, 3, now=13.9) == pytest.approx(4.0)
     # Steps without a load (older callers) count as one session.
     assert measured_slowdown([(t, v, s) for t, v, s, _ in solo], 3, now=4.0) == pytest.approx(1.0)
+
+
+def test_a_move_waits_for_fresh_figures_of_the_new_hops_it_would_use() -> None:
+    def plan(*nodes: str) -> list[PlanStage]:
+        return [PlanStage(node=n, start=i, end=i + 1) for i, n in enumerate(nodes)]
+
+    current = plan("a", "b", "c")
+    provisional = {("b", "c"), ("c", "d"), ("d", "b"), ("a", "d")}
+    # a->b and b->c carry the current plan's traffic; c->d and d->b would be new hops on stale figures.
+    assert unverified_hops(current, plan("a", "b", "c", "d", "b"), provisional) == [("c", "d"), ("d", "b")]
+    assert (
+        unverified_hops(current, plan("a", "a", "b", "c"), provisional) == []
+    )  # same-node hops need no link
+    assert unverified_hops(current, plan("a", "d", "d"), provisional) == [("a", "d")]
+    assert unverified_hops(current, plan("a", "d", "d"), set()) == []
