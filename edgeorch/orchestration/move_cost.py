@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeorch.orchestration.snapshot import stage_formats
 from edgeorch.planning.cost import evaluate
 from edgeorch.planning.problem import Problem, Stage, Workload
 from edgeorch.schemas.plan import PlanStage
@@ -94,6 +95,5 @@ def estimate_move(
         problem, workload=Workload(position, 0, 1, max(w.context_tokens, position)), current_stages=None
     )
     stages = [Stage(index[s.node], s.start, s.end) for s in new]
-    formats = {nxt.start: cur.activation_format for cur, nxt in zip(new, new[1:], strict=False)}
-    replay_s = evaluate(replay, stages, formats).latency_s
+    replay_s = evaluate(replay, stages, stage_formats(new)).latency_s
     return MoveEstimate(position, migrate_s, replay_s, int(remote))
