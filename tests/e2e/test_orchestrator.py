@@ -291,9 +291,15 @@ def _load(stack, stop: threading.Event, results: list) -> None:
     body = {**CHAT, "messages": CAPITAL, "max_tokens": 24}
     with httpx.Client(timeout=120) as client:
         while not stop.is_set():
+            t0 = time.time()
             r = client.post(f"{stack.orchestrator_url}/v1/chat/completions", json=body)
             results.append((time.time(), r.status_code, r.json()["choices"][0]["message"]["content"]
-                            if r.status_code == 200 else r.text))  # fmt: skip
+                            if r.status_code == 200 else r.text, t0))  # fmt: skip
+
+
+def _durations(results: list, start: float, end: float) -> list[float]:
+    """How long each load request took that started at or after ``start`` and ended by ``end``."""
+    return [r[0] - r[3] for r in list(results) if r[3] >= start and r[0] <= end]
 
 
 def test_a_node_slowed_4x_is_split_around_promptly(stack, smol) -> None:
@@ -306,14 +312,20 @@ def test_a_node_slowed_4x_is_split_around_promptly(stack, smol) -> None:
     load = [threading.Thread(target=_load, args=(stack, stop, results)) for _ in range(2)]
     for t in load:
         t.start()
+    t_load = time.time()
     try:
         time.sleep(3)
-        # How close the plan in force comes to its own prediction before anything changes: the
-        # calibration's error on this host now (measured under a full suite's load: 1.18 and 1.58).
         before = wait_for(lambda: next((e for e in reversed(events(stack)) if e["kind"] == "measured"
                                         and e["deployment"] == "smol" and e["data"]["version"] == d["version"]),
                                        None), 30, "a measurement")  # fmt: skip
+        # Requests answered under this load before anything changes (the first second's are warm-up).
+        wait_for(
+            lambda: len(_durations(results, t_load + 1, time.time())) >= 2,
+            30,
+            "two requests before the change",
+        )
         t_change = time.time()
+        solo = _durations(results, t_load + 1, t_change)
         HTTP.post(f"{victim['url']}/v1/admin/emulation", json={"slowdown": 4.0}, headers=admin(stack))
         change = wait_for(lambda: next((e for e in events(stack, since) if e["kind"] in ("resplit", "remap")), None),
                           20, "a re-split committed")  # fmt: skip
@@ -321,9 +333,16 @@ def test_a_node_slowed_4x_is_split_around_promptly(stack, smol) -> None:
         moved = {(s["node"], s["start"], s["end"]) for s in change["data"]["stages"]}
         shrunk = [s for s in moved if s[0] == victim["node"]]
         assert not shrunk or max(e - a for _, a, e in shrunk) < victim["end"] - victim["start"]
-        # The new plan serves; measured step time comes back to its prediction.
+        # The new plan serves and is measured against its prediction (printed, not judged).
         measured = wait_for(lambda: next((e for e in events(stack, change["id"]) if e["kind"] == "measured"
                                           and e["data"]["version"] >= new_version), None), 30, "a measurement")  # fmt: skip
+        # Requests that ran wholly on the new plan, under the same load.
+        wait_for(
+            lambda: len(_durations(results, change["ts"], time.time())) >= 2,
+            30,
+            "two requests after the change",
+        )
+        after = _durations(results, change["ts"], time.time())
     finally:
         stop.set()
         for t in load:
@@ -334,13 +353,19 @@ def test_a_node_slowed_4x_is_split_around_promptly(stack, smol) -> None:
             print(f"{e['ts'] - t_change:7.2f} {e['kind']}{f' (rollout {took:.2f}s)' if took else ''} "
                   f"{e['message'][-250:]}")  # fmt: skip
     print(
-        f"re-split {change['ts'] - t_change:.2f}s after the change; measured/predicted "
-        f"{measured['data']['ratio']:.2f} (before the change {before['data']['ratio']:.2f}); {len(results)} requests"
+        f"re-split {change['ts'] - t_change:.2f}s after the change; a request took {statistics.median(after):.2f} s "
+        f"(median of {len(after)}), {statistics.median(solo):.2f} s before the change (median of {len(solo)}); "
+        f"measured/predicted step {measured['data']['ratio']:.2f} (before {before['data']['ratio']:.2f}); "
+        f"{len(results)} requests"
     )
     assert change["ts"] - t_change <= 20.0  # detection, planning and a rollout; a margin for busy cores
-    # The new plan runs as predicted, as closely as the old one did before the slowdown (a stage left
-    # on the 4x node would read ~2x or more), and never past 2x.
-    assert measured["data"]["ratio"] <= min(1.3 * max(1.0, before["data"]["ratio"]), 2.0)
+    # Under the same load, requests on the new plan run about as fast as on the old plan before the
+    # slowdown: had the victim's stage stayed, they would take ~2x (the controller's confirmation
+    # read decode steps at 2.14x). Judged on the clients' own times, not on the controller's
+    # measured/predicted ratio: under a full suite's load the monitor's speed figures swing, and
+    # one CI run's new plan was predicted at 38 ms a step and measured 68.5 ms, as fast as the old
+    # plan had run (69.0 ms) before the slowdown.
+    assert statistics.median(after) <= 1.5 * statistics.median(solo)
     assert [r for r in results if r[1] != 200] == []
     assert {r[2] for r in results} == {"The capital of France is Paris."}
 
