@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -47,6 +48,30 @@ class ControlPlane:
         self.monitor_url = monitor_url.rstrip("/")
         self.splitter_url = splitter_url.rstrip("/")
         self.broadcast_url = broadcast_url.rstrip("/")
+        self._inflight: dict[tuple, asyncio.Task] = {}
+
+    async def shared(self, key: tuple, fetch: Callable[[], Awaitable[Any]]) -> Any:
+        """``fetch()``'s answer, fetched once for every caller that asks while it is in flight.
+
+        Deployments look at the fleet together (one monitor event wakes them
+        all): at 1,000 nodes each look read and parsed the monitor's 48,000
+        links (~60 MB of objects) for itself, and the orchestrator's peak
+        memory held one copy per deployment. The answer is shared, so callers
+        must not change it; an error reaches every caller; a caller that is
+        cancelled does not cancel the fetch for the others.
+        """
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(fetch())
+            self._inflight[key] = task
+
+            def done(t: asyncio.Task) -> None:
+                self._inflight.pop(key, None)
+                if not t.cancelled():
+                    t.exception()  # retrieved here too: every caller may have gone
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -72,18 +97,26 @@ class ControlPlane:
 
     async def nodes(self, model: str) -> list[NodeView]:
         """Every node the monitor knows, with its speed on ``model``."""
+
         # Parsed and validated in one pass by pydantic's JSON parser: at 1,000 nodes (16,000 links)
         # json.loads followed by validate_python was a quarter of the orchestrator's CPU.
-        body = await self._call(
-            "monitor", "GET", f"{self.monitor_url}/v1/nodes", raw=True, params={"model": model}
-        )
-        return _NODES.validate_json(body)
+        async def fetch() -> list[NodeView]:
+            body = await self._call(
+                "monitor", "GET", f"{self.monitor_url}/v1/nodes", raw=True, params={"model": model}
+            )
+            return _NODES.validate_json(body)
+
+        return await self.shared(("nodes", model), fetch)
 
     async def links(self) -> list[LinkView]:
-        """Measured links between live nodes."""
-        return _LINKS.validate_json(
-            await self._call("monitor", "GET", f"{self.monitor_url}/v1/links", raw=True)
-        )
+        """Measured links between live nodes (one fetch shared by concurrent callers: do not change it)."""
+
+        async def fetch() -> list[LinkView]:
+            return _LINKS.validate_json(
+                await self._call("monitor", "GET", f"{self.monitor_url}/v1/links", raw=True)
+            )
+
+        return await self.shared(("links",), fetch)
 
     async def request_profile(self, model: str) -> None:
         """Have every node calibrate ``model`` (idempotent)."""

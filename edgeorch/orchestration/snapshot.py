@@ -199,19 +199,30 @@ def local_problem(req: PlanRequest, prefill: Mapping[str, float] | None = None):
     return dataclasses.replace(problem, prefill_flops_per_s=speeds)
 
 
+def restricted(req: PlanRequest, nodes: set[str]) -> PlanRequest:
+    """``req`` with only ``nodes`` and the source, and the links between them (no current plan).
+
+    What the cost model needs to judge plans on those nodes: a plan's figures
+    read only its own nodes, the hops between them and the source's. The
+    orchestrator judges the current and the candidate plans on this, not on
+    the whole fleet: at 1,000 nodes every :func:`local_problem` of the full
+    request built 1,000 x 1,000 link matrices (8 MB each), five problems per
+    look, and the orchestrator's resident memory held them (issue 23)."""
+    keep = nodes | {req.source}
+    return req.model_copy(update={
+        "nodes": [n for n in req.nodes if n.id in keep],
+        "links": [link for link in req.links if link.src in keep and link.dst in keep],
+        "current_plan": None,
+    })  # fmt: skip
+
+
 def move_basis(req: PlanRequest, prefill: Mapping[str, float] | None, nodes: set[str]):
     """The look's measurements restricted to ``nodes`` (the old and new routes' and the source):
     what the gateway prices a session's move with (:mod:`edgeorch.orchestration.move_cost`).
 
     Restricted so that a deployment keeps a few nodes' figures between looks,
     not a 1,000-node fleet's link matrices."""
-    keep = nodes | {req.source}
-    sub = req.model_copy(update={
-        "nodes": [n for n in req.nodes if n.id in keep],
-        "links": [link for link in req.links if link.src in keep and link.dst in keep],
-        "current_plan": None,
-    })  # fmt: skip
-    return local_problem(sub, prefill)
+    return local_problem(restricted(req, nodes), prefill)
 
 
 def stage_formats(stages: Sequence[PlanStage]) -> dict[int, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import statistics
 import time
@@ -36,6 +37,7 @@ from edgeorch.orchestration.snapshot import (
     objective_value,
     plan_request,
     predict,
+    restricted,
     with_formats,
 )
 from edgeorch.rollout.plan import place
@@ -184,6 +186,8 @@ class Controller:
                 await self.plane.request_profile(live.profile_key)
             cluster = cluster_from_monitor(nodes, links, live.policy.nodes, self.routes.excluded(exclude),
                                            live.profile_key, keep={s.node for s in current or ()})  # fmt: skip
+            provisional = {(lk.src, lk.dst) for lk in links if lk.provisional}
+            del nodes, links  # a 1,000-node fleet's views: not kept through the splitter's answer
             req = plan_request(live.profile, cluster, live.policy, current, self.settings.plan_time_limit_s)
             answer = await self.plane.plan(req)
             plan_s = time.perf_counter() - t_plan  # measurements and the splitter's answer
@@ -199,6 +203,9 @@ class Controller:
                 await self._log("infeasible", live.name, str(exc), {"detail": exc.detail})
             return False
         prefill = cluster.prefill_flops_per_s
+        # Both plans are judged on their own nodes' figures (snapshot.restricted), not the fleet's.
+        req = restricted(req, {s.node for s in (*(current or ()), *answer.stages)})
+        cluster = dataclasses.replace(cluster, nodes=req.nodes, links=req.links)
         cur_pred = predict(req, current, prefill) if current else None
         live.predicted = cur_pred or live.predicted
         # The splitter places units; the format of each hop is chosen here, from its link.
@@ -216,7 +223,7 @@ class Controller:
                           last_change_at=last_change_at, trigger=trigger, slowed=slowed)  # fmt: skip
         # A move onto links the monitor has not re-measured since they may have changed waits for
         # fresh figures (decide.unverified_hops); the reformat below may still be taken meanwhile.
-        stale = unverified_hops(current, stages, {(lk.src, lk.dst) for lk in links if lk.provisional}) \
+        stale = unverified_hops(current, stages, provisional) \
             if decision.change and current_feasible and not exclude and live.policy.adaptive else []  # fmt: skip
         if stale:
             live.pending = None  # the gain must be seen again on fresh figures
