@@ -197,10 +197,12 @@ def test_heterogeneous_nodes_get_speeds_in_their_ratios(cluster) -> None:
             set_emulation(w, slowdown=1.0)
     print(f"speed ratios 1x/2x {r2:.2f}, 1x/4x {r4:.2f}")
     # The slowdown is real waiting (runtime/emulation.py), and a 2 ms probe's wake-ups on a
-    # loaded host are late by a good part of it: ±35 % still tells 1x, 2x and 4x apart, and a
-    # node whose wait did not happen (ratio 1) fails.
-    assert r2 == pytest.approx(2.0, rel=0.35)
-    assert r4 == pytest.approx(4.0, rel=0.35)
+    # loaded host are late by a good part of it, which makes a slowed node read slower still
+    # (a full CI run once read 1x/4x at 5.54). So: at most 35 % under the ratio, at most 50 %
+    # over it. That still tells 1x, 2x and 4x apart, and a node whose wait did not happen
+    # (ratio 1) fails.
+    assert 0.65 * 2.0 <= r2 <= 1.5 * 2.0
+    assert 0.65 * 4.0 <= r4 <= 1.5 * 4.0
 
 
 def test_slowdown_is_reported_promptly_and_measured_within_35pct(cluster) -> None:
