@@ -13,8 +13,10 @@ from fastapi import FastAPI
 from pydantic import Field
 
 from edgeorch.service.http_app import base_app
+from edgeorch.service.limits import DEFAULT_MAX_BODY_BYTES
 from edgeorch.service.settings import CommonSettings
-from services.splitter.routes import PlanMetrics, plan_router
+from services.splitter.fast_path import PlanFastPath
+from services.splitter.routes import PlanAnswer, PlanMetrics, plan_router
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,10 @@ def create_app(settings: SplitterSettings | None = None) -> FastAPI:
         "splitter",
         description="Split Revision: plans which node runs which units of a model (DESIGN.md §3-4).",
     )
-    metrics = PlanMetrics(registry)
-    app.include_router(plan_router(metrics, settings.plan_threads))
+    answer = PlanAnswer(PlanMetrics(registry), settings.plan_threads)
+    app.include_router(plan_router(answer))
+    # Outside the body limit and the routing: a plan request's body is parsed once, by pydantic's
+    # JSON parser (services/splitter/fast_path.py).
+    app.add_middleware(PlanFastPath, answer=answer, max_bytes=DEFAULT_MAX_BODY_BYTES)
     log.info("splitter ready: %d concurrent plans", settings.plan_threads)
     return app

@@ -41,10 +41,35 @@ class PlanMetrics:
         )
 
 
-def plan_router(metrics: PlanMetrics, max_concurrent: int) -> APIRouter:
-    """The router of ``POST /v1/plan`` with its metrics and thread limit."""
+class PlanAnswer:
+    """What ``POST /v1/plan`` answers for a validated request: ``(200, PlanResponse)`` or
+    ``(422, detail)``; shared by the FastAPI route and the raw-body path (services/splitter/fast_path.py)."""
+
+    def __init__(self, metrics: PlanMetrics, max_concurrent: int):
+        self.metrics = metrics
+        self.limiter = anyio.CapacityLimiter(max_concurrent)
+
+    async def __call__(self, req: PlanRequest) -> tuple[int, PlanResponse | dict | str]:
+        metrics, t0 = self.metrics, time.perf_counter()
+        try:
+            response = await anyio.to_thread.run_sync(plan_request, req, limiter=self.limiter)
+        except InfeasibleError as error:
+            metrics.infeasible.labels(req.strategy, req.objective).inc()
+            detail = InfeasibleDetail(message=error.message, causes=[cause_report(c) for c in error.causes])
+            log.info("plan infeasible (%s, %s): %s", req.strategy, req.objective, error.message)
+            return 422, detail.model_dump()
+        except UnsupportedRequestError as error:
+            return 422, str(error)
+        finally:
+            metrics.seconds.labels(req.strategy).observe(time.perf_counter() - t0)
+        metrics.plans.labels(req.strategy, req.objective, str(response.solver.optimal).lower()).inc()
+        return 200, response
+
+
+def plan_router(answer: PlanAnswer) -> APIRouter:
+    """The router of ``POST /v1/plan``: the OpenAPI document's route, and the one that answers a
+    request the raw-body path passes on."""
     router = APIRouter(tags=["plan"])
-    limiter = anyio.CapacityLimiter(max_concurrent)
 
     @router.post(
         "/v1/plan",
@@ -53,19 +78,9 @@ def plan_router(metrics: PlanMetrics, max_concurrent: int) -> APIRouter:
     )
     async def plan(req: PlanRequest) -> PlanResponse:
         """Plan which node runs which units, or say why no plan can."""
-        t0 = time.perf_counter()
-        try:
-            response = await anyio.to_thread.run_sync(plan_request, req, limiter=limiter)
-        except InfeasibleError as error:
-            metrics.infeasible.labels(req.strategy, req.objective).inc()
-            detail = InfeasibleDetail(message=error.message, causes=[cause_report(c) for c in error.causes])
-            log.info("plan infeasible (%s, %s): %s", req.strategy, req.objective, error.message)
-            raise HTTPException(status_code=422, detail=detail.model_dump()) from error
-        except UnsupportedRequestError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from error
-        finally:
-            metrics.seconds.labels(req.strategy).observe(time.perf_counter() - t0)
-        metrics.plans.labels(req.strategy, req.objective, str(response.solver.optimal).lower()).inc()
-        return response
+        status, result = await answer(req)
+        if status != 200:
+            raise HTTPException(status_code=status, detail=result)
+        return result
 
     return router
