@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable
 from functools import partial
 
-import orjson
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -27,10 +26,10 @@ from edgeorch.monitoring.cluster import UnknownNode
 from edgeorch.schemas.monitor import Heartbeat
 from edgeorch.schemas.stage import ID_PATTERN
 from edgeorch.service.limits import BodyLimit
+from edgeorch.service.raw_json import read_body, send_json, validation_detail
 
 _PATH = re.compile(r"/v1/nodes/([^/]+)/heartbeat")
 _NODE_ID = re.compile(ID_PATTERN)
-_JSON = [(b"content-type", b"application/json")]
 
 
 class HeartbeatFastPath:
@@ -55,32 +54,17 @@ class HeartbeatFastPath:
         )
 
     async def _heartbeat(self, monitor, node_id: str, scope: Scope, receive: Receive, send: Send) -> None:
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # gone, or refused by the body limit
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
+        if body is None:  # gone, or refused by the body limit
+            return
         try:
-            hb = Heartbeat.model_validate_json(bytes(body))
+            hb = Heartbeat.model_validate_json(body)
         except ValidationError as exc:
-            errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-            await self._answer(send, 422, {"detail": errors})
+            await send_json(send, 422, validation_detail(exc))
             return
         try:
             reply = await monitor.heartbeat(node_id, hb)
         except UnknownNode as exc:
-            await self._answer(send, 404, {"detail": str(exc)})
+            await send_json(send, 404, {"detail": str(exc)})
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*_JSON, (b"content-length", str(len(reply)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": reply})
-
-    @staticmethod
-    async def _answer(send: Send, status: int, doc: dict) -> None:
-        body = orjson.dumps(doc)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*_JSON, (b"content-length", str(len(body)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 200, reply)

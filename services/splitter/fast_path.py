@@ -14,15 +14,13 @@ document.
 
 from __future__ import annotations
 
-import orjson
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeorch.schemas.plan import PlanRequest, PlanResponse
 from edgeorch.service.limits import BodyLimit
+from edgeorch.service.raw_json import read_body, send_json, validation_detail
 from services.splitter.routes import PlanAnswer
-
-_JSON = [(b"content-type", b"application/json")]
 
 
 class PlanFastPath:
@@ -46,26 +44,20 @@ class PlanFastPath:
         await BodyLimit(self._plan, self.max_bytes)(scope, receive, send)
 
     async def _plan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # gone, or refused by the body limit
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
+        if body is None:  # gone, or refused by the body limit
+            return
         try:
-            req = PlanRequest.model_validate_json(bytes(body))
+            req = PlanRequest.model_validate_json(body)
         except ValidationError as exc:
-            errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-            await _answer(send, 422, _dumps({"detail": errors}))
+            await send_json(send, 422, validation_detail(exc))
             return
         del body
         status, result = await self.answer(req)
         if isinstance(result, PlanResponse):
-            await _answer(send, status, result.model_dump_json().encode())
+            await send_json(send, status, result.model_dump_json().encode())
         else:
-            await _answer(send, status, _dumps({"detail": result}))
+            await send_json(send, status, {"detail": result})
 
 
 def _json_or_none(scope: Scope) -> bool:
@@ -75,13 +67,3 @@ def _json_or_none(scope: Scope) -> bool:
         return True
     media = kind.split(b";")[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
-def _dumps(doc: dict) -> bytes:
-    return orjson.dumps(doc)
-
-
-async def _answer(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON, (b"content-length", str(len(body)).encode())]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
