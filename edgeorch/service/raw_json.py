@@ -9,9 +9,13 @@ the splitter's plan path.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Send
+
+M = TypeVar("M", bound=BaseModel)
 
 _JSON = [(b"content-type", b"application/json")]
 
@@ -26,6 +30,18 @@ async def read_body(receive: Receive) -> bytes | None:
         body += message.get("body", b"")
         if not message.get("more_body", False):
             return bytes(body)
+
+
+async def read_model(receive: Receive, send: Send, model: type[M]) -> M | None:
+    """The body validated as ``model``; None when the client went away or a 422 was answered."""
+    body = await read_body(receive)
+    if body is None:  # gone, or refused by the body limit
+        return None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        await send_json(send, 422, validation_detail(exc))
+        return None
 
 
 def validation_detail(exc: ValidationError) -> dict:

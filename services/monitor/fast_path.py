@@ -19,14 +19,13 @@ import re
 from collections.abc import Callable
 from functools import partial
 
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeorch.monitoring.cluster import UnknownNode
 from edgeorch.schemas.monitor import Heartbeat
 from edgeorch.schemas.stage import ID_PATTERN
 from edgeorch.service.limits import BodyLimit
-from edgeorch.service.raw_json import read_body, send_json, validation_detail
+from edgeorch.service.raw_json import read_model, send_json
 
 _PATH = re.compile(r"/v1/nodes/([^/]+)/heartbeat")
 _NODE_ID = re.compile(ID_PATTERN)
@@ -54,13 +53,8 @@ class HeartbeatFastPath:
         )
 
     async def _heartbeat(self, monitor, node_id: str, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await read_body(receive)
-        if body is None:  # gone, or refused by the body limit
-            return
-        try:
-            hb = Heartbeat.model_validate_json(body)
-        except ValidationError as exc:
-            await send_json(send, 422, validation_detail(exc))
+        hb = await read_model(receive, send, Heartbeat)
+        if hb is None:
             return
         try:
             reply = await monitor.heartbeat(node_id, hb)

@@ -14,12 +14,11 @@ document.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeorch.schemas.plan import PlanRequest, PlanResponse
 from edgeorch.service.limits import BodyLimit
-from edgeorch.service.raw_json import read_body, send_json, validation_detail
+from edgeorch.service.raw_json import read_model, send_json
 from services.splitter.routes import PlanAnswer
 
 
@@ -44,15 +43,9 @@ class PlanFastPath:
         await BodyLimit(self._plan, self.max_bytes)(scope, receive, send)
 
     async def _plan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await read_body(receive)
-        if body is None:  # gone, or refused by the body limit
+        req = await read_model(receive, send, PlanRequest)
+        if req is None:
             return
-        try:
-            req = PlanRequest.model_validate_json(body)
-        except ValidationError as exc:
-            await send_json(send, 422, validation_detail(exc))
-            return
-        del body
         status, result = await self.answer(req)
         if isinstance(result, PlanResponse):
             await send_json(send, status, result.model_dump_json().encode())
