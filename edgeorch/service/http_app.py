@@ -34,9 +34,13 @@ def base_app(
     ready_check: ReadyCheck = _always_ready,
     lifespan=None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    trim_heap: bool = False,
 ) -> tuple[FastAPI, CollectorRegistry]:
-    """A FastAPI app with `/healthz`, `/readyz`, `/metrics`, JSON errors and a body size limit; the
-    process's freed heap is returned to the system every few seconds (:mod:`edgeorch.service.heap`).
+    """A FastAPI app with `/healthz`, `/readyz`, `/metrics`, JSON errors and a body size limit.
+
+    ``trim_heap``: the process's freed heap is returned to the system every few
+    seconds (:mod:`edgeorch.service.heap`); the control-plane services ask for
+    it, the workers do not (its cost to a decode step is not measured).
 
     ``ready_check`` returns a mapping of dependency name to a problem string;
     an empty mapping means ready. It must not raise. A request body over
@@ -48,7 +52,8 @@ def base_app(
         title=f"edgeorch {service}", version=__version__, description=description, lifespan=lifespan
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    start_heap_trimmer()  # freed heap goes back to the system (edgeorch/service/heap.py)
+    if trim_heap:  # freed heap goes back to the system (edgeorch/service/heap.py)
+        start_heap_trimmer()
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
 

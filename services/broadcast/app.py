@@ -80,6 +80,7 @@ def create_app(settings: BroadcastSettings, bind_host: str | None = None) -> Fas
         description="Rolls plan versions out to workers: PREPARE, COMMIT, RELEASE, or ABORT.",
         ready_check=ready_check,
         lifespan=lifespan,
+        trim_heap=True,
     )
     cfg = DriverConfig(
         secret=secret, drain_timeout_s=settings.drain_timeout_s, drain_grace_s=settings.drain_grace_s,

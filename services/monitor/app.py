@@ -228,6 +228,7 @@ def create_app(settings: MonitorSettings) -> FastAPI:
         description="Monitoring & Capacity Profiling: nodes, calibrated speeds, links, change events.",
         ready_check=ready,
         lifespan=lifespan,
+        trim_heap=True,
     )
     app.state.admin_token = settings.admin_token
     metrics = MonitorMetrics(registry)

@@ -223,6 +223,7 @@ def create_app(settings: OrchestratorSettings, bind_url: str | None = None) -> F
         description="Adaptive Orchestrator: deployments, the control loop, an OpenAI-compatible gateway.",
         ready_check=ready,
         lifespan=lifespan,
+        trim_heap=True,
     )
     metrics = OrchestratorMetrics(registry)
     app.state.settings = settings

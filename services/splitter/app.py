@@ -33,6 +33,7 @@ def create_app(settings: SplitterSettings | None = None) -> FastAPI:
     app, registry = base_app(
         "splitter",
         description="Split Revision: plans which node runs which units of a model (DESIGN.md §3-4).",
+        trim_heap=True,
     )
     answer = PlanAnswer(PlanMetrics(registry), settings.plan_threads)
     app.include_router(plan_router(answer))
