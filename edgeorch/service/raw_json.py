@@ -20,7 +20,7 @@ M = TypeVar("M", bound=BaseModel)
 _JSON = [(b"content-type", b"application/json")]
 
 
-async def read_body(receive: Receive) -> bytes | None:
+async def _read_body(receive: Receive) -> bytes | None:
     """The request's whole body; None when the client went away (or the body limit refused it)."""
     body = bytearray()
     while True:
@@ -34,17 +34,17 @@ async def read_body(receive: Receive) -> bytes | None:
 
 async def read_model(receive: Receive, send: Send, model: type[M]) -> M | None:
     """The body validated as ``model``; None when the client went away or a 422 was answered."""
-    body = await read_body(receive)
+    body = await _read_body(receive)
     if body is None:  # gone, or refused by the body limit
         return None
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        await send_json(send, 422, validation_detail(exc))
+        await send_json(send, 422, _validation_detail(exc))
         return None
 
 
-def validation_detail(exc: ValidationError) -> dict:
+def _validation_detail(exc: ValidationError) -> dict:
     """A 422 body in FastAPI's shape (the fields the services' error handler keeps)."""
     return {
         "detail": [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
